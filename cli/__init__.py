@@ -1,0 +1,1 @@
+"""Command-line interfaces: ``overlayd`` (the daemon) and ``saga`` (sagas in a workspace)."""

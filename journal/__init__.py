@@ -1,0 +1,11 @@
+"""The durable LMDB journal of overlayd."""
+
+from journal.store import (
+    SCHEMA_VERSION,
+    Journal,
+    JournalError,
+    SchemaError,
+    WriteTxn,
+)
+
+__all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "SchemaError", "WriteTxn"]

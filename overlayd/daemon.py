@@ -1,0 +1,261 @@
+"""The daemon: mount the workspace, serve FUSE and the control socket in one trio nursery.
+
+Run by ``overlayd mount`` (which waits on a readiness pipe) or by systemd
+(``overlayd mount --foreground``, Type=notify).
+"""
+
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pyfuse3
+import trio
+
+from . import osutil
+from .control import Authorizer, ControlServer, OpError
+from .paths import UsageError, socket_path
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournaldFormatter(logging.Formatter):
+    """``<N>`` syslog priority prefixes, which journald turns into the entry's priority."""
+
+    def __init__(self, workspace: str):
+        super().__init__(f"%(name)s: [{workspace}] %(message)s")
+
+    def format(self, record):
+        text = super().format(record)
+        prio = PRIORITY.get(record.levelno, 6)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+def setup_logging(level: str, workspace: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID") or not sys.stderr.isatty():
+        handler.setFormatter(JournaldFormatter(workspace))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s [{workspace}] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def sd_notify(message: str) -> None:
+    """Send *message* to systemd's NOTIFY_SOCKET, if there is one."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(path)
+            sock.sendall(message.encode())
+        except OSError as exc:
+            log.warning("sd_notify(%s) failed: %s", message, exc)
+
+
+def clear_stale_mount(mountpoint: str) -> None:
+    """A dead FUSE daemon leaves 'Transport endpoint is not connected': unmount it lazily."""
+    try:
+        os.stat(mountpoint)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+    log.warning("clearing the stale mount at %s", mountpoint)
+    subprocess.run(["fusermount3", "-uz", mountpoint], check=False)
+
+
+def is_mounted(mountpoint: str) -> bool:
+    mp = os.path.abspath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == mp:
+                return True
+    return False
+
+
+class Daemon:
+    def __init__(self, ws: Workspace, *, allow_other: bool, group: str | None = None):
+        self.ws = ws
+        self.allow_other = allow_other
+        self.auth = Authorizer(os.getuid(), group)
+        self.busy = None  # name of the stack operation in flight
+        self.started = time.time()
+        self.ops = {
+            "status": self.op_status,
+            "layer.push": self.op_push,
+            "layer.drop": self.op_drop,
+            "layer.seal": self.op_seal,
+            "shutdown": self.op_shutdown,
+        }
+        self.saga = None  # the saga engine registers its ops here
+
+    # ------------------------------------------------------------------ control ops
+
+    async def dispatch(self, op, args, peer):
+        fn = self.ops.get(op)
+        if fn is None:
+            raise OpError("unknown-op", f"unknown operation {op!r}")
+        return await fn(args, peer)
+
+    def exclusive(self, name: str):
+        """A context for stack-changing operations: a second one racing the first is refused."""
+        daemon = self
+
+        class _Excl:
+            def __enter__(self_):
+                if daemon.busy is not None:
+                    raise OpError("busy", f"cannot {name} while {daemon.busy} is in progress; "
+                                          "wait for it to finish and try again")
+                daemon.busy = name
+
+            def __exit__(self_, *exc):
+                daemon.busy = None
+
+        return _Excl()
+
+    async def op_status(self, args, peer):
+        fs = self.ws.fs
+        return {
+            "name": self.ws.name, "base": str(self.ws.base), "mountpoint": str(self.ws.mountpoint),
+            "state_dir": str(self.ws.state_dir), "pid": os.getpid(),
+            "layers": [layer.id for layer in fs.layers[1:]], "writable": fs.writable(),
+            "busy": self.busy, "uptime": time.time() - self.started,
+        }
+
+    async def op_push(self, args, peer):
+        with self.exclusive("push a layer"):
+            return {"layer": await self.ws.push_layer()}
+
+    async def op_drop(self, args, peer):
+        count = int(args.get("count", 1))
+        if count < 1 or count > self.ws.fs.top:
+            raise OpError("bad-request", f"cannot drop {count} layer(s): the stack has {self.ws.fs.top}")
+        with self.exclusive("drop layers"):
+            t0 = time.perf_counter()
+            ids = await self.ws.drop_layers(count, reopen=bool(args.get("reopen", False)))
+            return {"dropped": ids, "seconds": time.perf_counter() - t0}
+
+    async def op_seal(self, args, peer):
+        with self.exclusive("seal the top layer"):
+            await self.ws.set_sealed(bool(args.get("sealed", True)))
+            return {"writable": self.ws.fs.writable()}
+
+    async def op_shutdown(self, args, peer):
+        log.info("shutdown requested by pid %d uid %d", peer["pid"], peer["uid"])
+        pyfuse3.terminate()
+        return {"stopping": True}
+
+    # ------------------------------------------------------------------ main loop
+
+    async def main(self, ready) -> None:
+        async with trio.open_nursery() as nursery:
+            server = ControlServer(socket_path(self.ws.name), self.dispatch, self.auth)
+            await nursery.start(server.run)
+            nursery.start_soon(self._signals, nursery.cancel_scope)
+            nursery.start_soon(self._watchdog)
+            stop = threading.Event()
+            reaper = threading.Thread(target=self.ws.reaper_loop, args=(stop,), daemon=True, name="reaper")
+            reaper.start()
+            nursery.start_soon(self._ready_after_start, ready)
+            try:
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+            finally:
+                log.info("FUSE loop ended; stopping")
+                sd_notify("STOPPING=1")
+                stop.set()
+                self.ws._reaper_wake.set()
+                nursery.cancel_scope.cancel()
+
+    async def _ready_after_start(self, ready) -> None:
+        await trio.sleep(0)
+        ready()
+        sd_notify("READY=1\nSTATUS=mounted")
+        log.info("mounted %s over %s", self.ws.mountpoint, self.ws.base)
+
+    async def _signals(self, cancel_scope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                sd_notify("STOPPING=1")
+                pyfuse3.terminate()
+                return
+
+    async def _watchdog(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC")
+        if not usec or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+            return
+        interval = int(usec) / 1e6 / 2
+        while True:
+            sd_notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+
+def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: bool,
+        ready_fd: int | None = None, group: str | None = None, debug_fuse: bool = False) -> int:
+    """Mount and serve until unmounted. Returns the exit status."""
+    def report(msg: str) -> None:
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, msg.encode())
+                os.close(ready_fd)
+            except OSError:
+                pass
+
+    os.umask(0)
+    osutil.raise_nofile_limit()
+    ws = Workspace(name, base, mountpoint, state_dir)
+    try:
+        clear_stale_mount(str(ws.mountpoint))
+        if is_mounted(str(ws.mountpoint)):
+            raise UsageError(f"{ws.mountpoint} is already a mount point; unmount it first "
+                             f"(overlayd unmount {ws.mountpoint})")
+        ws.open()
+    except (UsageError, OSError) as exc:
+        log.error("%s", exc)
+        report(f"error: {exc}\n")
+        ws.close()
+        return 1
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname=overlayd:{name}", "subtype=overlayd"}
+    if allow_other:
+        options.add("allow_other")
+    if debug_fuse:
+        options.add("debug")
+    daemon = Daemon(ws, allow_other=allow_other, group=group)
+    try:
+        from .saga import SagaEngine  # the saga engine plugs its ops into the daemon
+        daemon.saga = SagaEngine(daemon)
+    except ImportError:
+        pass
+    try:
+        pyfuse3.init(ws.fs, str(ws.mountpoint), options)
+    except Exception as exc:  # RuntimeError from fuse_session_mount
+        log.error("mounting %s failed: %s", ws.mountpoint, exc)
+        report(f"error: mounting {ws.mountpoint} failed: {exc}\n")
+        ws.close()
+        return 1
+    status = 0
+    try:
+        trio.run(daemon.main, lambda: report("ok\n"))
+    except BaseException:
+        log.exception("daemon failed")
+        status = 1
+    finally:
+        pyfuse3.close(unmount=True)
+        ws.close()
+        log.info("unmounted %s", ws.mountpoint)
+    return status

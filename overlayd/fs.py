@@ -1,0 +1,1443 @@
+"""The layered copy-on-write filesystem: one pyfuse3 ``Operations`` over a stack of directories.
+
+The stack is ``[base, layer 1, ..., layer N]``. Index 0 is the base, which is never written;
+the top layer receives every change, unless it is *sealed* (a finished saga step) or there is
+no layer at all, in which case every change fails with ``EROFS``.
+
+Resolution is top-down through cached per-directory listings; a whiteout (a character device
+0/0) hides lower entries; a directory carrying the ``user.overlayd.opaque`` xattr hides the
+directories below it. See docs/ARCHITECTURE.md for the model and its invariants.
+
+Locking model (as in s3ql): handlers are ``async`` but the work they do has no ``await`` in it,
+so under trio each handler's critical section runs atomically. The only awaits are around
+``fsync`` (in a worker thread, on an fd that cannot be closed meanwhile) and the kernel cache
+invalidation after a stack change.
+
+Caveats (knowingly not done):
+- changes made to the base behind the daemon's back are not noticed until the directory
+  listing cache is refreshed (after a layer drop);
+- ``st_nlink`` of a merged directory is 1 (as for many FUSE filesystems);
+- renaming a directory that has entries in lower layers copies its whole subtree up;
+- character and block devices cannot be created in the view (EPERM).
+"""
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections import OrderedDict
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from . import osutil
+from .osutil import DIR_FLAGS, PRIVATE_XATTR
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+TIMEOUT = 300.0  # entry and attribute timeout given to the kernel, in seconds
+FD_CACHE = 1024  # directory fds kept open
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+K_DIR, K_FILE, K_WHITEOUT, K_OTHER = 1, 2, 3, 4
+
+
+class Layer:
+    """One directory of the stack."""
+
+    __slots__ = ("id", "path", "fd", "dev", "sealed", "idents", "inos", "entries")
+
+    def __init__(self, layer_id: str, path: str, fd: int, sealed: bool = False):
+        self.id = layer_id
+        self.path = path
+        self.fd = fd
+        self.dev = os.fstat(fd).st_dev
+        self.sealed = sealed
+        self.idents = set()  # (dev, ino) registered in by_ident while this layer lives
+        self.inos = set()  # view inodes whose attributes or data this layer changed
+        self.entries = set()  # (parent ino, name) this layer changed
+
+
+class Listing:
+    """The raw content of one physical directory of one layer."""
+
+    __slots__ = ("names", "whiteouts")
+
+    def __init__(self):
+        self.names = {}  # name -> (kind, d_ino)
+        self.whiteouts = set()
+
+
+class Node:
+    """A view inode. Directories have one (parent, name); files may have several."""
+
+    __slots__ = ("ino", "is_dir", "parent", "name", "links", "lookups", "idents", "epoch",
+                 "li", "loc", "dlayers", "merged", "opens", "dead")
+
+    def __init__(self, ino: int, is_dir: bool):
+        self.ino = ino
+        self.is_dir = is_dir
+        self.parent = None  # dirs only
+        self.name = None  # dirs only
+        self.links = set()  # files: {(parent Node, name)}
+        self.lookups = 0
+        self.idents = set()
+        self.epoch = -1
+        self.li = 0  # layer index of the top copy (files), of the top dir (dirs)
+        self.loc = 0  # bumped whenever the backing file changes; handles reopen on mismatch
+        self.dlayers = None  # dirs: [(layer index, d_ino)] top-down
+        self.merged = None  # dirs: name -> layer index of the visible entry
+        self.opens = 0
+        self.dead = False
+
+
+class Handle:
+    __slots__ = ("node", "fd", "flags", "loc", "li", "busy", "closed")
+
+    def __init__(self, node, fd, flags, li):
+        self.node = node
+        self.fd = fd
+        self.flags = flags
+        self.loc = node.loc
+        self.li = li
+        self.busy = 0
+        self.closed = False
+
+
+def _inconsistent(msg, *args) -> FUSEError:
+    """An internal inconsistency: log it with a stack, answer EIO."""
+    log.error("inconsistency: " + msg, *args, stack_info=True)
+    return FUSEError(errno.EIO)
+
+
+def _nofollow(target) -> dict:
+    return {} if isinstance(target, int) else {"follow_symlinks": False}
+
+
+def _fuse_errors(fn):
+    """Turn OSError into FUSEError; anything else is a bug: log it and answer EIO."""
+    import functools
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s%r", fn.__name__, args[:3])
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class OverlayFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, base: str, layers=(), *, generation: int | None = None):
+        super().__init__()
+        fd = os.open(base, DIR_FLAGS)
+        self.layers = [Layer("base", base, fd, sealed=True)]
+        for layer_id, path, sealed in layers:
+            self.layers.append(Layer(layer_id, path, os.open(path, DIR_FLAGS), sealed))
+        self.generation = generation if generation is not None else int(time.time())
+        self.epoch = 0
+        self.nodes = {}
+        self.by_ident = {}
+        self.next_ino = ROOT + 1
+        self.listings = {}  # (layer index, d_ino) -> Listing
+        self.fds = OrderedDict()  # (layer index, d_ino) -> fd
+        self.handles = {}
+        self.dirhandles = {}
+        self.next_fh = 1
+        self.is_root = os.geteuid() == 0
+        root = Node(ROOT, True)
+        root.lookups = 1
+        self.nodes[ROOT] = root
+        self.root = root
+        self.hardlinks_base = None  # base (dev, ino) -> [path tuples], built on first need
+        self.on_change = None  # callable(kind, path tuple) for journals and budgets
+
+    # ------------------------------------------------------------------ stack API
+
+    @property
+    def top(self) -> int:
+        return len(self.layers) - 1
+
+    def writable(self) -> bool:
+        return self.top > 0 and not self.layers[-1].sealed
+
+    def push_layer(self, layer_id: str, path: str) -> None:
+        """Put an empty writable layer on top. The view does not change."""
+        fd = os.open(path, DIR_FLAGS)
+        if self.layers[-1] is not self.layers[0]:
+            self.layers[-1].sealed = True
+        self.layers.append(Layer(layer_id, path, fd))
+        self.root.epoch = -1  # the root is the one directory present in every layer
+        log.info("layer %s pushed (depth %d)", layer_id, self.top)
+
+    def seal_top(self) -> None:
+        if self.top > 0:
+            self.layers[-1].sealed = True
+
+    def unseal_top(self) -> None:
+        if self.top > 0:
+            self.layers[-1].sealed = False
+
+    def drop_layers(self, count: int):
+        """Remove the top *count* layers from the view, atomically and in O(1) of their size.
+
+        Returns (dropped layers, kernel invalidations to make). The caller closes the
+        layers' fds after moving their directories away, and runs the invalidations in a
+        thread (:meth:`invalidate`).
+        """
+        if count <= 0:
+            return [], ([], [])
+        if count > self.top:
+            raise ValueError(f"cannot drop {count} layers, only {self.top} exist")
+        keep = len(self.layers) - count
+        dropped = self.layers[keep:]
+        del self.layers[keep:]
+        self.epoch += 1
+        inos, entries = set(), set()
+        for layer in dropped:
+            for ident in layer.idents:
+                node = self.by_ident.pop(ident, None)
+                if node is not None:
+                    node.idents.discard(ident)
+            inos |= layer.inos
+            entries |= layer.entries
+        for key in [k for k in self.listings if k[0] >= keep]:
+            del self.listings[key]
+        for key in [k for k in self.fds if k[0] >= keep]:
+            os.close(self.fds.pop(key))
+        for node_ino in inos:
+            node = self.nodes.get(node_ino)
+            if node is not None:
+                node.loc += 1
+        inval_inos = [i for i in inos if i in self.nodes and self.nodes[i].lookups > 0]
+        inval_entries = [(p, n) for p, n in entries if p in self.nodes and self.nodes[p].lookups > 0]
+        log.info("dropped %d layer(s): %s", count, ", ".join(layer.id for layer in dropped))
+        return dropped, (inval_inos, inval_entries)
+
+    def invalidate(self, inos, entries) -> None:
+        """Tell the kernel to forget names and attributes/pages. Call from a worker thread."""
+        for parent, name in entries:
+            try:
+                pyfuse3.invalidate_entry(parent, name)
+            except OSError:
+                pass
+        for ino in inos:
+            try:
+                pyfuse3.invalidate_inode(ino)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        for layer in self.layers:
+            os.close(layer.fd)
+
+    # ------------------------------------------------------------------ resolution
+
+    def _node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise FUSEError(errno.ESTALE)
+        self._fresh(node)
+        if node.dead and not node.opens:
+            raise FUSEError(errno.ESTALE)
+        return node
+
+    def _listing(self, li: int, d_ino: int, fd_getter) -> Listing:
+        key = (li, d_ino)
+        lst = self.listings.get(key)
+        if lst is not None:
+            return lst
+        lst = Listing()
+        fd = fd_getter()
+        with os.scandir(fd) as it:
+            for de in it:
+                name = os.fsencode(de.name)
+                if de.is_dir(follow_symlinks=False):
+                    kind = K_DIR
+                elif de.is_file(follow_symlinks=False) or de.is_symlink():
+                    kind = K_FILE
+                else:
+                    st = de.stat(follow_symlinks=False)
+                    if li > 0 and osutil.is_whiteout(st):
+                        lst.whiteouts.add(name)
+                        continue
+                    kind = K_OTHER
+                lst.names[name] = (kind, de.inode())
+        self.listings[key] = lst
+        return lst
+
+    def _dirfd(self, node: Node, li: int, d_ino: int | None = None) -> int:
+        """An fd of *node*'s directory in layer *li* (cached, opened relative to its parent)."""
+        if node is self.root:
+            return self.layers[li].fd
+        if d_ino is None:
+            for lj, ino in node.dlayers:
+                if lj == li:
+                    d_ino = ino
+                    break
+            else:
+                raise _inconsistent("directory node %d has no copy in layer %d", node.ino, li)
+        key = (li, d_ino)
+        fd = self.fds.get(key)
+        if fd is not None:
+            self.fds.move_to_end(key)
+            return fd
+        pfd = self._dirfd(node.parent, li)
+        fd = os.open(node.name, DIR_FLAGS, dir_fd=pfd)
+        self.fds[key] = fd
+        if len(self.fds) > FD_CACHE:
+            _, old = self.fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def _fresh(self, node: Node) -> None:
+        """Recompute a node's place in the stack after the stack changed (lazily, per epoch)."""
+        if node.epoch == self.epoch:
+            return
+        node.epoch = self.epoch
+        if node is self.root:
+            node.dlayers = [(li, 0) for li in range(self.top, -1, -1)]
+            node.li = self.top
+            node.merged = None
+            return
+        if node.is_dir:
+            parent = node.parent
+            self._fresh(parent)
+            res = None if parent.dead else self._resolve_dir(parent, node.name)
+            if res is None or (self.layers[res[-1][0]].dev, res[-1][1]) not in node.idents:
+                self._kill(node)
+                return
+            node.dlayers = res
+            node.li = res[0][0]
+            node.merged = None
+            return
+        if node.dead and not node.links:
+            return  # unlinked while open: its handles keep their file
+        valid = set()
+        li = None
+        for parent, name in node.links:
+            self._fresh(parent)
+            if parent.dead:
+                continue
+            m = self._merged(parent)
+            lj = m.get(name)
+            if lj is None:
+                continue
+            kind, ino = self._entry(parent, lj, name)
+            if kind == K_DIR or (self.layers[lj].dev, ino) not in node.idents:
+                continue
+            valid.add((parent, name))
+            li = lj
+        node.links = valid
+        if li is None:
+            self._kill(node)
+        elif li != node.li:
+            node.li = li
+            node.loc += 1
+
+    def _kill(self, node: Node) -> None:
+        node.dead = True
+        node.loc += 1
+        if node.is_dir:
+            node.merged = {}
+            node.dlayers = []
+        else:
+            node.links = set()
+
+    def _entry(self, parent: Node, li: int, name: bytes):
+        for lj, d_ino in parent.dlayers:
+            if lj == li:
+                lst = self._listing(li, d_ino, lambda: self._dirfd(parent, li, d_ino))
+                return lst.names[name]
+        raise _inconsistent("no entry %r in layer %d of directory %d", name, li, parent.ino)
+
+    def _merged(self, node: Node) -> dict:
+        """name -> layer index of the visible entry, for a fresh directory node."""
+        if node.merged is not None:
+            return node.merged
+        merged = {}
+        hidden = set()
+        for li, d_ino in node.dlayers:
+            lst = self._listing(li, d_ino, lambda: self._dirfd(node, li, d_ino))
+            for name in lst.names:
+                if name not in merged and name not in hidden:
+                    merged[name] = li
+            hidden |= lst.whiteouts
+            hidden.update(lst.names)
+        node.merged = merged
+        return merged
+
+    def _resolve_dir(self, parent: Node, name: bytes):
+        """The dlayers [(li, d_ino)] of a directory entry, or None if *name* is no directory."""
+        top = self._merged(parent).get(name)
+        if top is None:
+            return None
+        out = []
+        for li, d_ino in parent.dlayers:
+            if li > top:
+                continue
+            lst = self._listing(li, d_ino, lambda: self._dirfd(parent, li, d_ino))
+            ent = lst.names.get(name)
+            if ent is None:
+                if name in lst.whiteouts:
+                    break
+                continue
+            if ent[0] != K_DIR:
+                if li == top:
+                    return None
+                break
+            out.append((li, ent[1]))
+        if not out:
+            return None
+        return self._trim_opaque(parent, name, out)
+
+    def _has_lower(self, parent: Node, above: int, name: bytes) -> bool:
+        for li, d_ino in parent.dlayers:
+            if li >= above:
+                continue
+            lst = self._listing(li, d_ino, lambda: self._dirfd(parent, li, d_ino))
+            if name in lst.names:
+                return True
+            if name in lst.whiteouts:
+                return False
+        return False
+
+    def _dirfd_for_child(self, parent, li, p_ino, name, c_ino) -> int:
+        key = (li, c_ino)
+        fd = self.fds.get(key)
+        if fd is None:
+            fd = os.open(name, DIR_FLAGS, dir_fd=self._dirfd(parent, li, p_ino))
+            self.fds[key] = fd
+            if len(self.fds) > FD_CACHE:
+                _, old = self.fds.popitem(last=False)
+                os.close(old)
+        return fd
+
+    def _trim_opaque(self, parent, name, out):
+        if len(out) == 1:
+            return out
+        p_inos = dict(parent.dlayers)
+        for i, (li, c_ino) in enumerate(out[:-1]):
+            if osutil.is_opaque(self._dirfd_for_child(parent, li, p_inos[li], name, c_ino)):
+                return out[: i + 1]
+        return out
+
+    def _lookup_node(self, parent: Node, name: bytes):
+        """(node, stat) of a visible name, or None. Creates the node on first sight."""
+        m = self._merged(parent)
+        li = m.get(name)
+        if li is None:
+            return None
+        pfd = self._dirfd(parent, li)
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            dl = self._resolve_dir(parent, name)
+            if dl is None:
+                raise _inconsistent("entry %r of directory %d is a directory that does not resolve", name, parent.ino)
+            ident = (self.layers[dl[-1][0]].dev, dl[-1][1])
+        else:
+            ident = (st.st_dev, st.st_ino)
+        node = self.by_ident.get(ident)
+        if node is not None and node.is_dir == stat.S_ISDIR(st.st_mode):
+            node.dead = False
+            if node.is_dir:
+                node.parent, node.name = parent, name
+                if node.dlayers != dl:
+                    node.dlayers = dl
+                    node.merged = None
+                node.li = dl[0][0]
+                node.epoch = self.epoch
+            else:
+                node.links.add((parent, name))
+                if node.li != li:
+                    node.li = li
+                    node.loc += 1
+            return node, st
+        node = Node(self.next_ino, stat.S_ISDIR(st.st_mode))
+        self.next_ino += 1
+        self.nodes[node.ino] = node
+        self._register(node, ident, li)
+        node.epoch = self.epoch
+        if node.is_dir:
+            node.parent, node.name = parent, name
+            node.dlayers = dl
+            node.li = dl[0][0]
+        else:
+            node.links.add((parent, name))
+            node.li = li
+        return node, st
+
+    def _register(self, node: Node, ident, li: int) -> None:
+        node.idents.add(ident)
+        self.by_ident[ident] = node
+        if li > 0:
+            self.layers[li].idents.add(ident)
+
+    def _unregister(self, node: Node, ident) -> None:
+        node.idents.discard(ident)
+        if self.by_ident.get(ident) is node:
+            del self.by_ident[ident]
+
+    def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = self.generation
+        e.entry_timeout = TIMEOUT
+        e.attr_timeout = TIMEOUT
+        e.st_mode = st.st_mode
+        if node.is_dir and len(node.dlayers or ()) > 1:
+            e.st_nlink = 1
+        elif node.dead and not node.is_dir:
+            e.st_nlink = 0
+        else:
+            e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = TIMEOUT
+        return e
+
+    def _link_of(self, node: Node):
+        """(parent node, name) of a live name of a file node, or None."""
+        for link in node.links:
+            return link
+        return None
+
+    def _stat(self, node: Node) -> os.stat_result:
+        if node.is_dir:
+            if node is self.root:
+                return os.fstat(self.layers[node.li].fd)
+            return os.fstat(self._dirfd(node, node.li))
+        link = self._link_of(node)
+        if link is None:
+            for h in self.handles.values():
+                if h.node is node:
+                    return os.fstat(h.fd)
+            raise FUSEError(errno.ESTALE)
+        parent, name = link
+        return os.stat(name, dir_fd=self._dirfd(parent, node.li), follow_symlinks=False)
+
+    # ------------------------------------------------------------------ copy-up
+
+    def _check_writable(self) -> None:
+        if not self.writable():
+            raise FUSEError(errno.EROFS)
+
+    def _touch(self, node: Node | None = None, entry=None) -> None:
+        layer = self.layers[-1]
+        if node is not None:
+            layer.inos.add(node.ino)
+        if entry is not None:
+            layer.entries.add(entry)
+
+    def _copy_up_dir(self, node: Node) -> int:
+        """Make sure *node* exists as a directory in the top layer; return its fd there."""
+        top = self.top
+        self._fresh(node)
+        if node.li == top:
+            return self._dirfd(node, top)
+        pfd = self._copy_up_dir(node.parent)
+        src = self._dirfd(node, node.li)
+        st = os.fstat(src)
+        os.mkdir(node.name, 0o700, dir_fd=pfd)
+        fd = os.open(node.name, DIR_FLAGS, dir_fd=pfd)
+        try:
+            self._copy_meta(src, fd, st)
+            new_ino = os.fstat(fd).st_ino
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fds[(top, new_ino)] = fd
+        node.dlayers = [(top, new_ino)] + node.dlayers
+        node.li = top
+        self._listings_add(node.parent, top, node.name, K_DIR, new_ino)
+        self.listings[(top, new_ino)] = Listing()
+        self._touch(node)
+        return fd
+
+    def _copy_meta(self, src_fd: int, dst_fd: int, st: os.stat_result) -> None:
+        osutil.copy_xattrs(src_fd, dst_fd)
+        if self.is_root:
+            os.fchown(dst_fd, st.st_uid, st.st_gid)
+        os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+        os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def _listings_add(self, dnode: Node, li: int, name: bytes, kind: int, ino: int) -> None:
+        """Record a new entry *name* in *dnode*'s top-layer directory."""
+        d_ino = dict(dnode.dlayers)[li]
+        lst = self._listing(li, d_ino, lambda: self._dirfd(dnode, li, d_ino))
+        lst.whiteouts.discard(name)
+        lst.names[name] = (kind, ino)
+        if dnode.merged is not None:
+            dnode.merged[name] = li
+
+    def _listings_remove(self, dnode: Node, li: int, name: bytes, whiteout: bool) -> None:
+        d_ino = dict(dnode.dlayers)[li]
+        lst = self._listing(li, d_ino, lambda: self._dirfd(dnode, li, d_ino))
+        lst.names.pop(name, None)
+        if whiteout:
+            lst.whiteouts.add(name)
+        if dnode.merged is not None:
+            dnode.merged.pop(name, None)
+
+    def _copy_up(self, node: Node, truncate: bool = False) -> None:
+        """Make the top layer hold *node*'s file (all its names, for hard links)."""
+        top = self.top
+        if node.is_dir:
+            self._copy_up_dir(node)
+            return
+        if node.li == top:
+            return
+        link = self._link_of(node)
+        if link is None:
+            raise FUSEError(errno.ESTALE)
+        parent, name = link
+        src_li = node.li
+        spfd = self._dirfd(parent, src_li)
+        st = os.stat(name, dir_fd=spfd, follow_symlinks=False)
+        names = [link]
+        if st.st_nlink > 1:
+            names = self._hardlink_names(node, src_li, (st.st_dev, st.st_ino)) or names
+            if link not in names:
+                names.insert(0, link)
+        first_parent, first_name = names[0]
+        dpfd = self._copy_up_dir(first_parent)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(first_name, dir_fd=self._dirfd(first_parent, src_li))
+            self._clear_whiteout(first_parent, first_name)
+            os.symlink(target, first_name, dir_fd=dpfd)
+            if self.is_root:
+                os.chown(first_name, st.st_uid, st.st_gid, dir_fd=dpfd, follow_symlinks=False)
+            os.utime(first_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dpfd, follow_symlinks=False)
+        elif stat.S_ISREG(st.st_mode):
+            src = os.open(first_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=self._dirfd(first_parent, src_li))
+            try:
+                dst = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dpfd)
+                try:
+                    if not truncate:
+                        osutil.copy_data(src, dst, st.st_size)
+                    self._copy_meta(src, dst, st)
+                    self._clear_whiteout(first_parent, first_name)
+                    os.link(f"/proc/self/fd/{dst}", first_name, dst_dir_fd=dpfd, follow_symlinks=True)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+        else:  # fifo, socket
+            self._clear_whiteout(first_parent, first_name)
+            os.mknod(first_name, st.st_mode, st.st_rdev, dir_fd=dpfd)
+            if self.is_root:
+                os.chown(first_name, st.st_uid, st.st_gid, dir_fd=dpfd, follow_symlinks=False)
+            os.utime(first_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dpfd, follow_symlinks=False)
+        new = os.stat(first_name, dir_fd=dpfd, follow_symlinks=False)
+        self._listings_add(first_parent, top, first_name, K_FILE, new.st_ino)
+        for p, n in names[1:]:
+            pfd = self._copy_up_dir(p)
+            self._clear_whiteout(p, n)
+            os.link(first_name, n, src_dir_fd=dpfd, dst_dir_fd=pfd, follow_symlinks=False)
+            self._listings_add(p, top, n, K_FILE, new.st_ino)
+        node.links.update(names)
+        self._register(node, (new.st_dev, new.st_ino), top)
+        node.li = top
+        node.loc += 1
+        self._touch(node)
+
+    def _clear_whiteout(self, parent: Node, name: bytes) -> None:
+        """Remove a whiteout for *name* from the top layer's copy of *parent*, if any."""
+        top = self.top
+        d_ino = dict(parent.dlayers).get(top)
+        if d_ino is None:
+            return
+        lst = self._listing(top, d_ino, lambda: self._dirfd(parent, top, d_ino))
+        if name in lst.whiteouts:
+            os.unlink(name, dir_fd=self._dirfd(parent, top))
+            lst.whiteouts.discard(name)
+
+    def _hardlink_names(self, node: Node, li: int, ident):
+        """Every visible (parent, name) of the lower file *ident* living in layer *li*."""
+        if li == 0:
+            if self.hardlinks_base is None:
+                self.hardlinks_base = self._scan_links(0)
+            paths = self.hardlinks_base.get(ident, [])
+        else:
+            paths = self._scan_links(li).get(ident, [])
+        out = []
+        for path in paths:
+            parent = self._walk(path[:-1])
+            if parent is None:
+                continue
+            m = self._merged(parent)
+            if m.get(path[-1]) != li:
+                continue
+            st = os.stat(path[-1], dir_fd=self._dirfd(parent, li), follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == ident:
+                out.append((parent, path[-1]))
+        return out
+
+    def _scan_links(self, li: int):
+        found = {}
+        stack = [((), self.layers[li].fd, False)]
+        while stack:
+            prefix, fd, close = stack.pop()
+            try:
+                with os.scandir(fd) as it:
+                    for de in it:
+                        name = os.fsencode(de.name)
+                        if de.is_dir(follow_symlinks=False):
+                            try:
+                                cfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+                            except OSError:
+                                continue
+                            stack.append((prefix + (name,), cfd, True))
+                        else:
+                            st = de.stat(follow_symlinks=False)
+                            if st.st_nlink > 1 and not (li > 0 and osutil.is_whiteout(st)):
+                                found.setdefault((st.st_dev, st.st_ino), []).append(prefix + (name,))
+            finally:
+                if close:
+                    os.close(fd)
+        return found
+
+    def _walk(self, path):
+        """The directory node at a view path (tuple of names), or None."""
+        node = self.root
+        self._fresh(node)
+        for name in path:
+            res = self._lookup_node(node, name)
+            if res is None or not res[0].is_dir:
+                return None
+            node = res[0]
+        return node
+
+    # ------------------------------------------------------------------ removal helpers
+
+    def _lower_has(self, parent: Node, name: bytes) -> bool:
+        """True if a layer below the top shows *name* in *parent* (so removal needs a whiteout)."""
+        return self._has_lower(parent, self.top, name)
+
+    def _remove_entry(self, parent: Node, name: bytes, is_dir: bool) -> None:
+        """Remove *name* from the view: delete it from the top layer, then whiteout if needed."""
+        top = self.top
+        pfd = self._copy_up_dir(parent)
+        m = self._merged(parent)
+        li = m.get(name)
+        needs_whiteout = self._lower_has(parent, name)
+        if li == top:
+            if is_dir:
+                self._rmtree_at(pfd, name)
+            else:
+                os.unlink(name, dir_fd=pfd)
+        if needs_whiteout:
+            osutil.make_whiteout(pfd, name)
+        self._listings_remove(parent, top, name, needs_whiteout)
+        self._touch(entry=(parent.ino, name))
+
+    def _rmtree_at(self, dirfd: int, name: bytes) -> None:
+        """Remove a directory of the top layer (which may hold whiteouts) with *at() calls.
+
+        Its cached listing and fd go too: the inode number may come back for a new directory.
+        """
+        fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
+        key = (self.top, os.fstat(fd).st_ino)
+        self.listings.pop(key, None)
+        old = self.fds.pop(key, None)
+        if old is not None:
+            os.close(old)
+        try:
+            for child in os.listdir(fd):
+                child = os.fsencode(child)
+                st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    self._rmtree_at(fd, child)
+                else:
+                    os.unlink(child, dir_fd=fd)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=dirfd)
+
+    def _forget_ident_if_gone(self, node: Node, st: os.stat_result, li: int) -> None:
+        """After removing the last name of a top-layer file, its inode number may be reused."""
+        if li == self.top and (st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode)):
+            self._unregister(node, (st.st_dev, st.st_ino))
+
+    # ------------------------------------------------------------------ creation helpers
+
+    def _prepare_create(self, parent_ino: int, name: bytes):
+        self._check_writable()
+        osutil.check_name(name)
+        parent = self._node(parent_ino)
+        if not parent.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        if parent.dead:
+            raise FUSEError(errno.ENOENT)
+        if name in self._merged(parent):
+            raise FUSEError(errno.EEXIST)
+        pfd = self._copy_up_dir(parent)
+        self._clear_whiteout(parent, name)
+        return parent, pfd
+
+    def _owner(self, parent: Node, ctx, mode: int):
+        """uid, gid and mode for a new entry: the caller's ids, setgid directories' group."""
+        uid, gid = ctx.uid, ctx.gid
+        pst = os.fstat(self._dirfd(parent, self.top))
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        return uid, gid, mode
+
+    def _finish_create(self, parent: Node, pfd: int, name: bytes, ctx, mode: int, kind: int,
+                       fd: int | None = None):
+        uid, gid, mode = self._owner(parent, ctx, mode)
+        perm = stat.S_IMODE(mode) & ~ctx.umask
+        if self.is_root:
+            if fd is not None:
+                os.fchown(fd, uid, gid)
+            else:
+                os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        if not stat.S_ISLNK(mode):
+            if fd is not None:
+                os.fchmod(fd, perm)
+            else:
+                os.chmod(name, perm, dir_fd=pfd, follow_symlinks=False)
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        self._listings_add(parent, self.top, name, kind, st.st_ino)
+        if kind == K_DIR:
+            if self._lower_has(parent, name):
+                osutil.set_opaque(self._dirfd_for_child(parent, self.top, dict(parent.dlayers)[self.top],
+                                                         name, st.st_ino))
+            self.listings[(self.top, st.st_ino)] = Listing()
+        res = self._lookup_node(parent, name)
+        node, st = res
+        node.lookups += 1
+        self._touch(node, (parent.ino, name))
+        self._changed("create", parent, name)
+        return node, st
+
+    def _changed(self, kind: str, parent: Node, name: bytes) -> None:
+        if self.on_change is not None:
+            self.on_change(kind, self._path_of(parent) + (name,))
+
+    def _path_of(self, node: Node):
+        out = []
+        while node is not self.root and node is not None:
+            out.append(node.name)
+            node = node.parent
+        return tuple(reversed(out))
+
+    # ------------------------------------------------------------------ handlers: lookup
+
+    @_fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        if len(name) > osutil.NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        parent = self._node(parent_inode)
+        if name == b".":
+            node, st = parent, self._stat(parent)
+        elif name == b"..":
+            node = parent.parent or self.root
+            st = self._stat(node)
+        else:
+            res = self._lookup_node(parent, name)
+            if res is None:
+                return self._negative()
+            node, st = res
+        node.lookups += 1
+        return self._attrs(node, st)
+
+    async def forget(self, inode_list):
+        for ino, count in inode_list:
+            node = self.nodes.get(ino)
+            if node is None:
+                continue
+            node.lookups -= count
+            if node.lookups <= 0 and ino != ROOT:
+                node.lookups = 0
+                if node.dead and not node.opens:
+                    del self.nodes[ino]
+                    for ident in list(node.idents):
+                        self._unregister(node, ident)
+
+    @_fuse_errors
+    async def getattr(self, inode, ctx=None):
+        node = self._node(inode)
+        return self._attrs(node, self._stat(node))
+
+    @_fuse_errors
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        parent, name = self._link_of(node) or (None, None)
+        if parent is None:
+            raise FUSEError(errno.ESTALE)
+        return os.readlink(name, dir_fd=self._dirfd(parent, node.li))
+
+    # ------------------------------------------------------------------ handlers: directories
+
+    @_fuse_errors
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if not node.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        fh = self.next_fh
+        self.next_fh += 1
+        self.dirhandles[fh] = [node, None]
+        return fh
+
+    @_fuse_errors
+    async def readdir(self, fh, start_id, token):
+        entry = self.dirhandles[fh]
+        node = entry[0]
+        self._fresh(node)
+        if entry[1] is None or start_id == 0:
+            entry[1] = [b".", b".."] + sorted(self._merged(node)) if not node.dead else [b".", b".."]
+        names = entry[1]
+        for i in range(start_id, len(names)):
+            name = names[i]
+            if name == b".":
+                child, st = node, self._stat(node)
+                counted = False
+            elif name == b"..":
+                child = node.parent or self.root
+                st = self._stat(child)
+                counted = False
+            else:
+                try:
+                    res = self._lookup_node(node, name)
+                except (OSError, FUSEError):
+                    continue
+                if res is None:
+                    continue
+                child, st = res
+                counted = True
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 1):
+                return
+            if counted:
+                child.lookups += 1
+
+    async def releasedir(self, fh):
+        self.dirhandles.pop(fh, None)
+
+    @_fuse_errors
+    async def fsyncdir(self, fh, datasync):
+        node = self.dirhandles[fh][0]
+        self._fresh(node)
+        if node.li == self.top and self.top > 0:
+            fd = os.dup(self._dirfd(node, self.top))
+            try:
+                await trio.to_thread.run_sync(os.fsync, fd)
+            finally:
+                os.close(fd)
+
+    @_fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent, pfd = self._prepare_create(parent_inode, name)
+        os.mkdir(name, 0o700, dir_fd=pfd)
+        node, st = self._finish_create(parent, pfd, name, ctx, mode | stat.S_IFDIR, K_DIR)
+        return self._attrs(node, st)
+
+    @_fuse_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise FUSEError(errno.EPERM)
+        parent, pfd = self._prepare_create(parent_inode, name)
+        os.mknod(name, stat.S_IFMT(mode) | 0o600, 0, dir_fd=pfd)
+        node, st = self._finish_create(parent, pfd, name, ctx, mode, K_OTHER if not stat.S_ISREG(mode) else K_FILE)
+        return self._attrs(node, st)
+
+    @_fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        parent, pfd = self._prepare_create(parent_inode, name)
+        os.symlink(target, name, dir_fd=pfd)
+        node, st = self._finish_create(parent, pfd, name, ctx, stat.S_IFLNK | 0o777, K_FILE)
+        return self._attrs(node, st)
+
+    @_fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent, pfd = self._prepare_create(parent_inode, name)
+        oflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT)) \
+            | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        if not (oflags & (os.O_WRONLY | os.O_RDWR)):
+            oflags |= os.O_RDWR
+        else:
+            oflags = (oflags & ~os.O_WRONLY) | os.O_RDWR
+        fd = os.open(name, oflags, 0o600, dir_fd=pfd)
+        try:
+            node, st = self._finish_create(parent, pfd, name, ctx, mode, K_FILE, fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        fh = self._new_handle(node, fd, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attrs(node, st)
+
+    @_fuse_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = self._node(inode)
+        if node.is_dir:
+            raise FUSEError(errno.EPERM)
+        parent, pfd = self._prepare_create(new_parent_inode, new_name)
+        self._copy_up(node)
+        src_parent, src_name = self._link_of(node)
+        os.link(src_name, new_name, src_dir_fd=self._dirfd(src_parent, self.top), dst_dir_fd=pfd,
+                follow_symlinks=False)
+        st = os.stat(new_name, dir_fd=pfd, follow_symlinks=False)
+        self._listings_add(parent, self.top, new_name, K_FILE, st.st_ino)
+        node.links.add((parent, new_name))
+        node.lookups += 1
+        self._touch(node, (parent.ino, new_name))
+        self._changed("link", parent, new_name)
+        return self._attrs(node, st)
+
+    @_fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        self._check_writable()
+        osutil.check_name(name)
+        parent = self._node(parent_inode)
+        res = self._lookup_node(parent, name)
+        if res is None:
+            raise FUSEError(errno.ENOENT)
+        node, st = res
+        if node.is_dir:
+            raise FUSEError(errno.EISDIR)
+        if st.st_nlink > 1 and node.li < self.top:
+            self._copy_up(node)
+            st = os.stat(name, dir_fd=self._dirfd(parent, self.top), follow_symlinks=False)
+        li = node.li
+        self._remove_entry(parent, name, False)
+        node.links.discard((parent, name))
+        self._forget_ident_if_gone(node, st, li)
+        if not node.links:
+            node.dead = True
+        self._touch(node)
+        self._changed("unlink", parent, name)
+
+    @_fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        self._check_writable()
+        osutil.check_name(name)
+        parent = self._node(parent_inode)
+        res = self._lookup_node(parent, name)
+        if res is None:
+            raise FUSEError(errno.ENOENT)
+        node, st = res
+        if not node.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        self._fresh(node)
+        if self._merged(node):
+            raise FUSEError(errno.ENOTEMPTY)
+        li = node.li
+        self._remove_entry(parent, name, True)
+        self._forget_ident_if_gone(node, st, li)
+        self._kill(node)
+        self._touch(node)
+        self._changed("rmdir", parent, name)
+
+    # ------------------------------------------------------------------ rename
+
+    @_fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._check_writable()
+        osutil.check_name(name_old)
+        osutil.check_name(name_new)
+        pold = self._node(parent_inode_old)
+        pnew = self._node(parent_inode_new)
+        src = self._lookup_node(pold, name_old)
+        if src is None:
+            raise FUSEError(errno.ENOENT)
+        snode, sst = src
+        dst = self._lookup_node(pnew, name_new)
+        if dst is not None and dst[0] is snode:
+            return  # the same file: rename(2) does nothing
+        if flags & pyfuse3.RENAME_NOREPLACE and dst is not None:
+            raise FUSEError(errno.EEXIST)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            if dst is None:
+                raise FUSEError(errno.ENOENT)
+            self._rename_exchange(pold, name_old, snode, pnew, name_new, dst[0])
+            return
+        if snode.is_dir:
+            p = pnew
+            while p is not None and p is not self.root:
+                if p is snode:
+                    raise FUSEError(errno.EINVAL)
+                p = p.parent
+        if dst is not None:
+            dnode, dst_st = dst
+            if snode.is_dir and not dnode.is_dir:
+                raise FUSEError(errno.ENOTDIR)
+            if not snode.is_dir and dnode.is_dir:
+                raise FUSEError(errno.EISDIR)
+            if dnode.is_dir:
+                self._fresh(dnode)
+                if self._merged(dnode):
+                    raise FUSEError(errno.ENOTEMPTY)
+        top = self.top
+        # 1. everything the rename touches lives in the top layer
+        self._copy_up_for_move(snode)
+        opfd = self._dirfd(pold, top)
+        npfd = self._copy_up_dir(pnew)
+        # 2. the destination: remove a lower-only or top entry so the rename can land
+        if dst is not None:
+            dnode, dst_st = dst
+            dli = dnode.li
+            if dli == top and dnode.is_dir:
+                self._rmtree_at(npfd, name_new)  # empty in the view, may hold whiteouts
+                self._listings_remove(pnew, top, name_new, False)
+            self._clear_whiteout(pnew, name_new)
+        else:
+            self._clear_whiteout(pnew, name_new)
+        dst_lower = self._lower_has(pnew, name_new)
+        src_lower = self._lower_has(pold, name_old)
+        # 3. the rename itself, leaving a whiteout behind if a lower layer shows the old name
+        rflags = osutil.RENAME_WHITEOUT if src_lower else 0
+        try:
+            osutil.renameat2(opfd, name_old, npfd, name_new, rflags)
+        except OSError as exc:
+            if not rflags or exc.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+            osutil.renameat2(opfd, name_old, npfd, name_new, 0)
+            osutil.make_whiteout(opfd, name_old)
+        new_st = os.stat(name_new, dir_fd=npfd, follow_symlinks=False)
+        self._listings_remove(pold, top, name_old, src_lower)
+        self._listings_add(pnew, top, name_new, K_DIR if snode.is_dir else K_FILE, new_st.st_ino)
+        if dst is not None:
+            dnode, dst_st = dst
+            if dnode.is_dir:
+                self._kill(dnode)
+            else:
+                dnode.links.discard((pnew, name_new))
+                if dnode.li == top:
+                    self._forget_ident_if_gone(dnode, dst_st, top)
+                if not dnode.links:
+                    dnode.dead = True
+            self._touch(dnode)
+        if snode.is_dir:
+            if dst_lower:
+                osutil.set_opaque(self._dirfd_for_child(pnew, top, dict(pnew.dlayers)[top], name_new,
+                                                        new_st.st_ino))
+            snode.parent, snode.name = pnew, name_new
+            self.epoch += 1  # descendants' places changed: recompute them lazily
+        else:
+            snode.links.discard((pold, name_old))
+            snode.links.add((pnew, name_new))
+        self._touch(snode, (pold.ino, name_old))
+        self._touch(None, (pnew.ino, name_new))
+        self._changed("rename", pold, name_old)
+        self._changed("rename", pnew, name_new)
+
+    def _copy_up_for_move(self, node: Node) -> None:
+        """A file is copied up; a directory is copied up with its whole visible subtree."""
+        if not node.is_dir:
+            self._copy_up(node)
+            return
+        self._copy_up_tree(node)
+
+    def _copy_up_tree(self, node: Node) -> None:
+        top = self.top
+        self._fresh(node)
+        fd = self._copy_up_dir(node)
+        if len(node.dlayers) == 1:
+            return
+        for name, li in sorted(self._merged(node).items()):
+            if li == top and self._entry(node, top, name)[0] != K_DIR:
+                continue
+            res = self._lookup_node(node, name)
+            if res is None:
+                continue
+            child, _ = res
+            if child.is_dir:
+                self._copy_up_tree(child)
+            else:
+                self._copy_up(child)
+        osutil.set_opaque(fd)
+        # the lower directories no longer show through: forget them
+        node.dlayers = node.dlayers[:1]
+        node.merged = None
+        ident_top = (self.layers[top].dev, node.dlayers[0][1])
+        self._register(node, ident_top, top)
+
+    def _rename_exchange(self, pold, name_old, snode, pnew, name_new, dnode) -> None:
+        top = self.top
+        self._copy_up_for_move(snode)
+        self._copy_up_for_move(dnode)
+        opfd = self._dirfd(pold, top)
+        npfd = self._dirfd(pnew, top)
+        osutil.renameat2(opfd, name_old, npfd, name_new, osutil.RENAME_EXCHANGE)
+        st_new = os.stat(name_new, dir_fd=npfd, follow_symlinks=False)
+        st_old = os.stat(name_old, dir_fd=opfd, follow_symlinks=False)
+        self._listings_add(pnew, top, name_new, K_DIR if snode.is_dir else K_FILE, st_new.st_ino)
+        self._listings_add(pold, top, name_old, K_DIR if dnode.is_dir else K_FILE, st_old.st_ino)
+        for node, (p_from, n_from), (p_to, n_to) in ((snode, (pold, name_old), (pnew, name_new)),
+                                                      (dnode, (pnew, name_new), (pold, name_old))):
+            if node.is_dir:
+                node.parent, node.name = p_to, n_to
+                osutil.set_opaque(self._dirfd_for_child(p_to, top, dict(p_to.dlayers)[top], n_to,
+                                                        (st_new if p_to is pnew and n_to == name_new
+                                                         else st_old).st_ino))
+            else:
+                node.links.discard((p_from, n_from))
+                node.links.add((p_to, n_to))
+            self._touch(node)
+        self.epoch += 1
+        self._touch(None, (pold.ino, name_old))
+        self._touch(None, (pnew.ino, name_new))
+        self._changed("rename", pold, name_old)
+        self._changed("rename", pnew, name_new)
+
+    # ------------------------------------------------------------------ attributes
+
+    @_fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        self._check_writable()
+        node = self._node(inode)
+        if node.dead and fh is None:
+            raise FUSEError(errno.ENOENT)
+        if not node.dead:
+            self._copy_up(node, truncate=fields.update_size and attr.st_size == 0)
+        handle = self.handles.get(fh) if fh is not None else None
+        fd = None
+        if handle is not None:
+            self._refresh_handle(handle, write=True)
+            fd = handle.fd
+        if node.is_dir:
+            target = dict(fd=self._dirfd(node, self.top))
+        elif fd is not None:
+            target = dict(fd=fd)
+        else:
+            parent, name = self._link_of(node)
+            target = dict(name=name, dir_fd=self._dirfd(parent, self.top))
+        st = self._stat_target(target)
+        is_link = stat.S_ISLNK(st.st_mode)
+        if fields.update_size:
+            if node.is_dir:
+                raise FUSEError(errno.EISDIR)
+            if "fd" in target:
+                os.ftruncate(target["fd"], attr.st_size)
+            else:
+                tfd = os.open(target["name"], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=target["dir_fd"])
+                try:
+                    os.ftruncate(tfd, attr.st_size)
+                finally:
+                    os.close(tfd)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if "fd" in target:
+                os.fchown(target["fd"], uid, gid)
+            else:
+                os.chown(target["name"], uid, gid, dir_fd=target["dir_fd"], follow_symlinks=False)
+        if fields.update_mode and not is_link:
+            if "fd" in target:
+                os.fchmod(target["fd"], stat.S_IMODE(attr.st_mode))
+            else:
+                os.chmod(target["name"], stat.S_IMODE(attr.st_mode), dir_fd=target["dir_fd"])
+        if fields.update_atime or fields.update_mtime:
+            cur = self._stat_target(target)
+            a = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
+            m = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
+            if "fd" in target:
+                os.utime(target["fd"], ns=(a, m))
+            else:
+                os.utime(target["name"], ns=(a, m), dir_fd=target["dir_fd"], follow_symlinks=False)
+        self._touch(node)
+        return self._attrs(node, self._stat_target(target))
+
+    @staticmethod
+    def _stat_target(target) -> os.stat_result:
+        if "fd" in target:
+            return os.fstat(target["fd"])
+        return os.stat(target["name"], dir_fd=target["dir_fd"], follow_symlinks=False)
+
+    def _xattr_target(self, node: Node):
+        """A path usable by os.*xattr for a node in its current layer (via /proc/self/fd)."""
+        if node.is_dir:
+            return self._dirfd(node, node.li)
+        parent, name = self._link_of(node) or (None, None)
+        if parent is None:
+            for h in self.handles.values():
+                if h.node is node:
+                    return h.fd
+            raise FUSEError(errno.ESTALE)
+        pfd = self._dirfd(parent, node.li)
+        return f"/proc/self/fd/{pfd}/{os.fsdecode(name)}"
+
+    @_fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        if name.startswith(PRIVATE_XATTR):
+            raise FUSEError(errno.EPERM)
+        self._check_writable()
+        node = self._node(inode)
+        self._copy_up(node)
+        target = self._xattr_target(node)
+        os.setxattr(target, name, value, **_nofollow(target))
+        self._touch(node)
+
+    @_fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        if name.startswith(PRIVATE_XATTR):
+            raise FUSEError(pyfuse3.ENOATTR)
+        node = self._node(inode)
+        target = self._xattr_target(node)
+        return os.getxattr(target, name, **_nofollow(target))
+
+    @_fuse_errors
+    async def listxattr(self, inode, ctx):
+        node = self._node(inode)
+        target = self._xattr_target(node)
+        names = os.listxattr(target, **_nofollow(target))
+        return [os.fsencode(n) for n in names if not os.fsencode(n).startswith(PRIVATE_XATTR)]
+
+    @_fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        if name.startswith(PRIVATE_XATTR):
+            raise FUSEError(pyfuse3.ENOATTR)
+        self._check_writable()
+        node = self._node(inode)
+        self._copy_up(node)
+        target = self._xattr_target(node)
+        os.removexattr(target, name, **_nofollow(target))
+        self._touch(node)
+
+    @_fuse_errors
+    async def statfs(self, ctx):
+        sv = os.statvfs(self.layers[-1].fd if self.top > 0 else self.layers[0].fd)
+        out = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(out, attr, getattr(sv, attr))
+        out.f_namemax = osutil.NAME_MAX
+        return out
+
+    async def access(self, inode, mode, ctx):
+        return True
+
+    # ------------------------------------------------------------------ files
+
+    def _new_handle(self, node: Node, fd: int, flags: int) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = Handle(node, fd, flags, node.li)
+        node.opens += 1
+        return fh
+
+    def _open_fd(self, node: Node, flags: int) -> int:
+        parent, name = self._link_of(node) or (None, None)
+        if parent is None:
+            raise FUSEError(errno.ESTALE)
+        oflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_TRUNC)) \
+            | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(name, oflags, dir_fd=self._dirfd(parent, node.li))
+
+    @_fuse_errors
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if node.dead:
+            raise FUSEError(errno.ESTALE)
+        if flags & WRITE_FLAGS:
+            self._check_writable()
+            self._copy_up(node, truncate=bool(flags & os.O_TRUNC))
+        fd = self._open_fd(node, flags)
+        if flags & os.O_TRUNC:
+            os.ftruncate(fd, 0)
+            self._touch(node)
+        return pyfuse3.FileInfo(fh=self._new_handle(node, fd, flags), keep_cache=True)
+
+    def _refresh_handle(self, h: Handle, write: bool) -> None:
+        """Handles follow the view: reopen after a copy-up or a drop, copy up into a newer top.
+
+        A handle whose file left the view (its layer was dropped) gets ESTALE; an unlinked
+        file that is still open keeps working on its own data.
+        """
+        node = h.node
+        self._fresh(node)
+        if write:
+            self._check_writable()
+        if node.dead:
+            if h.loc != node.loc:
+                raise FUSEError(errno.ESTALE)
+            return
+        if write:
+            self._copy_up(node)
+        if h.loc != node.loc:
+            fd = self._open_fd(node, h.flags)
+            os.close(h.fd)
+            h.fd = fd
+            h.loc = node.loc
+        h.li = node.li
+
+    @_fuse_errors
+    async def read(self, fh, off, size):
+        h = self.handles[fh]
+        if h.loc != h.node.loc or h.node.epoch != self.epoch:
+            self._refresh_handle(h, write=False)
+        return os.pread(h.fd, size, off)
+
+    @_fuse_errors
+    async def write(self, fh, off, buf):
+        h = self.handles[fh]
+        if h.li != self.top or h.loc != h.node.loc or not self.writable() or h.node.epoch != self.epoch:
+            self._refresh_handle(h, write=True)
+        n = os.pwrite(h.fd, buf, off)
+        self.layers[-1].inos.add(h.node.ino)
+        return n
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        h.closed = True
+        h.node.opens -= 1
+        if not h.busy:
+            os.close(h.fd)
+        node = h.node
+        if node.dead and not node.opens and node.lookups <= 0 and node.ino in self.nodes:
+            del self.nodes[node.ino]
+            for ident in list(node.idents):
+                self._unregister(node, ident)
+
+    @_fuse_errors
+    async def fsync(self, fh, datasync):
+        h = self.handles[fh]
+        h.busy += 1
+        try:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+            if h.li == self.top and self.top > 0 and not h.node.dead:
+                link = self._link_of(h.node)
+                if link is not None:
+                    pfd = os.dup(self._dirfd(link[0], h.li))
+                    try:
+                        await trio.to_thread.run_sync(os.fsync, pfd)
+                    finally:
+                        os.close(pfd)
+        finally:
+            h.busy -= 1
+            if h.closed and not h.busy:
+                os.close(h.fd)

@@ -1,0 +1,125 @@
+"""Thin wrappers over the system calls the layer code needs and Python lacks.
+
+Everything here is plain, synchronous and relative to directory file
+descriptors: the daemon never builds a long host path and never follows a
+symlink while resolving a name.
+"""
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import stat
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+FICLONE = 0x40049409
+
+NAME_MAX = 255
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: Extended attributes in this namespace belong to overlayd; the view hides them.
+PRIVATE_XATTR = b"user.overlayd."
+OPAQUE_XATTR = "user.overlayd.opaque"
+
+
+def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int = 0) -> None:
+    if _libc.renameat2(olddirfd, old, newdirfd, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old)
+
+
+def make_whiteout(dirfd: int, name: bytes) -> None:
+    """A whiteout is a character device 0/0, as kernel overlayfs writes it.
+
+    Since Linux 5.8 an unprivileged process may create one.
+    """
+    os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dirfd)
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy *size* bytes between two fds in the kernel: reflink, else copy_file_range, else sendfile."""
+    if size == 0:
+        return
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError:
+        pass
+    off = 0
+    try:
+        while off < size:
+            n = os.copy_file_range(src, dst, size - off, off, off)
+            if n == 0:
+                break
+            off += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    os.lseek(dst, off, os.SEEK_SET)
+    while off < size:
+        n = os.sendfile(dst, src, off, size - off)
+        if n == 0:
+            break
+        off += n
+
+
+def copy_xattrs(src, dst, *, skip_private: bool = True) -> None:
+    """Copy extended attributes between two fds (or paths, for directories)."""
+    try:
+        names = os.listxattr(src)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return
+        raise
+    for name in names:
+        if skip_private and name.encode().startswith(PRIVATE_XATTR):
+            continue
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name))
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+                log.debug("xattr %s not copied: %s", name, exc)
+                continue
+            raise
+
+
+def is_opaque(dirfd: int) -> bool:
+    try:
+        return os.getxattr(dirfd, OPAQUE_XATTR) == b"y"
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+        raise
+
+
+def set_opaque(dirfd: int) -> None:
+    os.setxattr(dirfd, OPAQUE_XATTR, b"y")
+
+
+def check_name(name: bytes) -> None:
+    """Raise OSError(ENAMETOOLONG/EINVAL) for a name that must not become a path."""
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise OSError(errno.EINVAL, "invalid name")
+
+
+def raise_nofile_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

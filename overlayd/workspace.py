@@ -1,0 +1,230 @@
+"""A workspace: one base, one mountpoint, one state directory holding the layers and the journal.
+
+On-disk layout of the state directory::
+
+    journal/        LMDB environment (see journal/)
+    layers/ID/      one directory per layer of the stack (ID: 16 hex digits)
+    trash/ID/       dropped layers, deleted in the background
+    lock            flock()ed by the daemon that serves the workspace
+    workspace.json  name, base, mountpoint (for 'overlayd list')
+
+The stack (the layer IDs, bottom to top, and whether the top is sealed) is the journal's
+``meta/stack`` record; the view is rebuilt from it at start. A layer directory that the
+stack does not name is an orphan (a crash between mkdir and the journal, or a drop between
+the journal and the rename to trash) and goes to the trash at start.
+"""
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import trio
+
+from journal import Journal
+
+from .fs import OverlayFS
+from .paths import UsageError, is_within
+
+log = logging.getLogger(__name__)
+
+
+def fsync_dir(path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Workspace:
+    def __init__(self, name: str, base, mountpoint, state_dir):
+        self.name = name
+        self.base = Path(os.path.realpath(base))
+        self.mountpoint = Path(os.path.abspath(mountpoint))
+        self.state_dir = Path(os.path.abspath(state_dir))
+        self.layers_dir = self.state_dir / "layers"
+        self.trash_dir = self.state_dir / "trash"
+        self.journal = None
+        self.fs = None
+        self._lockfd = None
+        self.jlimiter = trio.CapacityLimiter(1)
+        self._reaper_wake = threading.Event()
+
+    # ------------------------------------------------------------------ setup
+
+    def check_paths(self) -> None:
+        if not self.base.is_dir():
+            raise UsageError(f"base {self.base} is not a directory")
+        if not self.mountpoint.is_dir():
+            raise UsageError(f"mountpoint {self.mountpoint} is not a directory; create it with: mkdir -p {self.mountpoint}")
+        for a, an, b, bn in ((self.state_dir, "state directory", self.base, "base"),
+                             (self.state_dir, "state directory", self.mountpoint, "mountpoint"),
+                             (self.base, "base", self.state_dir, "state directory"),
+                             (self.mountpoint, "mountpoint", self.base, "base"),
+                             (self.base, "base", self.mountpoint, "mountpoint")):
+            if is_within(a, b):
+                raise UsageError(f"the {an} {a} must not be inside the {bn} {b}")
+
+    def open(self) -> None:
+        """Lock the state directory, open the journal, rebuild the stack. Sync; before mounting."""
+        self.check_paths()
+        for d in (self.state_dir, self.layers_dir, self.trash_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lockfd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lockfd)
+            raise UsageError(f"workspace state {self.state_dir} is in use by another daemon; "
+                             "unmount it first (overlayd unmount MOUNTPOINT)") from None
+        self.journal = Journal.open(self.state_dir)
+        info = {"name": self.name, "base": str(self.base), "mountpoint": str(self.mountpoint)}
+        tmp = self.state_dir / "workspace.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.state_dir / "workspace.json")
+        stack = self.stack()
+        self._trash_orphans(stack)
+        self.fs = OverlayFS(str(self.base), [(lid, str(self.layers_dir / lid), sealed)
+                                             for lid, sealed in self._stack_entries(stack)])
+
+    def stack(self) -> dict:
+        return self.journal.meta("stack", {"layers": [], "sealed": True})
+
+    @staticmethod
+    def _stack_entries(stack):
+        ids = stack["layers"]
+        return [(lid, True if i < len(ids) - 1 else stack["sealed"]) for i, lid in enumerate(ids)]
+
+    def _trash_orphans(self, stack) -> None:
+        keep = set(stack["layers"])
+        for entry in os.listdir(self.layers_dir):
+            if entry not in keep:
+                log.warning("layer %s is not in the journal: moving it to the trash", entry)
+                os.rename(self.layers_dir / entry, self.trash_dir / entry)
+        for lid in keep:
+            if not (self.layers_dir / lid).is_dir():
+                raise RuntimeError(f"journal names layer {lid} but {self.layers_dir / lid} is missing")
+
+    def close(self) -> None:
+        if self.fs is not None:
+            self.fs.close()
+        if self.journal is not None:
+            self.journal.close()
+        if self._lockfd is not None:
+            os.close(self._lockfd)
+            self._lockfd = None
+
+    # ------------------------------------------------------------------ journal access
+
+    async def transact(self, fn):
+        """One journal write transaction, on a worker thread (one transaction per thread hop)."""
+        return await trio.to_thread.run_sync(self.journal.transact, fn, limiter=self.jlimiter)
+
+    # ------------------------------------------------------------------ stack changes
+
+    def _new_layer_dir(self, txn) -> str:
+        n = txn.get_meta("next_layer", 1)
+        txn.set_meta("next_layer", n + 1)
+        return f"{n:016x}"
+
+    async def push_layer(self, txn_extra=None) -> str:
+        """Journal and push a new empty writable layer. *txn_extra(txn, layer_id)* joins the transaction."""
+        def reserve(txn):
+            return self._new_layer_dir(txn)
+
+        layer_id = await self.transact(reserve)
+        path = self.layers_dir / layer_id
+        os.mkdir(path, 0o755)
+        fsync_dir(self.layers_dir)
+
+        def commit(txn):
+            stack = txn.get_meta("stack", {"layers": [], "sealed": True})
+            stack = {"layers": stack["layers"] + [layer_id], "sealed": False}
+            txn.set_meta("stack", stack)
+            if txn_extra is not None:
+                txn_extra(txn, layer_id)
+            else:
+                txn.event("layer.push", layer=layer_id)
+
+        await self.transact(commit)
+        self.fs.push_layer(layer_id, str(path))
+        return layer_id
+
+    async def set_sealed(self, sealed: bool, txn_extra=None) -> None:
+        def commit(txn):
+            stack = txn.get_meta("stack", {"layers": [], "sealed": True})
+            txn.set_meta("stack", {"layers": stack["layers"], "sealed": sealed})
+            if txn_extra is not None:
+                txn_extra(txn)
+
+        await self.transact(commit)
+        if sealed:
+            self.fs.seal_top()
+        else:
+            self.fs.unseal_top()
+
+    async def drop_layers(self, count: int, txn_extra=None, reopen: bool = False) -> list[str]:
+        """Journal, then drop the top *count* layers from the view; returns their ids.
+
+        The view switches in O(1): the layers' directories are renamed into the trash and
+        deleted later by the reaper thread. The kernel's caches are invalidated before this
+        returns, so no process sees a stale name, attribute or page afterwards. The new top
+        layer stays sealed unless *reopen*.
+        """
+        if count <= 0:
+            return []
+        ids = [layer.id for layer in self.fs.layers[-count:]]
+
+        def commit(txn):
+            stack = txn.get_meta("stack", {"layers": [], "sealed": True})
+            if stack["layers"][-count:] != ids:
+                raise RuntimeError(f"journal stack {stack['layers']} disagrees with the view {ids}")
+            txn.set_meta("stack", {"layers": stack["layers"][:-count], "sealed": not reopen})
+            if txn_extra is not None:
+                txn_extra(txn)
+            else:
+                txn.event("layer.drop", layers=ids)
+
+        await self.transact(commit)
+        dropped, (inos, entries) = self.fs.drop_layers(count)
+        if reopen:
+            self.fs.unseal_top()
+        for layer in dropped:
+            os.close(layer.fd)
+            os.rename(self.layers_dir / layer.id, self.trash_dir / layer.id)
+        await trio.to_thread.run_sync(self.fs.invalidate, inos, entries)
+        self._reaper_wake.set()
+        return ids
+
+    # ------------------------------------------------------------------ background deletion
+
+    def reap_trash(self) -> int:
+        n = 0
+        for entry in os.listdir(self.trash_dir):
+            shutil.rmtree(self.trash_dir / entry, ignore_errors=True)
+            n += 1
+        return n
+
+    def reaper_loop(self, stop: threading.Event) -> None:
+        """Runs in its own thread: delete dropped layers whenever woken."""
+        while not stop.is_set():
+            try:
+                self.reap_trash()
+            except OSError as exc:
+                log.warning("could not empty the trash: %s", exc)
+            self._reaper_wake.wait(30)
+            self._reaper_wake.clear()
+
+    def disk_usage(self) -> int:
+        total = 0
+        for root, dirs, files in os.walk(self.state_dir):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(root, f)).st_blocks * 512
+                except OSError:
+                    pass
+        return total
