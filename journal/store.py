@@ -165,12 +165,18 @@ class WriteTxn:
                                "inside the function passed to transact()")
         return self._txn
 
-    def _put(self, key, value, db, **kw):
+    @contextmanager
+    def _op(self):
+        """The raw txn, noting a full map so transact retries even if fn swallows it."""
         try:
-            return self._t().put(key, value, db=self._dbs[db], **kw)
+            yield self._t()
         except lmdb.MapFullError:
-            self._map_full = True  # transact retries even if fn swallows this
+            self._map_full = True
             raise
+
+    def _put(self, key, value, db, **kw):
+        with self._op() as txn:
+            return txn.put(key, value, db=self._dbs[db], **kw)
 
     def new_saga_id(self):
         """Next saga id: one above both the newest saga and any id handed out."""
@@ -190,18 +196,19 @@ class WriteTxn:
 
     def delete_step(self, saga_id, index):
         """Delete one step; returns whether it existed."""
-        return self._t().delete(_STEP.pack(saga_id, index), db=self._dbs["steps"])
+        with self._op() as txn:
+            return txn.delete(_STEP.pack(saga_id, index), db=self._dbs["steps"])
 
     def delete_saga(self, saga_id):
         """Delete a saga and all its steps; returns whether the saga existed."""
-        txn = self._t()
         prefix = _U64.pack(saga_id)
-        cur = txn.cursor(db=self._dbs["steps"])
-        if cur.set_range(prefix):
-            while cur.key()[:8] == prefix:
-                if not cur.delete():  # delete moves to the next record
-                    break
-        return txn.delete(prefix, db=self._dbs["sagas"])
+        with self._op() as txn:
+            cur = txn.cursor(db=self._dbs["steps"])
+            if cur.set_range(prefix):
+                while cur.key()[:8] == prefix:
+                    if not cur.delete():  # delete moves to the next record
+                        break
+            return txn.delete(prefix, db=self._dbs["sagas"])
 
     def event(self, kind, saga=None, step=None, **details):
         """Append an event; returns its sequence number."""
@@ -326,9 +333,27 @@ class Journal:
         return JournalError(f"{what} failed for journal at {self.path}: "
                             f"{exc}; {_hint(exc)}")
 
+    @contextmanager
+    def _quiesced(self):
+        """No journal txn of this process in flight; for remaps and write aborts.
+
+        The caller must hold the write lock (or own the write txn). py-lmdb
+        can stall a write-txn abort while other threads keep read txns going,
+        so aborts also drain readers first.
+        """
+        with self._gate.exclusive():
+            yield
+
     def _resize(self, grow):
         """Double the map (grow) or adopt a size another process set."""
-        with self._gate.exclusive():
+        if self._writer == threading.get_ident():
+            self._remap(grow)
+        else:
+            with self._write_lock:
+                self._remap(grow)
+
+    def _remap(self, grow):
+        with self._quiesced():
             env = self._live_env()
             old = env.info()["map_size"]
             new = old * 2 if grow else 0
@@ -348,7 +373,10 @@ class Journal:
                           env.info()["map_size"])
 
     def _write(self, fn):
-        """Run fn(raw lmdb txn) in one write txn; grow the map and retry on MapFull."""
+        """Run fn(raw lmdb txn) -> (result, map_full) in one write txn.
+
+        On a full map the txn is aborted, the map doubled and fn rerun.
+        """
         me = threading.get_ident()
         if self._writer == me:
             raise JournalError("transact() is not reentrant; do all the work "
@@ -357,27 +385,30 @@ class Journal:
             self._writer = me
             try:
                 while True:
-                    with self._gate.shared():
-                        env = self._live_env()
-                        try:
-                            txn = env.begin(write=True)
-                        except lmdb.MapResizedError:
-                            txn = None
-                        except lmdb.Error as e:
-                            raise self._wrap("starting a write", e) from e
-                        if txn is not None:
-                            try:
-                                result, full = fn(txn)
-                                if not full:
-                                    txn.commit()
-                                    return result
-                            except lmdb.MapFullError:
-                                full = True
-                            except lmdb.Error as e:
-                                raise self._wrap("writing", e) from e
-                            finally:
-                                txn.abort()  # no-op after a commit
-                    self._resize(grow=txn is not None)
+                    env = self._live_env()
+                    try:
+                        txn = env.begin(write=True)
+                    except lmdb.MapResizedError:
+                        self._remap(grow=False)
+                        continue
+                    except lmdb.Error as e:
+                        raise self._wrap("starting a write", e) from e
+                    committed = full = False
+                    try:
+                        result, full = fn(txn)
+                        if not full:
+                            txn.commit()
+                            committed = True
+                            return result
+                    except lmdb.MapFullError:
+                        full = True
+                    except lmdb.Error as e:
+                        raise self._wrap("writing", e) from e
+                    finally:
+                        if not committed:
+                            with self._quiesced():
+                                txn.abort()
+                    self._remap(grow=True)
             finally:
                 self._writer = None
 
@@ -395,6 +426,10 @@ class Journal:
             wtxn = WriteTxn(txn, dbs)
             try:
                 return fn(wtxn), wtxn._map_full
+            except lmdb.Error:
+                if wtxn._map_full:  # a later failure of a txn that hit MapFull
+                    return None, True
+                raise
             finally:
                 wtxn._txn = None
 
