@@ -44,8 +44,10 @@ def main():
 @click.option("--group", help="Members of this group may also drive the daemon.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--keep-open-step", is_flag=True,
+              help="After a crash, keep the step that was open instead of rolling it back.")
 @click.option("--debug-fuse", is_flag=True, hidden=True)
-def mount(base, mountpoint, name, state_dir, foreground, allow_other, group, log_level, debug_fuse):
+def mount(base, mountpoint, name, state_dir, foreground, allow_other, group, log_level, keep_open_step, debug_fuse):
     """Mount a workspace over BASE at MOUNTPOINT.
 
     Returns once the mount is ready (exit 0) or has failed (exit 1, with the reason).
@@ -67,7 +69,7 @@ def mount(base, mountpoint, name, state_dir, foreground, allow_other, group, log
     if foreground:
         daemon.setup_logging(log_level, name)
         sys.exit(daemon.run(base, mountpoint, state_dir, name, allow_other=allow_other, group=group,
-                            debug_fuse=debug_fuse))
+                            debug_fuse=debug_fuse, keep_open_step=keep_open_step))
     rfd, wfd = os.pipe()
     cmd = [sys.executable, "-m", "overlayd", "--ready-fd", str(wfd), "--name", name, "--state-dir", state_dir,
            "--log-level", log_level, base, mountpoint]
@@ -75,6 +77,8 @@ def mount(base, mountpoint, name, state_dir, foreground, allow_other, group, log
         cmd.append("--allow-other")
     if group:
         cmd += ["--group", group]
+    if keep_open_step:
+        cmd.append("--keep-open-step")
     log_path = os.path.join(state_dir, "daemon.log")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     with open(log_path, "ab") as logf:

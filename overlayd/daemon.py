@@ -18,6 +18,8 @@ import pyfuse3
 import trio
 
 from . import osutil
+from journal import JournalError
+
 from .control import Authorizer, ControlServer, OpError
 from .paths import UsageError, socket_path
 from .workspace import Workspace
@@ -88,8 +90,9 @@ def is_mounted(mountpoint: str) -> bool:
 
 
 class Daemon:
-    def __init__(self, ws: Workspace, *, allow_other: bool, group: str | None = None):
+    def __init__(self, ws: Workspace, *, allow_other: bool, group: str | None = None, crashed: bool = False):
         self.ws = ws
+        self.crashed = crashed  # the previous daemon did not stop cleanly
         self.allow_other = allow_other
         self.auth = Authorizer(os.getuid(), group)
         self.busy = None  # name of the stack operation in flight
@@ -171,6 +174,8 @@ class Daemon:
             reaper = threading.Thread(target=self.ws.reaper_loop, args=(stop,), daemon=True, name="reaper")
             reaper.start()
             nursery.start_soon(self._ready_after_start, ready)
+            if self.saga is not None:
+                nursery.start_soon(self.saga.resume)
             try:
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
             finally:
@@ -205,7 +210,8 @@ class Daemon:
 
 
 def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: bool,
-        ready_fd: int | None = None, group: str | None = None, debug_fuse: bool = False) -> int:
+        ready_fd: int | None = None, group: str | None = None, debug_fuse: bool = False,
+        keep_open_step: bool = False) -> int:
     """Mount and serve until unmounted. Returns the exit status."""
     def report(msg: str) -> None:
         if ready_fd is not None:
@@ -223,8 +229,20 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         if is_mounted(str(ws.mountpoint)):
             raise UsageError(f"{ws.mountpoint} is already a mount point; unmount it first "
                              f"(overlayd unmount {ws.mountpoint})")
-        ws.open()
-    except (UsageError, OSError) as exc:
+        from .saga import recover_commit
+
+        ws.open(recover=recover_commit)
+
+        def mark_running(txn):
+            crashed = bool(txn.get_meta("running"))
+            txn.set_meta("running", True)
+            if crashed:
+                txn.event("daemon.recovered", pid=os.getpid())
+            txn.event("daemon.start", pid=os.getpid())
+            return crashed
+
+        crashed = ws.journal.transact(mark_running)
+    except (UsageError, OSError, JournalError) as exc:
         log.error("%s", exc)
         report(f"error: {exc}\n")
         ws.close()
@@ -235,12 +253,10 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         options.add("allow_other")
     if debug_fuse:
         options.add("debug")
-    daemon = Daemon(ws, allow_other=allow_other, group=group)
-    try:
-        from .saga import SagaEngine  # the saga engine plugs its ops into the daemon
-        daemon.saga = SagaEngine(daemon)
-    except ImportError:
-        pass
+    daemon = Daemon(ws, allow_other=allow_other, group=group, crashed=crashed)
+    from .saga import SagaEngine  # the saga engine plugs its ops into the daemon
+
+    daemon.saga = SagaEngine(daemon, keep_open_step=keep_open_step)
     try:
         pyfuse3.init(ws.fs, str(ws.mountpoint), options)
     except Exception as exc:  # RuntimeError from fuse_session_mount
@@ -256,6 +272,14 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         status = 1
     finally:
         pyfuse3.close(unmount=True)
+        try:
+            def mark_stopped(txn):
+                txn.set_meta("running", False)
+                txn.event("daemon.stop", pid=os.getpid())
+
+            ws.journal.transact(mark_stopped)
+        except Exception:
+            log.exception("could not journal the clean stop")
         ws.close()
         log.info("unmounted %s", ws.mountpoint)
     return status

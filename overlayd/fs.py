@@ -239,6 +239,19 @@ class OverlayFS(pyfuse3.Operations):
             except OSError:
                 pass
 
+    def base_changed(self, stale_idents=()) -> None:
+        """The base was changed by a commit: forget what was cached about it."""
+        for ident in stale_idents:
+            node = self.by_ident.pop(tuple(ident), None)
+            if node is not None:
+                node.idents.discard(tuple(ident))
+        for key in [k for k in self.listings if k[0] == 0]:
+            del self.listings[key]
+        for key in [k for k in self.fds if k[0] == 0]:
+            os.close(self.fds.pop(key))
+        self.hardlinks_base = None
+        self.epoch += 1
+
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
@@ -668,6 +681,8 @@ class OverlayFS(pyfuse3.Operations):
         node.li = top
         node.loc += 1
         self._touch(node)
+        for p, n in names:
+            self._changed("copyup", p, n)
 
     def _clear_whiteout(self, parent: Node, name: bytes) -> None:
         """Remove a whiteout for *name* from the top layer's copy of *parent*, if any."""
@@ -760,27 +775,20 @@ class OverlayFS(pyfuse3.Operations):
         self._touch(entry=(parent.ino, name))
 
     def _rmtree_at(self, dirfd: int, name: bytes) -> None:
-        """Remove a directory of the top layer (which may hold whiteouts) with *at() calls.
+        """Remove a directory of the top layer (which may hold whiteouts).
 
-        Its cached listing and fd go too: the inode number may come back for a new directory.
+        Cached listings and fds of removed directories go too: their inode numbers may come
+        back for new directories.
         """
-        fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
-        key = (self.top, os.fstat(fd).st_ino)
-        self.listings.pop(key, None)
-        old = self.fds.pop(key, None)
-        if old is not None:
-            os.close(old)
-        try:
-            for child in os.listdir(fd):
-                child = os.fsencode(child)
-                st = os.stat(child, dir_fd=fd, follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    self._rmtree_at(fd, child)
-                else:
-                    os.unlink(child, dir_fd=fd)
-        finally:
-            os.close(fd)
-        os.rmdir(name, dir_fd=dirfd)
+        top = self.top
+
+        def purge(st):
+            self.listings.pop((top, st.st_ino), None)
+            old = self.fds.pop((top, st.st_ino), None)
+            if old is not None:
+                os.close(old)
+
+        osutil.rmtree_at(dirfd, name, purge)
 
     def _forget_ident_if_gone(self, node: Node, st: os.stat_result, li: int) -> None:
         """After removing the last name of a top-layer file, its inode number may be reused."""

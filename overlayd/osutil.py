@@ -117,6 +117,54 @@ def check_name(name: bytes) -> None:
         raise OSError(errno.EINVAL, "invalid name")
 
 
+def rmtree_at(dirfd: int, name: bytes, on_dir=None) -> None:
+    """Remove *name* (a file, or a directory tree) relative to *dirfd*, never following a symlink.
+
+    *on_dir(st)* is called with the stat of every directory removed (for cache purges).
+    """
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dirfd)
+        return
+    fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
+    try:
+        if on_dir is not None:
+            on_dir(st)
+        for child in os.listdir(fd):
+            rmtree_at(fd, os.fsencode(child), on_dir)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def open_beneath(rootfd: int, relpath: bytes) -> int:
+    """Open the directory *relpath* below *rootfd*, refusing any symlink on the way (ELOOP/ENOTDIR)."""
+    fd = os.dup(rootfd)
+    try:
+        for part in relpath.split(b"/"):
+            if not part or part == b".":
+                continue
+            if part == b"..":
+                raise OSError(errno.EPERM, "'..' in a path to resolve beneath a root", relpath)
+            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def syncfs(fd: int) -> None:
+    """Flush the whole filesystem holding *fd*. A failure is reported, never retried silently."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+
+
 def raise_nofile_limit() -> None:
     import resource
 

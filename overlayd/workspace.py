@@ -69,8 +69,12 @@ class Workspace:
             if is_within(a, b):
                 raise UsageError(f"the {an} {a} must not be inside the {bn} {b}")
 
-    def open(self) -> None:
-        """Lock the state directory, open the journal, rebuild the stack. Sync; before mounting."""
+    def open(self, recover=None) -> None:
+        """Lock the state directory, open the journal, rebuild the stack. Sync; before mounting.
+
+        *recover(workspace)* runs after the journal is open and before the view is built
+        (the saga engine finishes an interrupted commit there).
+        """
         self.check_paths()
         for d in (self.state_dir, self.layers_dir, self.trash_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -86,6 +90,8 @@ class Workspace:
         tmp = self.state_dir / "workspace.json.tmp"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.state_dir / "workspace.json")
+        if recover is not None:
+            recover(self)
         stack = self.stack()
         self._trash_orphans(stack)
         self.fs = OverlayFS(str(self.base), [(lid, str(self.layers_dir / lid), sealed)

@@ -1,0 +1,438 @@
+"""``saga``: drive the saga of the workspace you are in.
+
+Exit codes: 0 ok, 1 error, 2 usage error, 3 commit conflict, 4 compensation stuck,
+5 no daemon serves this workspace.
+
+``--json`` prints one JSON object ``{"version": 1, ...}`` (NDJSON, one event per line, for
+``saga log``).
+"""
+
+import difflib
+import json
+import os
+import re
+import sys
+
+import click
+
+from overlayd import __version__
+from overlayd.client import Client, ClientError, NoDaemon
+from overlayd.paths import socket_path, state_root
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+SCHEMA = 1
+EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5}
+
+
+class SagaError(click.ClickException):
+    def __init__(self, message, code=1, data=None):
+        super().__init__(message)
+        self.exit_code = code
+        self.data = data or {}
+
+
+# ---------------------------------------------------------------------- finding the workspace
+
+
+def _mounts():
+    """(mountpoint, workspace name) of every overlayd mount, from /proc/self/mountinfo."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "fuse.overlayd" and fields[sep + 2].startswith("overlayd:"):
+                mp = re.sub(r"\\(\d{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                out.append((mp, fields[sep + 2].split(":", 1)[1]))
+    return out
+
+
+def _known_workspaces():
+    root = state_root()
+    out = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            try:
+                info = json.loads((entry / "workspace.json").read_text())
+            except (OSError, ValueError):
+                continue
+            out.append((info["mountpoint"], info["name"], entry))
+    return out
+
+
+class Target:
+    """The workspace a command talks to: its name, mountpoint and state directory."""
+
+    def __init__(self, workspace):
+        path = os.path.abspath(workspace or os.environ.get("SAGA_WORKSPACE") or os.getcwd())
+        self.mounted = False
+        self.name = self.mountpoint = self.state_dir = None
+        best = None
+        for mp, name in _mounts():
+            if path == mp or path.startswith(mp.rstrip("/") + "/"):
+                if best is None or len(mp) > len(best[0]):
+                    best = (mp, name)
+        if best:
+            self.mountpoint, self.name = best
+            self.mounted = True
+        for mp, name, state in _known_workspaces():
+            if (self.name and name == self.name) or (not self.name and (path == mp or path.startswith(mp.rstrip("/") + "/"))):
+                self.mountpoint, self.name, self.state_dir = mp, name, state
+                break
+        if self.name is None:
+            raise SagaError(f"{path} is not inside an overlayd workspace; cd into one or pass -w MOUNTPOINT "
+                            "(mount one with: overlayd mount BASE MOUNTPOINT)", 5)
+
+    def call(self, op, **args):
+        try:
+            with Client(socket_path(self.name), timeout=float(os.environ.get("SAGA_TIMEOUT", "600"))) as c:
+                return c.call(op, **args)
+        except NoDaemon:
+            raise SagaError(f"no daemon serves the workspace {self.name} ({self.mountpoint}); "
+                            f"mount it with: overlayd mount BASE {self.mountpoint}", 5) from None
+        except ClientError as exc:
+            raise SagaError(exc.message, EXIT.get(exc.code, 1), exc.data) from None
+        except OSError as exc:
+            raise SagaError(f"cannot talk to the daemon of {self.name}: {exc}", 5) from None
+
+    def read(self, op, **args):
+        """A read-only op: from the daemon, or from the journal when the daemon is down."""
+        try:
+            return self.call(op, **args)
+        except SagaError as exc:
+            if exc.exit_code != 5 or self.state_dir is None:
+                raise
+        from journal import Journal, JournalError
+        from overlayd.saga import status_of
+
+        try:
+            j = Journal.open(self.state_dir, readonly=True)
+        except JournalError as e:
+            raise SagaError(str(e), 1) from None
+        try:
+            if op == "saga.status":
+                return {**status_of(j), "daemon": False}
+            if op == "saga.log":
+                return {"events": j.events(saga=args.get("saga"), since=args.get("since", 0))}
+            if op == "saga.list":
+                return {"sagas": j.sagas()}
+            if op == "saga.diff":
+                return _offline_diff(j, self.state_dir, args.get("step"))
+        finally:
+            j.close()
+        raise SagaError(f"{op} needs the daemon", 5)
+
+
+def _offline_diff(j, state_dir, step):
+    from overlayd import merge, osutil
+
+    info = json.loads((state_dir / "workspace.json").read_text())
+    sid = j.meta("active_saga")
+    if not sid:
+        raise SagaError("no saga is active; nothing to diff", 1)
+    stack = j.meta("stack", {"layers": []})["layers"]
+    base_fd = os.open(info["base"], osutil.DIR_FLAGS)
+    fds = []
+    try:
+        for lid in stack:
+            fds.append((lid, os.open(state_dir / "layers" / lid, osutil.DIR_FLAGS)))
+        changes = merge.summarize(merge.plan_commit(base_fd, fds))
+    finally:
+        os.close(base_fd)
+        for _, fd in fds:
+            os.close(fd)
+    steps = {s["layer"]: s for s in j.steps(sid) if s.get("layer")}
+    for c in changes:
+        s = steps.get(c.pop("layer"), {})
+        c["step"], c["step_name"] = s.get("index"), s.get("name")
+    if step is not None:
+        changes = [c for c in changes if str(c["step"]) == str(step) or c["step_name"] == step]
+    return {"saga": j.saga(sid), "changes": changes, "daemon": False}
+
+
+# ---------------------------------------------------------------------- output
+
+
+def emit(ctx, data, text):
+    if ctx.obj["json"]:
+        click.echo(json.dumps({"version": SCHEMA, **data}, default=str))
+    elif text:
+        click.echo(text)
+
+
+def parse_duration(value):
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a duration (examples: 30s, 5m, 1h, 250ms)")
+    n, unit = float(m.group(1)), m.group(2) or "s"
+    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def parse_size(value):
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", value)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a size (examples: 100M, 2G, 4096)")
+    unit = (m.group(2) or "b")[0].lower()
+    return int(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema version 1).")
+ws_option = click.option("-w", "--workspace", "workspace", envvar="SAGA_WORKSPACE", type=click.Path(),
+                         help="The workspace's mountpoint (default: the one containing the current directory).")
+
+
+def common(fn):
+    fn = json_option(fn)
+    fn = ws_option(fn)
+    return fn
+
+
+def run(ctx, workspace, as_json, fn):
+    ctx.obj = ctx.obj or {}
+    ctx.obj["json"] = as_json or ctx.obj.get("json", False)
+    try:
+        target = Target(workspace or ctx.obj.get("workspace"))
+        fn(target)
+    except SagaError as exc:
+        if ctx.obj["json"]:
+            click.echo(json.dumps({"version": SCHEMA, "error": {"message": exc.message, "exit_code": exc.exit_code,
+                                                                **{k: v for k, v in exc.data.items() if k != "message"}}},
+                                  default=str))
+            sys.exit(exc.exit_code)
+        raise
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="saga")
+@click.option("-w", "--workspace", envvar="SAGA_WORKSPACE", type=click.Path(), help="The workspace's mountpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output for every command.")
+@click.pass_context
+def main(ctx, workspace, as_json):
+    """Sagas in an overlayd workspace: steps you can undo, a whole you can commit.
+
+    \b
+    Example:
+        cd /mnt/ws
+        saga begin refactor
+        saga step analyse
+        saga step migrate --compensate 'dropdb scratch'
+        saga rollback            # undo the open step
+        saga commit              # merge every step into the base
+    """
+    ctx.obj = {"workspace": workspace, "json": as_json}
+
+
+def _saga_line(s):
+    return f"saga {s['id']} {s['name']!r}: {s['state']}"
+
+
+@main.command()
+@click.argument("name")
+@common
+@click.pass_context
+def begin(ctx, name, workspace, as_json):
+    """Begin a saga called NAME (one active saga per workspace)."""
+    def go(t):
+        r = t.call("saga.begin", name=name)
+        emit(ctx, r, f"began {_saga_line(r['saga'])}; start a step with: saga step NAME")
+    run(ctx, workspace, as_json, go)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--compensate", metavar="CMD", help="Shell command undoing this step's effects outside the filesystem.")
+@click.option("--timeout", metavar="DUR", help="Time budget for the step (e.g. 10m).")
+@click.option("--max-bytes", metavar="SIZE", help="Byte budget for the step (e.g. 500M).")
+@click.option("--max-files", type=int, metavar="N", help="Budget of files changed by the step.")
+@click.option("--retries", type=int, default=3, show_default=True, help="Attempts of the compensation command.")
+@click.option("--compensate-timeout", metavar="DUR", default="5m", show_default=True,
+              help="Time limit of one compensation attempt.")
+@common
+@click.pass_context
+def step(ctx, name, compensate, timeout, max_bytes, max_files, retries, compensate_timeout, workspace, as_json):
+    """Finish the open step and open a new step NAME, with a fresh layer."""
+    args = dict(name=name, compensate=compensate, timeout=parse_duration(timeout), max_bytes=parse_size(max_bytes),
+                max_files=max_files, retries=retries, compensate_timeout=parse_duration(compensate_timeout))
+
+    def go(t):
+        r = t.call("saga.step", **{k: v for k, v in args.items() if v is not None})
+        emit(ctx, r, f"step {r['step']['index']} {name!r} open")
+    run(ctx, workspace, as_json, go)
+
+
+@main.command()
+@click.option("--to", "to", metavar="STEP", help="Roll back every step after STEP (a name or 1-based index; 0 keeps none).")
+@common
+@click.pass_context
+def rollback(ctx, to, workspace, as_json):
+    """Undo the open step, or every step after --to STEP (newest first)."""
+    def go(t):
+        r = t.call("saga.rollback", to=to)
+        done = r.get("compensated") or []
+        emit(ctx, r, f"rolled back step(s) {', '.join(map(str, done))}; writes are refused until: saga step NAME"
+             if done else "nothing to roll back")
+    run(ctx, workspace, as_json, go)
+
+
+@main.command()
+@common
+@click.pass_context
+def abort(ctx, workspace, as_json):
+    """Roll back every step and end the saga as aborted."""
+    def go(t):
+        r = t.call("saga.abort")
+        emit(ctx, r, f"aborted {_saga_line(r['saga'])}")
+    run(ctx, workspace, as_json, go)
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Show what would be committed and any conflicts; change nothing.")
+@common
+@click.pass_context
+def commit(ctx, dry_run, workspace, as_json):
+    """Merge every step into the base (crash-safe; refused on conflicts, exit 3)."""
+    def go(t):
+        r = t.call("saga.commit", dry_run=dry_run)
+        if dry_run:
+            lines = [f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})" for c in r["changes"]]
+            lines += [f"CONFLICT  {c['path']}" for c in r["conflicts"]]
+            emit(ctx, r, "\n".join(lines) or "nothing to commit")
+            if r["conflicts"]:
+                sys.exit(3)
+        else:
+            emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['changes']} change(s) in {r['seconds']:.2f}s")
+
+    try:
+        run(ctx, workspace, as_json, go)
+    except SagaError as exc:
+        if exc.exit_code == 3 and not ctx.obj["json"]:
+            for c in exc.data.get("conflicts", []):
+                click.echo(f"conflict: {c['path']}", err=True)
+        raise
+
+
+@main.command()
+@common
+@click.pass_context
+def retry(ctx, workspace, as_json):
+    """Resume a stuck compensation after fixing its cause."""
+    def go(t):
+        r = t.call("saga.retry")
+        emit(ctx, r, f"compensation finished: {_saga_line(r['saga'])}")
+    run(ctx, workspace, as_json, go)
+
+
+@main.command()
+@common
+@click.pass_context
+def status(ctx, workspace, as_json):
+    """Show the active saga and its steps (works while the daemon is down)."""
+    def go(t):
+        r = t.read("saga.status")
+        s = r["saga"]
+        if s is None:
+            text = f"no saga is active in {t.mountpoint}"
+        else:
+            lines = [_saga_line(s)]
+            if s.get("error"):
+                lines.append(f"  error: {s['error']}")
+                if s.get("stderr_tail"):
+                    lines.append("  stderr: " + s["stderr_tail"].strip().replace("\n", "\n          "))
+            for st in r["steps"]:
+                lines.append(f"  step {st['index']} {st['name']!r}: {st['state']}"
+                             + (f"  compensate: {st['compensate']}" if st.get("compensate") else ""))
+            if r.get("writable") is False and s["state"] == "active":
+                lines.append("  no step is open: writes are refused until: saga step NAME")
+            if r.get("daemon") is False:
+                lines.append("  (daemon not running: read from the journal)")
+            text = "\n".join(lines)
+        emit(ctx, r, text)
+    run(ctx, workspace, as_json, go)
+
+
+@main.command()
+@click.option("--step", "step_ref", metavar="STEP", help="Only the changes of this step.")
+@click.option("--stat", "stat_only", is_flag=True, help="One line per path with its change.")
+@click.option("--name-only", is_flag=True, help="Only the paths.")
+@common
+@click.pass_context
+def diff(ctx, step_ref, stat_only, name_only, workspace, as_json):
+    """Show what the saga changed: added/modified/deleted per path, with the step that did it."""
+    def go(t):
+        r = t.read("saga.diff", step=step_ref)
+        if ctx.obj["json"] or name_only or stat_only or r.get("daemon") is False:
+            text = "\n".join(c["path"] if name_only else f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})"
+                             for c in r["changes"])
+            emit(ctx, r, text)
+            return
+        base = r["saga"] and _base_of(t)
+        for c in r["changes"]:
+            click.echo(f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})")
+            if c.get("kind") == "f" and base:
+                _unified(os.path.join(base, c["path"]), os.path.join(t.mountpoint, c["path"]), c)
+    run(ctx, workspace, as_json, go)
+
+
+def _base_of(t):
+    try:
+        return t.call("status")["base"]
+    except SagaError:
+        return None
+
+
+def _read_text(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(1 << 20)
+    if b"\0" in data:
+        return None
+    return data.decode("utf-8", "replace").splitlines(keepends=True)
+
+
+def _unified(old, new, c):
+    a = [] if c["change"] == "added" else _read_text(old)
+    b = [] if c["change"] == "deleted" else _read_text(new)
+    if a is None or b is None:
+        click.echo("  (binary)")
+        return
+    for line in difflib.unified_diff(a, b, f"a/{c['path']}", f"b/{c['path']}"):
+        click.echo(line, nl=not line.endswith("\n"))
+
+
+@main.command()
+@click.argument("saga_id", required=False, type=int, metavar="[SAGA]")
+@common
+@click.pass_context
+def log(ctx, saga_id, workspace, as_json):
+    """Show the journal's events (NDJSON with --json); works while the daemon is down."""
+    def go(t):
+        r = t.read("saga.log", saga=saga_id)
+        import datetime
+
+        for e in r["events"]:
+            if ctx.obj["json"]:
+                click.echo(json.dumps({"version": SCHEMA, **e}, default=str))
+            else:
+                ts = datetime.datetime.fromtimestamp(e["ts"]).isoformat(sep=" ", timespec="milliseconds")
+                extra = {k: v for k, v in e.items() if k not in ("seq", "ts", "saga", "step", "kind")}
+                where = f"saga {e['saga']}" + (f" step {e['step']}" if e.get("step") else "") if e.get("saga") else ""
+                click.echo(f"{e['seq']:6} {ts} {e['kind']:20} {where} {json.dumps(extra) if extra else ''}".rstrip())
+    run(ctx, workspace, as_json, go)
+
+
+@main.command("list")
+@common
+@click.pass_context
+def list_(ctx, workspace, as_json):
+    """List this workspace's sagas, past and present."""
+    def go(t):
+        r = t.read("saga.list")
+        emit(ctx, r, "\n".join(_saga_line(s) for s in r["sagas"]) or "no sagas yet")
+    run(ctx, workspace, as_json, go)

@@ -1,0 +1,435 @@
+"""Commit: merge a stack of layers into the base, crash-safely and idempotently.
+
+Plain synchronous code, run on a worker thread (or before mounting, during recovery).
+
+A *plan* is the redo list, computed from the layers alone and journaled before the base is
+touched. Its ops, in path order (parents first):
+
+- ``delete``: the entry at *path* goes.
+- ``put``: a file, symlink, fifo or socket from a layer replaces whatever is at *path*.
+- ``newdir``: a directory from a layer replaces whatever is at *path*; its whole subtree is
+  part of it (ops with ``root`` = this op's index).
+- ``dir``: a directory present in the base and in the view; its attributes are taken from
+  the top layer.
+
+Execution has two phases, each idempotent and each ended by one ``syncfs`` of the base:
+
+1. *stage*: every top-level ``put``/``newdir`` is built under a temporary name
+   ``.overlayd-SAGA-N`` in its target directory (a hard link to the layer's file when layer
+   and base share a filesystem, else a kernel-side copy);
+2. *apply*: deletions; each staged entry renamed into place (a replaced directory is first
+   renamed to ``.overlayd-SAGA-N-old``, then removed); directory attributes, deepest first.
+
+A staged name that still exists means its rename has not happened: re-running a phase after
+a crash converges to the same base. Every base path is opened beneath the base's fd with
+O_NOFOLLOW at each component, so no symlink (nor a directory swapped for one) leads outside.
+"""
+
+import errno
+import logging
+import os
+import stat
+
+from . import osutil
+from .osutil import DIR_FLAGS
+
+log = logging.getLogger(__name__)
+
+STAGE_PREFIX = ".overlayd-"
+
+
+class MergeError(Exception):
+    """The commit cannot proceed; the message says why and what to do."""
+
+
+def _kind(st) -> str:
+    m = st.st_mode
+    if stat.S_ISDIR(m):
+        return "d"
+    if stat.S_ISREG(m):
+        return "f"
+    if stat.S_ISLNK(m):
+        return "l"
+    if stat.S_ISFIFO(m):
+        return "p"
+    if stat.S_ISSOCK(m):
+        return "s"
+    return "dev"
+
+
+def _scan(fd):
+    """name -> stat of a directory fd's entries."""
+    out = {}
+    for name in os.listdir(fd):
+        name = os.fsencode(name)
+        out[name] = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    return out
+
+
+def plan_commit(base_fd: int, layers) -> list[dict]:
+    """The redo list for *layers* = [(layer_id, fd)] bottom to top, over the base at *base_fd*."""
+    ops = []
+    top_down = list(reversed(layers))
+    _plan_dir(ops, b"", base_fd, [(lid, fd, False) for lid, fd in top_down], -1)
+    return ops
+
+
+def _plan_dir(ops, rel: bytes, base_fd, chain, root: int) -> None:
+    """*chain*: [(layer id, dir fd, close?)] top-down where the directory exists in the view."""
+    scans = []
+    try:
+        for lid, fd, _ in chain:
+            scans.append((lid, fd, _scan(fd)))
+        base_names = _scan(base_fd) if base_fd is not None else {}
+        names = set()
+        for _, _, sc in scans:
+            names.update(sc)
+        for name in sorted(names):
+            path = rel + b"/" + name if rel else name
+            top = None
+            for i, (lid, fd, sc) in enumerate(scans):
+                if name in sc:
+                    top = i
+                    break
+            lid, fd, sc = scans[top]
+            st = sc[name]
+            if osutil.is_whiteout(st):
+                if name in base_names and root < 0:
+                    ops.append({"op": "delete", "path": os.fsdecode(path), "layer": lid, "root": root})
+                continue
+            kind = _kind(st)
+            if kind == "dev":
+                raise MergeError(f"{os.fsdecode(path)} in layer {lid} is a device file; devices are never committed")
+            if kind != "d":
+                ops.append({"op": "put", "path": os.fsdecode(path), "layer": lid, "kind": kind, "root": root,
+                            "ino": st.st_ino, "replaces": _kind(base_names[name]) if name in base_names else None})
+                continue
+            # a directory: which lower copies merge with it?
+            sub = []
+            reaches_base = True
+            for lid2, fd2, sc2 in scans[top:]:
+                st2 = sc2.get(name)
+                if st2 is None:
+                    continue
+                if _kind(st2) != "d":
+                    reaches_base = False
+                    break
+                cfd = os.open(name, DIR_FLAGS, dir_fd=fd2)
+                sub.append((lid2, cfd, True))
+                if osutil.is_opaque(cfd):
+                    reaches_base = False
+                    break
+            base_child = None
+            if reaches_base and root < 0 and name in base_names and _kind(base_names[name]) == "d":
+                base_child = os.open(name, DIR_FLAGS, dir_fd=base_fd)
+                ops.append({"op": "dir", "path": os.fsdecode(path), "layer": lid, "root": root})
+                child_root = root
+            else:
+                ops.append({"op": "newdir", "path": os.fsdecode(path), "layer": lid, "root": root,
+                            "replaces": _kind(base_names[name]) if name in base_names and root < 0 else None})
+                child_root = len(ops) - 1 if root < 0 else root
+            try:
+                _plan_dir(ops, path, base_child, sub, child_root)
+            finally:
+                if base_child is not None:
+                    os.close(base_child)
+    finally:
+        for lid, fd, close in chain:
+            if close:
+                os.close(fd)
+
+
+def summarize(ops) -> list[dict]:
+    """added / modified / deleted per path, for diffs and dry runs."""
+    out = []
+    for op in ops:
+        if op["op"] == "delete":
+            out.append({"path": op["path"], "change": "deleted", "layer": op["layer"]})
+        elif op["op"] in ("put", "newdir"):
+            replaces = op.get("replaces")
+            change = "added" if op["root"] >= 0 or replaces is None else "modified"
+            out.append({"path": op["path"], "change": change, "layer": op["layer"],
+                        "kind": op.get("kind", "d")})
+    return out
+
+
+# ---------------------------------------------------------------------- execution
+
+
+class Merger:
+    """Executes a plan. *layer_fds*: layer id -> fd of the layer's root."""
+
+    def __init__(self, base_fd: int, layer_fds: dict, saga_id: int, ops: list[dict]):
+        self.base_fd = base_fd
+        self.layer_fds = layer_fds
+        self.saga = saga_id
+        self.ops = ops
+        self.base_dev = os.fstat(base_fd).st_dev
+        self._dirs = {}
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    def _base_dir(self, rel: bytes) -> int:
+        fd = self._dirs.get(rel)
+        if fd is None:
+            try:
+                fd = osutil.open_beneath(self.base_fd, rel)
+            except OSError as exc:
+                raise MergeError(f"cannot open {os.fsdecode(rel) or '.'} in the base without following a "
+                                 f"symlink ({exc.strerror}); was the base changed during the commit?") from exc
+            self._dirs[rel] = fd
+        return fd
+
+    def _layer_parent(self, layer: str, path: bytes) -> int:
+        parent = os.path.dirname(path)
+        return osutil.open_beneath(self.layer_fds[layer], parent)
+
+    def stage_name(self, i: int) -> bytes:
+        return f"{STAGE_PREFIX}{self.saga}-{i}".encode()
+
+    # -- phase 1
+
+    def stage(self, progress=None) -> None:
+        """Build every top-level put/newdir under its temporary name. Idempotent."""
+        staged_roots = {}  # op index -> (dir fd of the staged tree's parent, staged name)
+        links = {}  # (layer, ino) -> (dir fd, name) of the first staged copy, for hard links
+        for i, op in enumerate(self.ops):
+            if op["op"] in ("delete", "dir"):
+                continue
+            path = os.fsencode(op["path"])
+            name = os.path.basename(path)
+            if op["root"] < 0:
+                pfd = self._base_dir(os.path.dirname(path))
+                tmp = self.stage_name(i)
+                try:
+                    osutil.rmtree_at(pfd, tmp)
+                except FileNotFoundError:
+                    pass
+                dst_fd, dst_name = pfd, tmp
+            else:
+                root_op = self.ops[op["root"]]
+                rel = os.path.relpath(path, os.fsencode(root_op["path"]))
+                rfd = os.open(self.stage_name(op["root"]), DIR_FLAGS,
+                              dir_fd=self._base_dir(os.path.dirname(os.fsencode(root_op["path"]))))
+                try:
+                    dst_fd = osutil.open_beneath(rfd, os.path.dirname(rel)) if os.path.dirname(rel) else os.dup(rfd)
+                finally:
+                    os.close(rfd)
+                self._dirs[(i, "staged")] = dst_fd
+                dst_name = name
+            self._stage_one(op, path, dst_fd, dst_name, links)
+            if progress:
+                progress(i + 1, len(self.ops))
+
+    def _stage_one(self, op, path: bytes, dst_fd: int, dst_name: bytes, links) -> None:
+        lfd = self._layer_parent(op["layer"], path)
+        name = os.path.basename(path)
+        try:
+            st = os.stat(name, dir_fd=lfd, follow_symlinks=False)
+            if op["op"] == "newdir":
+                os.mkdir(dst_name, 0o700, dir_fd=dst_fd)
+                src = os.open(name, DIR_FLAGS, dir_fd=lfd)
+                dst = os.open(dst_name, DIR_FLAGS, dir_fd=dst_fd)
+                try:
+                    self._meta(src, dst, st)
+                finally:
+                    os.close(src)
+                    os.close(dst)
+                return
+            kind = op["kind"]
+            key = (op["layer"], st.st_ino)
+            if st.st_nlink > 1 and key in links:
+                first_fd, first_name = links[key]
+                os.link(first_name, dst_name, src_dir_fd=first_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+                return
+            if kind == "l":
+                os.symlink(os.readlink(name, dir_fd=lfd), dst_name, dir_fd=dst_fd)
+                self._lmeta(dst_fd, dst_name, st)
+            elif kind in ("p", "s"):
+                os.mknod(dst_name, stat.S_IFMT(st.st_mode) | 0o600, dir_fd=dst_fd)
+                self._lmeta(dst_fd, dst_name, st)
+                os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
+            else:
+                self._stage_file(lfd, name, st, dst_fd, dst_name)
+            if st.st_nlink > 1:
+                links[key] = (dst_fd, dst_name)
+        finally:
+            os.close(lfd)
+
+    def _stage_file(self, lfd, name, st, dst_fd, dst_name) -> None:
+        if st.st_dev == self.base_dev:
+            # same filesystem: the layer's file becomes the base's, no data is copied
+            os.link(name, dst_name, src_dir_fd=lfd, dst_dir_fd=dst_fd, follow_symlinks=False)
+            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
+            return
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lfd)
+        try:
+            dst = os.open(dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=dst_fd)
+            try:
+                osutil.copy_data(src, dst, st.st_size)
+                self._meta(src, dst, st)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    @staticmethod
+    def _meta(src_fd, dst_fd, st) -> None:
+        osutil.copy_xattrs(src_fd, dst_fd)
+        if os.geteuid() == 0:
+            os.fchown(dst_fd, st.st_uid, st.st_gid)
+        mode = stat.S_IMODE(st.st_mode)
+        if not stat.S_ISDIR(st.st_mode):
+            mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        os.fchmod(dst_fd, mode)
+        os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    @staticmethod
+    def _lmeta(dfd, name, st) -> None:
+        if os.geteuid() == 0:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
+
+    # -- phase 2
+
+    def apply(self, progress=None) -> None:
+        """Deletions, renames of staged entries into place, directory attributes. Idempotent."""
+        dir_ops = []
+        for i, op in enumerate(self.ops):
+            if op["root"] >= 0:
+                continue
+            path = os.fsencode(op["path"])
+            name = os.path.basename(path)
+            if op["op"] == "dir":
+                dir_ops.append(op)
+                continue
+            try:
+                pfd = self._base_dir(os.path.dirname(path))
+            except MergeError:
+                if op["op"] == "delete":
+                    continue  # its parent went with an earlier replacement
+                raise
+            if op["op"] == "delete":
+                try:
+                    osutil.rmtree_at(pfd, name)
+                except FileNotFoundError:
+                    pass
+            else:
+                self._install(pfd, name, self.stage_name(i))
+            if progress:
+                progress(i + 1, len(self.ops))
+        for op in reversed(dir_ops):
+            path = os.fsencode(op["path"])
+            lfd = osutil.open_beneath(self.layer_fds[op["layer"]], path)
+            try:
+                dfd = self._base_dir(path)
+                self._meta(lfd, dfd, os.fstat(lfd))
+            finally:
+                os.close(lfd)
+
+    def _install(self, pfd: int, name: bytes, tmp: bytes) -> None:
+        old = tmp + b"-old"
+        try:
+            os.stat(tmp, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            # already renamed into place (a re-run after a crash); finish removing the old entry
+            try:
+                osutil.rmtree_at(pfd, old)
+            except FileNotFoundError:
+                pass
+            return
+        try:
+            cur = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            cur = None
+        staged_is_dir = stat.S_ISDIR(os.stat(tmp, dir_fd=pfd, follow_symlinks=False).st_mode)
+        if cur is not None and (stat.S_ISDIR(cur.st_mode) or staged_is_dir):
+            try:
+                osutil.renameat2(pfd, name, pfd, old, osutil.RENAME_NOREPLACE)
+            except FileExistsError:
+                osutil.rmtree_at(pfd, old)
+                osutil.renameat2(pfd, name, pfd, old, osutil.RENAME_NOREPLACE)
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        try:
+            osutil.rmtree_at(pfd, old)
+        except FileNotFoundError:
+            pass
+
+    def sync(self) -> None:
+        osutil.syncfs(self.base_fd)
+
+
+def cleanup_stage(base_fd: int, ops, saga_id: int) -> None:
+    """Remove what an abandoned stage phase left (temporary names). Idempotent."""
+    m = Merger(base_fd, {}, saga_id, ops)
+    try:
+        for i, op in enumerate(ops):
+            if op["root"] >= 0 or op["op"] not in ("put", "newdir"):
+                continue
+            try:
+                pfd = m._base_dir(os.path.dirname(os.fsencode(op["path"])))
+                osutil.rmtree_at(pfd, m.stage_name(i))
+            except (FileNotFoundError, MergeError):
+                pass
+    finally:
+        m.close()
+
+
+def base_identity(base_fd: int, path: str):
+    """What the base holds at *path* now: None, ["d"], or [kind, ino, size, mtime_ns, ctime_ns]."""
+    rel = os.fsencode(path)
+    try:
+        pfd = osutil.open_beneath(base_fd, os.path.dirname(rel))
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    try:
+        st = os.stat(os.path.basename(rel), dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(pfd)
+    k = _kind(st)
+    if k == "d":
+        return ["d"]
+    return [k, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def base_idents(base_fd: int, ops) -> list:
+    """(st_dev, st_ino) of every base entry a plan replaces or deletes (whole subtrees)."""
+    out = []
+    dev = os.fstat(base_fd).st_dev
+
+    def walk(pfd, name):
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        out.append((dev, st.st_ino))
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            try:
+                for child in os.listdir(fd):
+                    walk(fd, os.fsencode(child))
+            finally:
+                os.close(fd)
+
+    for op in ops:
+        if op["root"] >= 0 or op["op"] == "dir":
+            continue
+        path = os.fsencode(op["path"])
+        try:
+            pfd = osutil.open_beneath(base_fd, os.path.dirname(path))
+        except OSError:
+            continue
+        try:
+            walk(pfd, os.path.basename(path))
+        finally:
+            os.close(pfd)
+    return out

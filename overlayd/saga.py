@@ -1,0 +1,669 @@
+"""The saga engine: steps as layers, compensation, crash-safe commit with conflict detection.
+
+State machine (journaled; see docs/ARCHITECTURE.md):
+
+    saga:  active -> committing -> committed
+           active -> compensating -> active      (rollback, rollback --to K)
+           active -> compensating -> aborted     (abort)
+           compensating -> stuck -> compensating (retry)
+    step:  open -> done;  open|done -> compensating -> compensated
+
+Every transition is one journal write transaction, committed before its effect is visible.
+Each live step owns exactly one layer: the stack above the base is the live steps' layers,
+in order.
+"""
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+
+import trio
+
+from . import merge, osutil
+from .control import OpError
+from .paths import runtime_dir
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
+DEFAULT_RETRIES = 3
+DEFAULT_COMP_TIMEOUT = 300.0
+BACKOFF = float(os.environ.get("OVERLAYD_BACKOFF", "0.5"))
+STDERR_TAIL = 4096
+CRASH_AT = os.environ.get("OVERLAYD_CRASH_AT", "")  # fault injection: "label" or "label:n"
+_crash_counts = {}
+
+
+def crash_point(label: str) -> None:
+    """Fault injection for the crash tests: SIGKILL ourselves at the n-th pass of *label*."""
+    if not CRASH_AT:
+        return
+    want, _, nth = CRASH_AT.partition(":")
+    if want != label:
+        return
+    _crash_counts[label] = _crash_counts.get(label, 0) + 1
+    if _crash_counts[label] >= int(nth or 1):
+        log.warning("fault injection: crashing at %s", CRASH_AT)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_name(kind: str, name) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", "..") \
+            or len(name.encode("utf-8", "surrogatepass")) > 128:
+        raise OpError("bad-name", f"invalid {kind} name {name!r}: use 1-128 printable characters, "
+                                  "no '/', not '.' or '..'")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OpError("bad-name", f"invalid {kind} name {name!r}: not valid UTF-8") from None
+    return name
+
+
+def now() -> float:
+    return time.time()
+
+
+# ---------------------------------------------------------------------- commit (sync parts)
+
+
+def base_lock_path(base) -> str:
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(base))).hexdigest()[:16]
+    return str(runtime_dir() / f"base-{digest}.lock")
+
+
+class BaseLock:
+    """flock on a file outside the base: commits on one base are serialized across daemons."""
+
+    def __init__(self, base):
+        self.path = base_lock_path(base)
+        self.fd = None
+
+    def acquire(self, timeout: float = 600.0) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    self.fd = None
+                    raise OpError("busy", f"another commit on this base holds {self.path}; try again later")
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def run_commit_plan(ws, plan: dict, progress=None) -> None:
+    """Execute a journaled plan from its recorded phase to the end. Sync, idempotent."""
+    base_fd = os.open(ws.base, osutil.DIR_FLAGS)
+    layer_fds = {}
+    try:
+        for lid in plan["layers"]:
+            layer_fds[lid] = os.open(ws.layers_dir / lid, osutil.DIR_FLAGS)
+        m = merge.Merger(base_fd, layer_fds, plan["saga"], plan["ops"])
+        try:
+            if plan["phase"] == "planned":
+                m.stage(progress)
+                m.sync()
+                crash_point("commit.staged")
+                ws.journal.transact(lambda txn: _set_phase(txn, "staged"))
+                plan["phase"] = "staged"
+            crash_point("commit.apply")
+            m.apply(progress)
+            crash_point("commit.applied")
+            m.sync()
+        finally:
+            m.close()
+    finally:
+        os.close(base_fd)
+        for fd in layer_fds.values():
+            os.close(fd)
+
+
+def _set_phase(txn, phase):
+    plan = txn.get_meta("commit_plan")
+    plan["phase"] = phase
+    txn.set_meta("commit_plan", plan)
+    txn.event("commit.phase", saga=plan["saga"], phase=phase)
+
+
+def _finalize_commit(txn, saga_id: int, stack_keep=()) -> None:
+    saga = txn.saga(saga_id)
+    saga.update(state="committed", updated=now(), ended=now())
+    txn.put_saga(saga_id, saga)
+    for step in txn.steps(saga_id):
+        if step["state"] in ("open", "done"):
+            step["state"] = "committed"
+            txn.put_step(saga_id, step["index"], step)
+    txn.set_meta("commit_plan", None)
+    txn.set_meta("active_saga", None)
+    txn.set_meta("stack", {"layers": list(stack_keep), "sealed": True})
+    txn.event("saga.committed", saga=saga_id)
+
+
+def recover_commit(ws) -> None:
+    """Before mounting: roll an interrupted commit forward (runs twice harmlessly)."""
+    plan = ws.journal.meta("commit_plan")
+    if not plan:
+        return
+    log.warning("saga %d: finishing an interrupted commit (phase %s)", plan["saga"], plan["phase"])
+    lock = BaseLock(ws.base)
+    lock.acquire()
+    try:
+        run_commit_plan(ws, plan)
+        ws.journal.transact(lambda txn: _finalize_commit(txn, plan["saga"]))
+    finally:
+        lock.release()
+    log.info("saga %d: commit finished", plan["saga"])
+
+
+# ---------------------------------------------------------------------- compensation commands
+
+
+def run_compensation(cmd: str, env: dict, cwd: str, uid: int, gid: int, timeout: float, state_dir) -> tuple[int, str]:
+    """Run one attempt of a compensation command. Returns (exit status, tail of stderr).
+
+    Output goes to files (a command may print megabytes); the whole process group is killed
+    on timeout (status 124, as timeout(1) reports it).
+    """
+    kwargs = {}
+    if os.geteuid() == 0 and (uid, gid) != (0, 0):
+        kwargs = dict(user=uid, group=gid, extra_groups=[])
+    with tempfile.TemporaryFile(dir=state_dir) as out:
+        proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, start_new_session=True, **kwargs)
+        try:
+            status = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            status = 124
+        out.seek(0, os.SEEK_END)
+        size = out.tell()
+        out.seek(max(0, size - STDERR_TAIL))
+        tail = out.read().decode("utf-8", "replace")
+    return status, tail
+
+
+# ---------------------------------------------------------------------- the engine
+
+
+class SagaEngine:
+    def __init__(self, daemon, *, keep_open_step: bool = False):
+        self.d = daemon
+        self.ws = daemon.ws
+        self.fs = daemon.ws.fs
+        self.keep_open_step = keep_open_step
+        self.touched = {}  # path -> base identity, first change in the open step
+        self.fs.on_change = self._on_change
+        self._base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
+        daemon.ops.update({
+            "saga.begin": self.op_begin, "saga.step": self.op_step, "saga.rollback": self.op_rollback,
+            "saga.abort": self.op_abort, "saga.commit": self.op_commit, "saga.retry": self.op_retry,
+            "saga.status": self.op_status, "saga.diff": self.op_diff, "saga.log": self.op_log,
+            "saga.list": self.op_list,
+        })
+        self._known = self._known_paths()
+
+    # ------------------------------------------------------------------ state access
+
+    def active_id(self):
+        return self.ws.journal.meta("active_saga")
+
+    def active(self):
+        sid = self.active_id()
+        return self.ws.journal.saga(sid) if sid else None
+
+    def steps(self, sid):
+        return self.ws.journal.steps(sid)
+
+    def live_steps(self, sid):
+        return [s for s in self.steps(sid) if s["state"] in ("open", "done", "compensating")]
+
+    def _known_paths(self) -> set:
+        """Paths already recorded by earlier steps of the active saga (their identity stands)."""
+        sid = self.active_id()
+        known = set()
+        if sid:
+            for s in self.live_steps(sid):
+                known.update((s.get("paths") or {}).keys())
+        return known
+
+    def _on_change(self, kind: str, path: tuple) -> None:
+        """Called by the filesystem on the first change of a path: record the base's identity."""
+        p = os.fsdecode(b"/".join(path))
+        if p in self.touched or p in self._known:
+            return
+        try:
+            self.touched[p] = merge.base_identity(self._base_fd, p)
+        except OSError as exc:
+            log.warning("cannot record the base identity of %s: %s", p, exc)
+            self.touched[p] = None
+
+    def require_active(self, states=("active",)):
+        saga = self.active()
+        if saga is None:
+            raise OpError("no-saga", f"no saga is active in {self.ws.mountpoint}; start one with: saga begin NAME")
+        if saga["state"] not in states:
+            if saga["state"] == "stuck":
+                raise OpError("stuck", f"saga {saga['name']!r} is stuck compensating step {saga.get('stuck_step')}: "
+                                       f"{saga.get('error')}; fix the cause, then run: saga retry",
+                              saga=saga["id"])
+            raise OpError("bad-state", f"saga {saga['name']!r} is {saga['state']}; cannot do this now")
+        return saga
+
+    def _event_details(self, peer):
+        return {"uid": peer.get("uid"), "pid": peer.get("pid")} if peer else {}
+
+    # ------------------------------------------------------------------ begin / step
+
+    async def op_begin(self, args, peer):
+        name = check_name("saga", args.get("name"))
+        with self.d.exclusive("begin a saga"):
+            cur = self.active()
+            if cur is not None:
+                raise OpError("saga-active", f"saga {cur['name']!r} (id {cur['id']}) is already active in "
+                                             f"{self.ws.mountpoint}; commit or abort it first, or mount another "
+                                             "workspace over the same base for a parallel saga")
+
+            def begin(txn):
+                sid = txn.new_saga_id()
+                rec = {"id": sid, "name": name, "state": "active", "created": now(), "updated": now(),
+                       "uid": peer.get("uid"), "gid": peer.get("gid"), "steps": 0}
+                txn.put_saga(sid, rec)
+                txn.set_meta("active_saga", sid)
+                txn.event("saga.begin", saga=sid, name=name, **self._event_details(peer))
+                return rec
+
+            rec = await self.ws.transact(begin)
+            self.touched = {}
+            self._known = set()
+            return {"saga": rec}
+
+    async def op_step(self, args, peer):
+        name = check_name("step", args.get("name"))
+        compensate = args.get("compensate")
+        if compensate is not None and (not isinstance(compensate, str) or "\0" in compensate):
+            raise OpError("bad-request", "--compensate must be a shell command string")
+        timeout = args.get("timeout")
+        budgets = {k: args.get(k) for k in ("max_bytes", "max_files") if args.get(k) is not None}
+        retries = int(args.get("retries", DEFAULT_RETRIES))
+        comp_timeout = float(args.get("compensate_timeout", DEFAULT_COMP_TIMEOUT))
+        with self.d.exclusive("begin a step"):
+            saga = self.require_active()
+            sid = saga["id"]
+            steps = self.steps(sid)
+            index = (steps[-1]["index"] if steps else 0) + 1
+            prev = steps[-1] if steps and steps[-1]["state"] == "open" else None
+            paths = dict(self.touched)
+            rec = {"saga": sid, "index": index, "name": name, "state": "open", "layer": None,
+                   "compensate": compensate, "uid": peer.get("uid"), "gid": peer.get("gid"),
+                   "timeout": timeout, "budgets": budgets, "retries": retries,
+                   "compensate_timeout": comp_timeout, "created": now(), "attempts": 0}
+
+            def extra(txn, layer_id):
+                if prev is not None:
+                    p = txn.steps(sid)[-1]
+                    p.update(state="done", sealed=now(), paths=paths)
+                    txn.put_step(sid, p["index"], p)
+                    txn.event("step.done", saga=sid, step=p["index"], **self._event_details(peer))
+                rec["layer"] = layer_id
+                txn.put_step(sid, index, rec)
+                s = txn.saga(sid)
+                s.update(steps=index, updated=now())
+                txn.put_saga(sid, s)
+                txn.event("step.begin", saga=sid, step=index, name=name, layer=layer_id,
+                          compensate=compensate, **self._event_details(peer))
+
+            t0 = time.perf_counter()
+            await self.ws.push_layer(txn_extra=extra)
+            if prev is not None:
+                self._known.update(paths)
+            self.touched = {}
+            elapsed = time.perf_counter() - t0
+            if prev is not None:
+                await self._sync_layer(prev)
+            return {"step": rec, "seconds": elapsed}
+
+    async def _sync_layer(self, step) -> None:
+        """Flush a finished step's layer to disk, then journal that it is durable."""
+        fd = os.open(self.ws.layers_dir / step["layer"], osutil.DIR_FLAGS)
+        try:
+            await trio.to_thread.run_sync(osutil.syncfs, fd)
+        finally:
+            os.close(fd)
+
+        def mark(txn):
+            s = txn.steps(step["saga"])
+            for rec in s:
+                if rec["index"] == step["index"]:
+                    rec["synced"] = True
+                    txn.put_step(step["saga"], rec["index"], rec)
+
+        await self.ws.transact(mark)
+
+    # ------------------------------------------------------------------ rollback / abort / retry
+
+    def _resolve_step(self, saga, ref) -> int:
+        live = self.live_steps(saga["id"])
+        if ref is None:
+            raise OpError("bad-request", "no step given")
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+            k = int(ref)
+            if k == 0:
+                return 0
+            if any(s["index"] == k for s in live):
+                return k
+            raise OpError("no-step", f"saga {saga['name']!r} has no live step {k}; see: saga status")
+        matches = [s["index"] for s in live if s["name"] == ref]
+        if not matches:
+            raise OpError("no-step", f"saga {saga['name']!r} has no live step named {ref!r}; see: saga status")
+        return matches[-1]
+
+    async def op_rollback(self, args, peer):
+        with self.d.exclusive("roll back"):
+            saga = self.require_active()
+            live = self.live_steps(saga["id"])
+            if args.get("to") is None:
+                if not live or live[-1]["state"] != "open":
+                    raise OpError("no-open-step", "no step is open; roll back finished steps with: saga rollback --to STEP")
+                target = live[-1]["index"] - 1
+                keep = [s for s in live if s["index"] <= target]
+            else:
+                target = self._resolve_step(saga, args["to"])
+                keep = [s for s in live if s["index"] <= target]
+            count = len(live) - len(keep)
+            if count == 0:
+                return {"saga": saga, "compensated": []}
+            return await self._compensate(saga["id"], target, "active", peer)
+
+    async def op_abort(self, args, peer):
+        with self.d.exclusive("abort"):
+            saga = self.require_active(states=("active", "stuck"))
+            return await self._compensate(saga["id"], 0, "aborted", peer)
+
+    async def op_retry(self, args, peer):
+        with self.d.exclusive("retry compensation"):
+            saga = self.active()
+            if saga is None or saga["state"] not in ("stuck", "compensating"):
+                raise OpError("bad-state", "nothing to retry: no saga is stuck")
+            return await self._compensate(saga["id"], saga["target"], saga["final"], peer)
+
+    async def _compensate(self, sid: int, target: int, final: str, peer):
+        """Compensate and drop every live step above *target*, newest first."""
+        def start(txn):
+            s = txn.saga(sid)
+            s.update(state="compensating", target=target, final=final, updated=now(), error=None)
+            txn.put_saga(sid, s)
+            txn.event("saga.compensating", saga=sid, target=target, final=final, **self._event_details(peer))
+
+        await self.ws.transact(start)
+        crash_point("rollback.start")
+        self.fs.seal_top()
+        done = []
+        t0 = time.perf_counter()
+        for step in reversed(self.live_steps(sid)):
+            if step["index"] <= target:
+                break
+            ok, status, tail = await self._run_step_compensation(sid, step)
+            if not ok:
+                def stuck(txn):
+                    s = txn.saga(sid)
+                    s.update(state="stuck", stuck_step=step["index"], exit_status=status, stderr_tail=tail,
+                             error=f"compensation of step {step['index']} ({step['name']}) failed with "
+                                   f"status {status}", updated=now())
+                    txn.put_saga(sid, s)
+                    txn.event("saga.stuck", saga=sid, step=step["index"], status=status, stderr=tail[-1000:])
+
+                await self.ws.transact(stuck)
+                raise OpError("stuck", f"compensation of step {step['index']} ({step['name']}) failed "
+                                       f"{step.get('retries', DEFAULT_RETRIES)} times (last status {status}); "
+                                       "the saga is stuck: fix the cause, then run: saga retry",
+                              saga=sid, step=step["index"], status=status, stderr=tail[-2000:])
+            top = self.fs.layers[-1].id
+            if top != step["layer"]:
+                raise OpError("internal", f"stack top {top} is not step {step['index']}'s layer {step['layer']}")
+
+            def dropped(txn, step=step):
+                rec = [r for r in txn.steps(sid) if r["index"] == step["index"]][0]
+                rec.update(state="compensated", compensated=now())
+                txn.put_step(sid, rec["index"], rec)
+                txn.event("step.compensated", saga=sid, step=rec["index"])
+
+            await self.ws.drop_layers(1, txn_extra=dropped)
+            crash_point("rollback.step")
+            done.append(step["index"])
+
+        def finish(txn):
+            s = txn.saga(sid)
+            s.update(state=final, updated=now())
+            for k in ("stuck_step", "exit_status", "stderr_tail", "error"):
+                s.pop(k, None)
+            if final == "aborted":
+                s["ended"] = now()
+                txn.set_meta("active_saga", None)
+            txn.put_saga(sid, s)
+            txn.event(f"saga.{'aborted' if final == 'aborted' else 'rolledback'}", saga=sid, target=target,
+                      steps=done)
+
+        await self.ws.transact(finish)
+        self.touched = {}
+        self._known = self._known_paths()
+        return {"saga": self.ws.journal.saga(sid), "compensated": done, "seconds": time.perf_counter() - t0}
+
+    async def _run_step_compensation(self, sid: int, step) -> tuple[bool, int, str]:
+        def mark(txn):
+            rec = [r for r in txn.steps(sid) if r["index"] == step["index"]][0]
+            if rec["state"] != "compensating":
+                rec["state"] = "compensating"
+                txn.put_step(sid, rec["index"], rec)
+                txn.event("step.compensating", saga=sid, step=rec["index"])
+
+        await self.ws.transact(mark)
+        cmd = step.get("compensate")
+        if not cmd:
+            return True, 0, ""
+        saga = self.ws.journal.saga(sid)
+        retries = max(1, int(step.get("retries") or DEFAULT_RETRIES))
+        status, tail = 0, ""
+        for attempt in range(1, retries + 1):
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/"),
+                   "SAGA_ID": str(sid), "SAGA_NAME": saga["name"], "STEP_NAME": step["name"],
+                   "STEP_INDEX": str(step["index"]), "ATTEMPT": str(attempt), "WORKSPACE": str(self.ws.mountpoint)}
+            uid = step.get("uid") if step.get("uid") is not None else os.getuid()
+            gid = step.get("gid") if step.get("gid") is not None else os.getgid()
+            status, tail = await trio.to_thread.run_sync(
+                run_compensation, cmd, env, str(self.ws.mountpoint), uid, gid,
+                float(step.get("compensate_timeout") or DEFAULT_COMP_TIMEOUT), str(self.ws.state_dir))
+
+            def record(txn, attempt=attempt, status=status, tail=tail):
+                txn.event("compensate.attempt", saga=sid, step=step["index"], attempt=attempt, status=status,
+                          stderr=tail[-1000:])
+
+            await self.ws.transact(record)
+            if status == 0:
+                return True, 0, tail
+            if attempt < retries:
+                await trio.sleep(BACKOFF * (2 ** (attempt - 1)))
+        return False, status, tail
+
+    # ------------------------------------------------------------------ commit
+
+    def _all_paths(self, sid) -> dict:
+        paths = {}
+        for s in self.live_steps(sid):
+            for p, ident in (s.get("paths") or {}).items():
+                paths.setdefault(p, ident)
+        for p, ident in self.touched.items():
+            paths.setdefault(p, ident)
+        return paths
+
+    def _conflicts(self, paths: dict) -> list[dict]:
+        out = []
+        for p, then in sorted(paths.items()):
+            cur = merge.base_identity(self._base_fd, p)
+            if then is not None and then[0] == "d" and cur is not None and cur[0] == "d":
+                continue  # a directory that is still a directory: entries are checked one by one
+            if cur != then:
+                out.append({"path": p, "recorded": then, "now": cur})
+        return out
+
+    def _plan(self) -> list[dict]:
+        base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
+        fds = []
+        try:
+            for layer in self.fs.layers[1:]:
+                fds.append((layer.id, os.open(layer.path, osutil.DIR_FLAGS)))
+            return merge.plan_commit(base_fd, fds)
+        finally:
+            os.close(base_fd)
+            for _, fd in fds:
+                os.close(fd)
+
+    def _layer_steps(self, sid) -> dict:
+        return {s["layer"]: {"index": s["index"], "name": s["name"]} for s in self.steps(sid) if s.get("layer")}
+
+    async def op_commit(self, args, peer):
+        dry_run = bool(args.get("dry_run"))
+        with self.d.exclusive("commit"):
+            saga = self.require_active()
+            sid = saga["id"]
+            paths = self._all_paths(sid)
+            if dry_run:
+                ops = await trio.to_thread.run_sync(self._plan)
+                conflicts = await trio.to_thread.run_sync(self._conflicts, paths)
+                return {"saga": saga, "changes": self._annotate(merge.summarize(ops), sid), "conflicts": conflicts,
+                        "dry_run": True}
+            t0 = time.perf_counter()
+            was_writable = self.fs.writable()
+            self.fs.seal_top()  # quiesce: from here a write fails with EROFS, it is never lost
+            lock = BaseLock(self.ws.base)
+            try:
+                await trio.to_thread.run_sync(lock.acquire)
+                try:
+                    for layer in self.fs.layers[1:]:
+                        fd = os.open(layer.path, osutil.DIR_FLAGS)
+                        try:
+                            await trio.to_thread.run_sync(osutil.syncfs, fd)
+                        finally:
+                            os.close(fd)
+                        break  # one syncfs covers the layers' filesystem
+                    conflicts = await trio.to_thread.run_sync(self._conflicts, paths)
+                    if conflicts:
+                        if was_writable:
+                            self.fs.unseal_top()
+
+                        def refused(txn):
+                            txn.event("commit.conflict", saga=sid, paths=[c["path"] for c in conflicts][:1000],
+                                      **self._event_details(peer))
+
+                        await self.ws.transact(refused)
+                        raise OpError("conflict", f"commit refused: {len(conflicts)} path(s) changed in the base "
+                                                  "since this saga changed them; the saga is still active and "
+                                                  "untouched", conflicts=conflicts)
+                    ops = await trio.to_thread.run_sync(self._plan)
+                    layers = [layer.id for layer in self.fs.layers[1:]]
+                    plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops}
+                    open_paths = dict(self.touched)
+
+                    def intent(txn):
+                        for s in txn.steps(sid):
+                            if s["state"] == "open":
+                                s.update(state="done", sealed=now(), paths=open_paths)
+                                txn.put_step(sid, s["index"], s)
+                        s = txn.saga(sid)
+                        s.update(state="committing", updated=now(), commit_ops=len(ops))
+                        txn.put_saga(sid, s)
+                        txn.set_meta("commit_plan", plan)
+                        txn.set_meta("stack", {"layers": layers, "sealed": True})
+                        txn.event("commit.begin", saga=sid, ops=len(ops), **self._event_details(peer))
+
+                    await self.ws.transact(intent)
+                    crash_point("commit.intent")
+                    stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
+                    await trio.to_thread.run_sync(run_commit_plan, self.ws, plan)
+                    crash_point("commit.done")
+                    await self.ws.drop_layers(len(layers), txn_extra=lambda txn: _finalize_commit(txn, sid))
+                    self.fs.base_changed(stale)
+                finally:
+                    lock.release()
+            except BaseException:
+                if self.active() and self.active()["state"] == "active" and was_writable:
+                    self.fs.unseal_top()
+                raise
+            self.touched = {}
+            self._known = set()
+            return {"saga": self.ws.journal.saga(sid), "changes": len(ops), "seconds": time.perf_counter() - t0}
+
+    def _annotate(self, changes, sid):
+        steps = self._layer_steps(sid)
+        for c in changes:
+            st = steps.get(c.pop("layer"), {})
+            c["step"] = st.get("index")
+            c["step_name"] = st.get("name")
+        return changes
+
+    # ------------------------------------------------------------------ recovery after mount
+
+    async def resume(self) -> None:
+        """After mounting: finish an interrupted rollback, roll back the step open at a crash."""
+        saga = self.active()
+        if saga is None:
+            return
+        try:
+            if saga["state"] == "compensating":
+                log.warning("saga %d: finishing an interrupted rollback", saga["id"])
+                with self.d.exclusive("recover"):
+                    await self._compensate(saga["id"], saga["target"], saga["final"], None)
+            elif saga["state"] == "active" and not self.keep_open_step:
+                live = self.live_steps(saga["id"])
+                if live and live[-1]["state"] == "open" and self.d.crashed:
+                    log.warning("saga %d: rolling back step %d, open at the crash", saga["id"], live[-1]["index"])
+                    with self.d.exclusive("recover"):
+                        await self._compensate(saga["id"], live[-1]["index"] - 1, "active", None)
+        except OpError as exc:
+            log.error("recovery: %s", exc.message)
+
+    # ------------------------------------------------------------------ read-only ops
+
+    async def op_status(self, args, peer):
+        return status_of(self.ws.journal, self.fs.writable(), self.d.busy)
+
+    async def op_diff(self, args, peer):
+        saga = self.require_active(states=("active", "stuck", "compensating"))
+        ops = await trio.to_thread.run_sync(self._plan)
+        changes = self._annotate(merge.summarize(ops), saga["id"])
+        if args.get("step") is not None:
+            k = self._resolve_step(saga, args["step"])
+            changes = [c for c in changes if c["step"] == k]
+        return {"saga": saga, "changes": changes}
+
+    async def op_log(self, args, peer):
+        return {"events": self.ws.journal.events(saga=args.get("saga"), since=int(args.get("since", 0)))}
+
+    async def op_list(self, args, peer):
+        return {"sagas": self.ws.journal.sagas()}
+
+
+def status_of(journal, writable=None, busy=None) -> dict:
+    sid = journal.meta("active_saga")
+    saga = journal.saga(sid) if sid else None
+    steps = journal.steps(sid) if sid else []
+    return {"saga": saga, "steps": [{k: v for k, v in s.items() if k != "paths"} for s in steps],
+            "writable": writable, "busy": busy}
