@@ -21,6 +21,25 @@ class NoDaemon(ClientError):
     """No daemon listens on the socket."""
 
 
+class ConflictError(ClientError):
+    """A commit was refused: paths changed in the base meanwhile (``.conflicts``)."""
+
+    @property
+    def conflicts(self):
+        return self.data.get("conflicts", [])
+
+
+class StuckError(ClientError):
+    """A compensation command kept failing: the saga is stuck until ``retry``."""
+
+
+class BusyError(ClientError):
+    """Another stack operation (commit, rollback, step) is in flight."""
+
+
+_ERRORS = {"conflict": ConflictError, "stuck": StuckError, "busy": BusyError, "no-daemon": NoDaemon}
+
+
 class Client:
     def __init__(self, path, timeout: float | None = 30.0):
         self.path = str(path)
@@ -75,8 +94,133 @@ class Client:
         msg = json.loads(line)
         if not msg.get("ok"):
             err = msg.get("error") or {}
-            raise ClientError(err.get("code", "error"), err.get("message", "unknown error"), err)
+            code = err.get("code", "error")
+            raise _ERRORS.get(code, ClientError)(code, err.get("message", "unknown error"), err)
         return msg.get("result")
 
     def _sock_timeout(self):
         return self.timeout
+
+
+class Workspace:
+    """A workspace seen from an agent framework.
+
+    Example::
+
+        ws = Workspace("/mnt/ws")
+        with ws.saga("refactor") as s:          # commits on success, aborts on an exception
+            with s.step("migrate", compensate="dropdb scratch"):
+                ...                             # an exception rolls this step back, then propagates
+    """
+
+    def __init__(self, mountpoint=None, *, name=None, socket_path=None, timeout=600.0):
+        from .paths import socket_path as _socket_path
+
+        if socket_path is None:
+            if name is None:
+                name = _name_of_mount(mountpoint)
+            socket_path = _socket_path(name)
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+
+    def call(self, op, **args):
+        with Client(self.socket_path, timeout=self.timeout) as c:
+            return c.call(op, **{k: v for k, v in args.items() if v is not None})
+
+    def status(self):
+        return self.call("saga.status")
+
+    def begin(self, name) -> "Saga":
+        rec = self.call("saga.begin", name=name)["saga"]
+        return Saga(self, rec)
+
+    def saga(self, name, *, commit=True) -> "Saga":
+        return Saga(self, None, name=name, commit_on_exit=commit)
+
+
+class Saga:
+    def __init__(self, ws: Workspace, rec, *, name=None, commit_on_exit=True):
+        self.ws = ws
+        self.rec = rec
+        self.name = name or (rec or {}).get("name")
+        self.commit_on_exit = commit_on_exit
+
+    def __enter__(self):
+        if self.rec is None:
+            self.rec = self.ws.call("saga.begin", name=self.name)["saga"]
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            if self.commit_on_exit:
+                self.commit()
+            return False
+        try:
+            self.abort()
+        except ClientError:
+            pass  # the original exception matters more; the saga's state is in the journal
+        return False
+
+    def step(self, name, compensate=None, *, timeout=None, max_bytes=None, max_files=None, retries=None) -> "Step":
+        if isinstance(compensate, (list, tuple)):
+            import shlex
+
+            compensate = shlex.join(compensate)
+        return Step(self, name, dict(compensate=compensate, timeout=timeout, max_bytes=max_bytes,
+                                     max_files=max_files, retries=retries))
+
+    def commit(self, dry_run=False):
+        return self.ws.call("saga.commit", dry_run=dry_run)
+
+    def rollback(self, to=None):
+        return self.ws.call("saga.rollback", to=to)
+
+    def abort(self):
+        return self.ws.call("saga.abort")
+
+    def retry(self):
+        return self.ws.call("saga.retry")
+
+    def diff(self, step=None):
+        return self.ws.call("saga.diff", step=step)["changes"]
+
+
+class Step:
+    def __init__(self, saga: Saga, name, args):
+        self.saga = saga
+        self.name = name
+        self.args = args
+        self.rec = None
+
+    def __enter__(self):
+        self.rec = self.saga.ws.call("saga.step", name=self.name, **self.args)["step"]
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            try:
+                self.saga.rollback()
+            except ClientError:
+                pass
+        return False
+
+
+def _name_of_mount(mountpoint) -> str:
+    import os
+    import re
+
+    mp = os.path.abspath(mountpoint or os.getcwd())
+    best = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] != "fuse.overlayd":
+                continue
+            point = re.sub(r"\\(\d{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if mp == point or mp.startswith(point.rstrip("/") + "/"):
+                if best is None or len(point) > len(best[0]):
+                    best = (point, fields[sep + 2].split(":", 1)[1])
+    if best is None:
+        raise NoDaemon("no-daemon", f"{mp} is not inside a mounted overlayd workspace")
+    return best[1]

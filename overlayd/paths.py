@@ -26,6 +26,9 @@ def default_name(mountpoint: str) -> str:
 
 
 def state_root() -> Path:
+    env = os.environ.get("OVERLAYD_STATE_ROOT")
+    if env:
+        return Path(env)
     if os.geteuid() == 0:
         return Path("/var/lib/overlayd")
     xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")

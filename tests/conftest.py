@@ -76,7 +76,8 @@ class Mount:
         self.base = Path(base)
         self.tmp = Path(tmp)
         self.mp = self.tmp / "mnt"
-        self.state = self.tmp / "state"
+        self.state_root = self.tmp / "stateroot"
+        self.state = self.state_root / name
         self.run_dir = self.tmp / "run"
         self.name = name
         self.extra_args = list(extra_args)
@@ -86,7 +87,8 @@ class Mount:
 
     @property
     def env(self):
-        return {**os.environ, "RUNTIME_DIRECTORY": str(self.run_dir), "PYTHONPATH": str(ROOT)}
+        return {**os.environ, "RUNTIME_DIRECTORY": str(self.run_dir), "PYTHONPATH": str(ROOT),
+                "OVERLAYD_STATE_ROOT": str(self.state_root)}
 
     @property
     def socket(self) -> Path:

@@ -1,0 +1,33 @@
+"""Generate docs/CLI.md from the commands' own help: ``python -m cli.docs > docs/CLI.md``."""
+
+import click
+
+from cli import overlayd_cmd, saga_cmd
+
+HEADER = """# Command-line reference
+
+Generated from the commands' help by `python -m cli.docs > docs/CLI.md`; a test keeps it current.
+
+Exit codes (both commands): 0 ok, 1 error, 2 usage error, 3 commit conflict, 4 compensation
+stuck, 5 no daemon serves the workspace. With `--json` every command prints one JSON object
+carrying `"version": 1` (`saga log --json` prints one such object per event, NDJSON); errors
+print `{"version": 1, "error": {"message": ..., "exit_code": ...}}`.
+"""
+
+
+def _help(cmd, path):
+    ctx = click.Context(cmd, info_name=path, terminal_width=100, max_content_width=100)
+    return cmd.get_help(ctx)
+
+
+def render() -> str:
+    out = [HEADER]
+    for prog, group in (("overlayd", overlayd_cmd.main), ("saga", saga_cmd.main)):
+        out.append(f"\n## `{prog}`\n\n```\n{_help(group, prog)}\n```\n")
+        for name in sorted(group.commands):
+            out.append(f"\n### `{prog} {name}`\n\n```\n{_help(group.commands[name], f'{prog} {name}')}\n```\n")
+    return "".join(out)
+
+
+if __name__ == "__main__":
+    print(render(), end="")

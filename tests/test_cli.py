@@ -1,0 +1,164 @@
+"""The CLIs: CliRunner for usage and error paths, real subprocesses against a real daemon."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from cli import docs, overlayd_cmd, saga_cmd
+from overlayd.client import ConflictError, Workspace
+
+
+def test_cli_docs_are_current():
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "CLI.md")
+    with open(path) as f:
+        assert f.read() == docs.render(), "docs/CLI.md is stale: python -m cli.docs > docs/CLI.md"
+
+
+def test_saga_outside_a_workspace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(saga_cmd.main, ["status"], catch_exceptions=False)
+    assert r.exit_code == 5
+    assert r.output.startswith(f"Error: {tmp_path} is not inside an overlayd workspace")
+    r = CliRunner().invoke(saga_cmd.main, ["status", "--json"], catch_exceptions=False)
+    assert r.exit_code == 5
+    assert json.loads(r.output)["error"]["exit_code"] == 5
+
+
+def test_usage_errors():
+    r = CliRunner().invoke(saga_cmd.main, ["step"], catch_exceptions=False)
+    assert r.exit_code == 2
+    r = CliRunner().invoke(saga_cmd.main, ["step", "x", "--timeout", "soon"], catch_exceptions=False)
+    assert r.exit_code == 2 and "is not a duration" in r.output
+    r = CliRunner().invoke(overlayd_cmd.main, ["mount", "a", "b", "--name", "../evil"], catch_exceptions=False)
+    assert r.exit_code == 2 and "invalid workspace name" in r.output
+
+
+def test_parse_units():
+    assert saga_cmd.parse_duration("250ms") == 0.25
+    assert saga_cmd.parse_duration("5m") == 300
+    assert saga_cmd.parse_size("100M") == 100 << 20
+    assert saga_cmd.parse_size("4096") == 4096
+
+
+def sh(m, *args, cwd=None, check=None):
+    env = {**m.env, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
+    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd or m.mp, env=env,
+                       capture_output=True, text=True, timeout=120)
+    if check is not None:
+        assert r.returncode == check, (args, r.stdout, r.stderr)
+    return r
+
+
+@pytest.fixture
+def cli_ws(mount_factory, tmp_path):
+    base = tmp_path / "base"
+    (base / "src").mkdir(parents=True)
+    (base / "src" / "app.py").write_text("print('v1')\n")
+    (base / "README").write_text("readme\n")
+    return mount_factory(base, name="cliws")
+
+
+def test_end_to_end_cli(cli_ws, tmp_path):
+    m = cli_ws
+    r = sh(m, "status", check=0)
+    assert "no saga is active" in r.stdout
+    r = sh(m, "step", "s0", check=1)
+    assert r.stderr.strip() == f"Error: no saga is active in {m.mp}; start one with: saga begin NAME"
+    sh(m, "begin", "refactor", check=0)
+    r = sh(m, "begin", "again", check=1)
+    assert "already active" in r.stderr
+    sh(m, "step", "edit", "--compensate", f"echo undone > {tmp_path}/undo", check=0)
+    (m.mp / "src" / "app.py").write_text("print('v2')\n")
+    (m.mp / "NEW").write_text("new\n")
+    r = sh(m, "diff", check=0)
+    assert "modified  src/app.py" in r.stdout and "+print('v2')" in r.stdout and "added     NEW" in r.stdout
+    r = sh(m, "diff", "--name-only", check=0)
+    assert r.stdout.split() == ["NEW", "src/app.py"]
+    r = sh(m, "--json", "status", check=0)
+    st = json.loads(r.stdout)
+    assert st["version"] == 1 and st["saga"]["name"] == "refactor" and st["steps"][0]["state"] == "open"
+    sh(m, "rollback", check=0)
+    assert (tmp_path / "undo").read_text() == "undone\n"
+    assert (m.mp / "src" / "app.py").read_text() == "print('v1')\n"
+    with pytest.raises(OSError):
+        (m.mp / "x").write_text("refused")
+    sh(m, "step", "again", check=0)
+    (m.mp / "README").write_text("changed\n")
+    r = sh(m, "commit", "--dry-run", check=0)
+    assert "modified  README" in r.stdout
+    sh(m, "commit", check=0)
+    assert (m.base / "README").read_text() == "changed\n"
+    r = sh(m, "log", "--json", check=0)
+    kinds = [json.loads(line)["kind"] for line in r.stdout.splitlines()]
+    assert "saga.begin" in kinds and "saga.committed" in kinds
+    r = sh(m, "list", check=0)
+    assert "'refactor': committed" in r.stdout
+
+
+def test_read_only_commands_without_daemon(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "offline", check=0)
+    sh(m, "step", "one", check=0)
+    (m.mp / "f").write_text("x")
+    mp = str(m.mp)
+    m.stop()
+    # the daemon is down: status, log, list and diff read the journal read-only
+    r = sh(m, "-w", mp, "status", cwd="/", check=0)
+    assert "saga 1 'offline': active" in r.stdout and "step 1 'one': open" in r.stdout
+    assert "daemon not running" in r.stdout
+    r = sh(m, "-w", mp, "diff", cwd="/", check=0)
+    assert "added     f  (step 1 one)" in r.stdout
+    r = sh(m, "-w", mp, "log", "--json", cwd="/", check=0)
+    assert [json.loads(x)["kind"] for x in r.stdout.splitlines()][-1] == "daemon.stop"
+    r = sh(m, "-w", mp, "list", cwd="/", check=0)
+    assert "'offline': active" in r.stdout
+    r = sh(m, "-w", mp, "step", "two", cwd="/", check=5)
+    assert r.stderr.startswith("Error: no daemon serves the workspace cliws")
+
+
+def test_python_client_context_managers(cli_ws):
+    m = cli_ws
+    ws = Workspace(socket_path=m.socket)
+    with ws.saga("client") as s:
+        with s.step("one", compensate=["true"]):
+            (m.mp / "one").write_text("1")
+        with pytest.raises(RuntimeError):
+            with s.step("two"):
+                (m.mp / "two").write_text("2")
+                raise RuntimeError("boom")
+        assert not (m.mp / "two").exists()
+        with s.step("three"):
+            (m.mp / "three").write_text("3")
+    assert (m.base / "one").read_text() == "1" and (m.base / "three").read_text() == "3"
+    assert not (m.base / "two").exists()
+    with pytest.raises(ValueError):
+        with ws.saga("aborted") as s:
+            with s.step("x"):
+                (m.mp / "x").write_text("x")
+            raise ValueError("fail")
+    assert not (m.base / "x").exists()
+    assert ws.status()["saga"] is None
+
+
+def test_conflict_exit_code(mount_factory, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "shared").write_text("0\n")
+    a = mount_factory(base, name="wa")
+    b = mount_factory(base, name="wb")
+    for m, v in ((a, "a"), (b, "b")):
+        sh(m, "begin", f"s{v}", check=0)
+        sh(m, "step", "edit", check=0)
+        (m.mp / "shared").write_text(v)
+    sh(a, "commit", check=0)
+    r = sh(b, "commit", check=3)
+    assert "conflict: shared" in r.stderr
+    assert (base / "shared").read_text() == "a"
+    with pytest.raises(ConflictError) as ei:
+        Workspace(socket_path=b.socket).call("saga.commit")
+    assert [c["path"] for c in ei.value.conflicts] == ["shared"]
