@@ -112,6 +112,10 @@ def _inconsistent(msg, *args) -> FUSEError:
     return FUSEError(errno.EIO)
 
 
+def _restore_times(fd: int, st: os.stat_result) -> None:
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def _nofollow(target) -> dict:
     return {} if isinstance(target, int) else {"follow_symlinks": False}
 
@@ -217,12 +221,17 @@ class OverlayFS(pyfuse3.Operations):
             del self.listings[key]
         for key in [k for k in self.fds if k[0] >= keep]:
             os.close(self.fds.pop(key))
-        for node_ino in inos:
-            node = self.nodes.get(node_ino)
-            if node is not None:
-                node.loc += 1
-        inval_inos = [i for i in inos if i in self.nodes and self.nodes[i].lookups > 0]
-        inval_entries = [(p, n) for p, n in entries if p in self.nodes and self.nodes[p].lookups > 0]
+        for h in self.handles.values():  # open handles into dropped layers reopen or get ESTALE
+            if h.li >= keep:
+                h.node.loc += 1
+        # Tell the kernel only what it can still see: a node that lived only in the dropped
+        # layers and has no open handle vanishes with its parent's entry, which is invalidated.
+        def gone(node):
+            return node is not self.root and not node.idents
+        inval_inos = [i for i in inos if i in self.nodes and self.nodes[i].lookups > 0
+                      and (self.nodes[i].opens or not gone(self.nodes[i]))]
+        inval_entries = [(p, n) for p, n in entries if p in self.nodes and self.nodes[p].lookups > 0
+                         and not gone(self.nodes[p])]
         log.info("dropped %d layer(s): %s", count, ", ".join(layer.id for layer in dropped))
         return dropped, (inval_inos, inval_entries)
 
@@ -578,9 +587,11 @@ class OverlayFS(pyfuse3.Operations):
         pfd = self._copy_up_dir(node.parent)
         src = self._dirfd(node, node.li)
         st = os.fstat(src)
+        pst = os.fstat(pfd)
         os.mkdir(node.name, 0o700, dir_fd=pfd)
         fd = os.open(node.name, DIR_FLAGS, dir_fd=pfd)
         try:
+            _restore_times(pfd, pst)  # a copy-up is no change of the parent, in the view
             self._copy_meta(src, fd, st)
             new_ino = os.fstat(fd).st_ino
         except BaseException:
@@ -641,6 +652,7 @@ class OverlayFS(pyfuse3.Operations):
                 names.insert(0, link)
         first_parent, first_name = names[0]
         dpfd = self._copy_up_dir(first_parent)
+        parent_times = [(dpfd, os.fstat(dpfd))]
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(first_name, dir_fd=self._dirfd(first_parent, src_li))
             self._clear_whiteout(first_parent, first_name)
@@ -673,9 +685,12 @@ class OverlayFS(pyfuse3.Operations):
         self._listings_add(first_parent, top, first_name, K_FILE, new.st_ino)
         for p, n in names[1:]:
             pfd = self._copy_up_dir(p)
+            parent_times.append((pfd, os.fstat(pfd)))
             self._clear_whiteout(p, n)
             os.link(first_name, n, src_dir_fd=dpfd, dst_dir_fd=pfd, follow_symlinks=False)
             self._listings_add(p, top, n, K_FILE, new.st_ino)
+        for pfd, pst in parent_times:
+            _restore_times(pfd, pst)
         node.links.update(names)
         self._register(node, (new.st_dev, new.st_ino), top)
         node.li = top

@@ -594,13 +594,18 @@ class SagaEngine:
                         txn.set_meta("stack", {"layers": layers, "sealed": True})
                         txn.event("commit.begin", saga=sid, ops=len(ops), **self._event_details(peer))
 
+                    t1 = time.perf_counter()
                     await self.ws.transact(intent)
                     crash_point("commit.intent")
                     stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
+                    t2 = time.perf_counter()
                     await trio.to_thread.run_sync(run_commit_plan, self.ws, plan)
                     crash_point("commit.done")
+                    t3 = time.perf_counter()
                     await self.ws.drop_layers(len(layers), txn_extra=lambda txn: _finalize_commit(txn, sid))
                     self.fs.base_changed(stale)
+                    log.info("saga %d committed: %d ops; flush+check+plan %.3fs, intent %.3fs, merge %.3fs, "
+                             "drop %.3fs", sid, len(ops), t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
                 finally:
                     lock.release()
             except BaseException:
