@@ -592,7 +592,7 @@ class OverlayFS(pyfuse3.Operations):
         fd = os.open(node.name, DIR_FLAGS, dir_fd=pfd)
         try:
             _restore_times(pfd, pst)  # a copy-up is no change of the parent, in the view
-            self._copy_meta(src, fd, st)
+            self.copy_meta(src, fd, st)
             new_ino = os.fstat(fd).st_ino
         except BaseException:
             os.close(fd)
@@ -605,7 +605,7 @@ class OverlayFS(pyfuse3.Operations):
         self._touch(node)
         return fd
 
-    def _copy_meta(self, src_fd: int, dst_fd: int, st: os.stat_result) -> None:
+    def copy_meta(self, src_fd: int, dst_fd: int, st: os.stat_result) -> None:
         osutil.copy_xattrs(src_fd, dst_fd)
         if self.is_root:
             os.fchown(dst_fd, st.st_uid, st.st_gid)
@@ -652,7 +652,7 @@ class OverlayFS(pyfuse3.Operations):
                 names.insert(0, link)
         first_parent, first_name = names[0]
         dpfd = self._copy_up_dir(first_parent)
-        parent_times = [(dpfd, os.fstat(dpfd))]
+        parent_times = {dpfd: os.fstat(dpfd)}
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(first_name, dir_fd=self._dirfd(first_parent, src_li))
             self._clear_whiteout(first_parent, first_name)
@@ -668,7 +668,7 @@ class OverlayFS(pyfuse3.Operations):
                 try:
                     if not truncate:
                         osutil.copy_data(src, dst, st.st_size)
-                    self._copy_meta(src, dst, st)
+                    self.copy_meta(src, dst, st)
                     self._clear_whiteout(first_parent, first_name)
                     os.link(f"/proc/self/fd/{dst}", first_name, dst_dir_fd=dpfd, follow_symlinks=True)
                 finally:
@@ -685,11 +685,11 @@ class OverlayFS(pyfuse3.Operations):
         self._listings_add(first_parent, top, first_name, K_FILE, new.st_ino)
         for p, n in names[1:]:
             pfd = self._copy_up_dir(p)
-            parent_times.append((pfd, os.fstat(pfd)))
+            parent_times.setdefault(pfd, os.fstat(pfd))
             self._clear_whiteout(p, n)
             os.link(first_name, n, src_dir_fd=dpfd, dst_dir_fd=pfd, follow_symlinks=False)
             self._listings_add(p, top, n, K_FILE, new.st_ino)
-        for pfd, pst in parent_times:
+        for pfd, pst in parent_times.items():
             _restore_times(pfd, pst)
         node.links.update(names)
         self._register(node, (new.st_dev, new.st_ino), top)
@@ -864,9 +864,20 @@ class OverlayFS(pyfuse3.Operations):
         self._changed("create", parent, name)
         return node, st
 
-    def _changed(self, kind: str, parent: Node, name: bytes) -> None:
+    def _changed(self, kind: str, parent: Node, name: bytes, listing=None) -> None:
         if self.on_change is not None:
-            self.on_change(kind, self._path_of(parent) + (name,))
+            self.on_change(kind, self._path_of(parent) + (name,), listing)
+
+    def _base_names(self, node: Node):
+        """The base's entries of a directory as this view saw them (for conflict detection of a
+        directory the saga removes or moves), or None if the base has no such directory."""
+        if not node.is_dir or node.dead:
+            return None
+        self._fresh(node)
+        for li, d_ino in node.dlayers:
+            if li == 0:
+                return sorted(self._listing(0, d_ino, lambda: self._dirfd(node, 0, d_ino)).names)
+        return None
 
     def _path_of(self, node: Node):
         out = []
@@ -1048,8 +1059,11 @@ class OverlayFS(pyfuse3.Operations):
         node, st = res
         if node.is_dir:
             raise FUSEError(errno.EISDIR)
-        if st.st_nlink > 1 and node.li < self.top:
+        if node.li < self.top and (st.st_nlink > 1 or node.opens):
+            # a lower hard link: the other names' st_nlink must drop; an open file: its handles
+            # must keep a private copy they may change (fchmod, write) after the unlink
             self._copy_up(node)
+            self._reopen_handles(node)
             st = os.stat(name, dir_fd=self._dirfd(parent, self.top), follow_symlinks=False)
         li = node.li
         self._remove_entry(parent, name, False)
@@ -1074,12 +1088,13 @@ class OverlayFS(pyfuse3.Operations):
         self._fresh(node)
         if self._merged(node):
             raise FUSEError(errno.ENOTEMPTY)
+        listing = self._base_names(node)
         li = node.li
         self._remove_entry(parent, name, True)
         self._forget_ident_if_gone(node, st, li)
         self._kill(node)
         self._touch(node)
-        self._changed("rmdir", parent, name)
+        self._changed("rmdir", parent, name, listing)
 
     # ------------------------------------------------------------------ rename
 
@@ -1121,7 +1136,14 @@ class OverlayFS(pyfuse3.Operations):
                 if self._merged(dnode):
                     raise FUSEError(errno.ENOTEMPTY)
         top = self.top
-        # 1. everything the rename touches lives in the top layer
+        src_listing = self._base_names(snode)
+        dst_listing = self._base_names(dst[0]) if dst is not None else None
+        # 1. everything the rename touches lives in the top layer; a replaced lower file with
+        #    other names too (so that their st_nlink drops), or that is open (handles keep it)
+        if dst is not None and not dst[0].is_dir and dst[0].li < top and (dst[1].st_nlink > 1 or dst[0].opens):
+            self._copy_up(dst[0])
+            self._reopen_handles(dst[0])
+            dst = (dst[0], os.stat(name_new, dir_fd=self._dirfd(pnew, top), follow_symlinks=False))
         self._copy_up_for_move(snode)
         opfd = self._dirfd(pold, top)
         npfd = self._copy_up_dir(pnew)
@@ -1171,8 +1193,8 @@ class OverlayFS(pyfuse3.Operations):
             snode.links.add((pnew, name_new))
         self._touch(snode, (pold.ino, name_old))
         self._touch(None, (pnew.ino, name_new))
-        self._changed("rename", pold, name_old)
-        self._changed("rename", pnew, name_new)
+        self._changed("rename", pold, name_old, src_listing)
+        self._changed("rename", pnew, name_new, dst_listing)
 
     def _copy_up_for_move(self, node: Node) -> None:
         """A file is copied up; a directory is copied up with its whole visible subtree."""
@@ -1207,6 +1229,7 @@ class OverlayFS(pyfuse3.Operations):
 
     def _rename_exchange(self, pold, name_old, snode, pnew, name_new, dnode) -> None:
         top = self.top
+        listings = (self._base_names(snode), self._base_names(dnode))
         self._copy_up_for_move(snode)
         self._copy_up_for_move(dnode)
         opfd = self._dirfd(pold, top)
@@ -1230,8 +1253,8 @@ class OverlayFS(pyfuse3.Operations):
         self.epoch += 1
         self._touch(None, (pold.ino, name_old))
         self._touch(None, (pnew.ino, name_new))
-        self._changed("rename", pold, name_old)
-        self._changed("rename", pnew, name_new)
+        self._changed("rename", pold, name_old, listings[0])
+        self._changed("rename", pnew, name_new, listings[1])
 
     # ------------------------------------------------------------------ attributes
 
@@ -1239,11 +1262,14 @@ class OverlayFS(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         self._check_writable()
         node = self._node(inode)
-        if node.dead and fh is None:
-            raise FUSEError(errno.ENOENT)
+        handle = self.handles.get(fh) if fh is not None else None
+        if node.dead and handle is None:
+            # fchmod/fchown/futimens of an unlinked open file arrive without a handle
+            handle = next((h for h in self.handles.values() if h.node is node), None)
+            if handle is None:
+                raise FUSEError(errno.ENOENT)
         if not node.dead:
             self._copy_up(node, truncate=fields.update_size and attr.st_size == 0)
-        handle = self.handles.get(fh) if fh is not None else None
         fd = None
         if handle is not None:
             self._refresh_handle(handle, write=True)
@@ -1380,7 +1406,17 @@ class OverlayFS(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
         if node.dead:
-            raise FUSEError(errno.ESTALE)
+            # an unlinked file that is still open (e.g. reopened through /proc/self/fd)
+            h = next((h for h in self.handles.values() if h.node is node and h.loc == node.loc), None)
+            if h is None:
+                raise FUSEError(errno.ESTALE)
+            if flags & WRITE_FLAGS:
+                self._check_writable()
+            oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_TRUNC)
+            fd = os.open(f"/proc/self/fd/{h.fd}", oflags | os.O_CLOEXEC)
+            if flags & os.O_TRUNC:
+                os.ftruncate(fd, 0)
+            return pyfuse3.FileInfo(fh=self._new_handle(node, fd, flags), keep_cache=True)
         if flags & WRITE_FLAGS:
             self._check_writable()
             self._copy_up(node, truncate=bool(flags & os.O_TRUNC))
@@ -1389,6 +1425,14 @@ class OverlayFS(pyfuse3.Operations):
             os.ftruncate(fd, 0)
             self._touch(node)
         return pyfuse3.FileInfo(fh=self._new_handle(node, fd, flags), keep_cache=True)
+
+    def _reopen_handles(self, node: Node) -> None:
+        """Point every open handle of *node* at its current copy (while it still has a name)."""
+        for h in self.handles.values():
+            if h.node is node and h.loc != node.loc:
+                fd = self._open_fd(node, h.flags)
+                os.close(h.fd)
+                h.fd, h.loc, h.li = fd, node.loc, node.li
 
     def _refresh_handle(self, h: Handle, write: bool) -> None:
         """Handles follow the view: reopen after a copy-up or a drop, copy up into a newer top.

@@ -380,8 +380,15 @@ def cleanup_stage(base_fd: int, ops, saga_id: int) -> None:
         m.close()
 
 
-def base_identity(base_fd: int, path: str):
-    """What the base holds at *path* now: None, ["d"], or [kind, ino, size, mtime_ns, ctime_ns]."""
+def listing_digest(names) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"\0".join(sorted(names))).hexdigest()
+
+
+def base_identity(base_fd: int, path: str, with_listing: bool = False):
+    """What the base holds at *path* now: None, ["d"] (["D", digest of the entry names] with
+    *with_listing*), or [kind, ino, size, mtime_ns, ctime_ns]."""
     rel = os.fsencode(path)
     try:
         pfd = osutil.open_beneath(base_fd, os.path.dirname(rel))
@@ -397,6 +404,12 @@ def base_identity(base_fd: int, path: str):
         os.close(pfd)
     k = _kind(st)
     if k == "d":
+        if with_listing:
+            fd = osutil.open_beneath(base_fd, rel)
+            try:
+                return ["D", listing_digest(os.fsencode(n) for n in os.listdir(fd))]
+            finally:
+                os.close(fd)
         return ["d"]
     return [k, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 

@@ -245,9 +245,18 @@ class SagaEngine:
                 known.update((s.get("paths") or {}).keys())
         return known
 
-    def _on_change(self, kind: str, path: tuple) -> None:
-        """Called by the filesystem on the first change of a path: record the base's identity."""
+    def _on_change(self, kind: str, path: tuple, listing=None) -> None:
+        """Called by the filesystem on changes of a path: record the base's identity at the first.
+
+        A directory the saga removes or moves is recorded with the entries this view saw in
+        it (*listing*), so that entries added to the base meanwhile make a conflict.
+        """
         p = os.fsdecode(b"/".join(path))
+        if listing is not None:
+            prev = self.touched.get(p, ["d"])
+            if prev is not None and prev[0] == "d":
+                self.touched[p] = ["D", merge.listing_digest(listing)]
+            return
         if p in self.touched or p in self._known:
             return
         try:
@@ -507,17 +516,17 @@ class SagaEngine:
 
     def _all_paths(self, sid) -> dict:
         paths = {}
-        for s in self.live_steps(sid):
-            for p, ident in (s.get("paths") or {}).items():
-                paths.setdefault(p, ident)
-        for p, ident in self.touched.items():
-            paths.setdefault(p, ident)
+        records = [s.get("paths") or {} for s in self.live_steps(sid)] + [self.touched]
+        for rec in records:
+            for p, ident in rec.items():
+                if p not in paths or (paths[p] == ["d"] and ident is not None and ident[0] == "D"):
+                    paths[p] = ident  # the earliest record, made precise by a later listing
         return paths
 
     def _conflicts(self, paths: dict) -> list[dict]:
         out = []
         for p, then in sorted(paths.items()):
-            cur = merge.base_identity(self._base_fd, p)
+            cur = merge.base_identity(self._base_fd, p, with_listing=then is not None and then[0] == "D")
             if then is not None and then[0] == "d" and cur is not None and cur[0] == "d":
                 continue  # a directory that is still a directory: entries are checked one by one
             if cur != then:

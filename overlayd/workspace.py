@@ -145,7 +145,15 @@ class Workspace:
 
         layer_id = await self.transact(reserve)
         path = self.layers_dir / layer_id
-        os.mkdir(path, 0o755)
+        os.mkdir(path, 0o700)
+        # the root directory is in every layer: the new one starts as the view's root is now
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            src = self.fs.layers[-1].fd
+            self.fs.copy_meta(src, fd, os.fstat(src))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         fsync_dir(self.layers_dir)
 
         def commit(txn):
