@@ -16,6 +16,7 @@ in order.
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -217,7 +218,7 @@ class SagaEngine:
             "saga.begin": self.op_begin, "saga.step": self.op_step, "saga.rollback": self.op_rollback,
             "saga.abort": self.op_abort, "saga.commit": self.op_commit, "saga.retry": self.op_retry,
             "saga.status": self.op_status, "saga.diff": self.op_diff, "saga.log": self.op_log,
-            "saga.list": self.op_list,
+            "saga.list": self.op_list, "saga.annotate": self.op_annotate,
         })
         self._known = self._known_paths()
 
@@ -670,6 +671,24 @@ class SagaEngine:
 
     async def op_log(self, args, peer):
         return {"events": self.ws.journal.events(saga=args.get("saga"), since=int(args.get("since", 0)))}
+
+    async def op_annotate(self, args, peer):
+        """Merge client data (e.g. a saga definition and its steps' outcomes) into the active
+        saga's record under ``annotations``, journaled with an event."""
+        fields = args.get("fields")
+        if not isinstance(fields, dict) or len(json.dumps(fields)) > 1 << 20:
+            raise OpError("bad-request", "'fields' must be an object of at most 1 MiB")
+        saga = self.require_active(states=("active", "stuck", "compensating"))
+
+        def put(txn):
+            s = txn.saga(saga["id"])
+            s.setdefault("annotations", {}).update(fields)
+            s["updated"] = now()
+            txn.put_saga(saga["id"], s)
+            txn.event("saga.annotate", saga=saga["id"], keys=sorted(fields), **self._event_details(peer))
+            return s
+
+        return {"saga": await self.ws.transact(put)}
 
     async def op_list(self, args, peer):
         return {"sagas": self.ws.journal.sagas()}
