@@ -113,7 +113,8 @@ class Target:
             if op == "saga.status":
                 return {**status_of(j), "daemon": False}
             if op == "saga.log":
-                return {"events": j.events(saga=args.get("saga"), since=args.get("since", 0))}
+                events = j.events(saga=args.get("saga"), since=args.get("since", 0))
+                return {"events": [e for e in events if args.get("ops") or e["kind"] != "op"]}
             if op == "saga.list":
                 return {"sagas": j.sagas()}
             if op == "saga.diff":
@@ -163,11 +164,11 @@ def emit(ctx, data, text):
 def parse_duration(value):
     if value is None:
         return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
     if not m:
-        raise click.BadParameter(f"{value!r} is not a duration (examples: 30s, 5m, 1h, 250ms)")
+        raise click.BadParameter(f"{value!r} is not a duration (examples: 30s, 5m, 1h, 7d, 250ms)")
     n, unit = float(m.group(1)), m.group(2) or "s"
-    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
 def parse_size(value):
@@ -230,14 +231,38 @@ def _saga_line(s):
     return f"saga {s['id']} {s['name']!r}: {s['state']}"
 
 
+budget_options = [
+    click.option("--timeout", metavar="DUR", help="Wall-time budget (e.g. 10m)."),
+    click.option("--max-bytes", metavar="SIZE", help="Budget of bytes written (e.g. 500M)."),
+    click.option("--max-files", type=int, metavar="N", help="Budget of paths changed."),
+    click.option("--max-spins", type=int, metavar="N",
+                 help="Cut when one file is rewritten with identical content N times in a row."),
+]
+
+
+def with_budgets(fn):
+    for opt in reversed(budget_options):
+        fn = opt(fn)
+    return fn
+
+
+def budget_args(timeout, max_bytes, max_files, max_spins):
+    return {k: v for k, v in dict(timeout=parse_duration(timeout), max_bytes=parse_size(max_bytes),
+                                  max_files=max_files, max_spins=max_spins).items() if v is not None}
+
+
 @main.command()
 @click.argument("name")
+@with_budgets
 @common
 @click.pass_context
-def begin(ctx, name, workspace, as_json):
-    """Begin a saga called NAME (one active saga per workspace)."""
+def begin(ctx, name, timeout, max_bytes, max_files, max_spins, workspace, as_json):
+    """Begin a saga called NAME (one active saga per workspace).
+
+    Budgets given here apply to the whole saga: when one is exceeded the saga is aborted.
+    """
     def go(t):
-        r = t.call("saga.begin", name=name)
+        r = t.call("saga.begin", name=name, budgets=budget_args(timeout, max_bytes, max_files, max_spins))
         emit(ctx, r, f"began {_saga_line(r['saga'])}; start a step with: saga step NAME")
     run(ctx, workspace, as_json, go)
 
@@ -245,18 +270,23 @@ def begin(ctx, name, workspace, as_json):
 @main.command()
 @click.argument("name")
 @click.option("--compensate", metavar="CMD", help="Shell command undoing this step's effects outside the filesystem.")
-@click.option("--timeout", metavar="DUR", help="Time budget for the step (e.g. 10m).")
-@click.option("--max-bytes", metavar="SIZE", help="Byte budget for the step (e.g. 500M).")
-@click.option("--max-files", type=int, metavar="N", help="Budget of files changed by the step.")
+@with_budgets
+@click.option("--on-budget", "policy", type=click.Choice(["step", "saga"]), default="step", show_default=True,
+              help="What a budget cut rolls back: this step, or the whole saga.")
 @click.option("--retries", type=int, default=3, show_default=True, help="Attempts of the compensation command.")
 @click.option("--compensate-timeout", metavar="DUR", default="5m", show_default=True,
               help="Time limit of one compensation attempt.")
 @common
 @click.pass_context
-def step(ctx, name, compensate, timeout, max_bytes, max_files, retries, compensate_timeout, workspace, as_json):
-    """Finish the open step and open a new step NAME, with a fresh layer."""
-    args = dict(name=name, compensate=compensate, timeout=parse_duration(timeout), max_bytes=parse_size(max_bytes),
-                max_files=max_files, retries=retries, compensate_timeout=parse_duration(compensate_timeout))
+def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy, retries, compensate_timeout,
+         workspace, as_json):
+    """Finish the open step and open a new step NAME, with a fresh layer.
+
+    When a budget is exceeded the daemon rolls the step back by itself (or aborts the saga with
+    --on-budget saga); writes then fail with EROFS until the next step, and `saga status` says why.
+    """
+    args = dict(name=name, compensate=compensate, retries=retries, compensate_timeout=parse_duration(compensate_timeout),
+                policy=policy, **budget_args(timeout, max_bytes, max_files, max_spins))
 
     def go(t):
         r = t.call("saga.step", **{k: v for k, v in args.items() if v is not None})
@@ -338,6 +368,9 @@ def status(ctx, workspace, as_json):
             text = f"no saga is active in {t.mountpoint}"
         else:
             lines = [_saga_line(s)]
+            if s.get("cut"):
+                c = s["cut"]
+                lines.append(f"  step {c['step']} was cut: {c['reason']} (rolled back the {c['policy']})")
             if s.get("error"):
                 lines.append(f"  error: {s['error']}")
                 if s.get("stderr_tail"):
@@ -371,7 +404,9 @@ def diff(ctx, step_ref, stat_only, name_only, workspace, as_json):
             return
         base = r["saga"] and _base_of(t)
         for c in r["changes"]:
-            click.echo(f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})")
+            who = f", by {c['process']['comm']} pid {c['process']['pid']} uid {c['process']['uid']}" \
+                if c.get("process") else ""
+            click.echo(f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']}{who})")
             if c.get("kind") == "f" and base:
                 _unified(os.path.join(base, c["path"]), os.path.join(t.mountpoint, c["path"]), c)
     run(ctx, workspace, as_json, go)
@@ -408,12 +443,13 @@ def _unified(old, new, c):
 
 @main.command()
 @click.argument("saga_id", required=False, type=int, metavar="[SAGA]")
+@click.option("--ops", is_flag=True, help="Also show the audit trail: every change, with pid, uid and process.")
 @common
 @click.pass_context
-def log(ctx, saga_id, workspace, as_json):
+def log(ctx, saga_id, ops, workspace, as_json):
     """Show the journal's events (NDJSON with --json); works while the daemon is down."""
     def go(t):
-        r = t.read("saga.log", saga=saga_id)
+        r = t.read("saga.log", saga=saga_id, ops=ops)
         import datetime
 
         for e in r["events"]:
@@ -435,4 +471,18 @@ def list_(ctx, workspace, as_json):
     def go(t):
         r = t.read("saga.list")
         emit(ctx, r, "\n".join(_saga_line(s) for s in r["sagas"]) or "no sagas yet")
+    run(ctx, workspace, as_json, go)
+
+
+@main.command()
+@click.option("--older-than", metavar="DUR", help="Remove ended sagas that ended longer ago than this (e.g. 7d).")
+@click.option("--keep", type=int, metavar="N", help="Keep the N most recent ended sagas.")
+@common
+@click.pass_context
+def gc(ctx, older_than, keep, workspace, as_json):
+    """Remove ended sagas' journal records, orphaned layers and the trash (never the active saga)."""
+    def go(t):
+        r = t.call("saga.gc", older_than=parse_duration(older_than), keep=keep)
+        emit(ctx, r, f"removed {len(r['sagas'])} saga(s) and {r['events']} event(s); "
+                     f"state {r['bytes_before']} -> {r['bytes_after']} bytes")
     run(ctx, workspace, as_json, go)

@@ -210,6 +210,20 @@ class WriteTxn:
                         break
             return txn.delete(prefix, db=self._dbs["sagas"])
 
+    def delete_events(self, saga_id):
+        """Delete every event of a saga (retention); returns how many went."""
+        n = 0
+        with self._op() as txn:
+            cur = txn.cursor(db=self._dbs["events"])
+            ok = cur.first()
+            while ok:
+                if _load(cur.value()).get("saga") == saga_id:
+                    ok = cur.delete()
+                    n += 1
+                else:
+                    ok = cur.next()
+        return n
+
     def event(self, kind, saga=None, step=None, **details):
         """Append an event; returns its sequence number."""
         for reserved in ("seq", "ts"):

@@ -105,6 +105,7 @@ class Daemon:
             "shutdown": self.op_shutdown,
         }
         self.saga = None  # the saga engine registers its ops here
+        self.nursery = None
 
     # ------------------------------------------------------------------ control ops
 
@@ -166,6 +167,7 @@ class Daemon:
 
     async def main(self, ready) -> None:
         async with trio.open_nursery() as nursery:
+            self.nursery = nursery
             server = ControlServer(socket_path(self.ws.name), self.dispatch, self.auth)
             await nursery.start(server.run)
             nursery.start_soon(self._signals, nursery.cancel_scope)
@@ -176,6 +178,7 @@ class Daemon:
             nursery.start_soon(self._ready_after_start, ready)
             if self.saga is not None:
                 nursery.start_soon(self.saga.resume)
+                nursery.start_soon(self.saga.audit_loop)
             try:
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
             finally:

@@ -94,7 +94,7 @@ class Node:
 
 
 class Handle:
-    __slots__ = ("node", "fd", "flags", "loc", "li", "busy", "closed")
+    __slots__ = ("node", "fd", "flags", "loc", "li", "busy", "closed", "wrote")
 
     def __init__(self, node, fd, flags, li):
         self.node = node
@@ -104,6 +104,7 @@ class Handle:
         self.li = li
         self.busy = 0
         self.closed = False
+        self.wrote = False
 
 
 def _inconsistent(msg, *args) -> FUSEError:
@@ -126,6 +127,7 @@ def _fuse_errors(fn):
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
+        self.ctx = args[-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else None
         try:
             return await fn(self, *args)
         except FUSEError:
@@ -166,7 +168,10 @@ class OverlayFS(pyfuse3.Operations):
         self.nodes[ROOT] = root
         self.root = root
         self.hardlinks_base = None  # base (dev, ino) -> [path tuples], built on first need
-        self.on_change = None  # callable(kind, path tuple) for journals and budgets
+        self.on_change = None  # callable(kind, path tuple, listing) for journals and budgets
+        self.on_write = None  # callable(node, nbytes) after every write
+        self.on_release = None  # callable(node, fd) when a handle that wrote is released
+        self.ctx = None  # the RequestContext of the request being served (handlers are atomic)
 
     # ------------------------------------------------------------------ stack API
 
@@ -869,15 +874,36 @@ class OverlayFS(pyfuse3.Operations):
             self.on_change(kind, self._path_of(parent) + (name,), listing)
 
     def _base_names(self, node: Node):
-        """The base's entries of a directory as this view saw them (for conflict detection of a
-        directory the saga removes or moves), or None if the base has no such directory."""
+        """The base's subtree under a directory as this view saw it: sorted relative paths (for
+        conflict detection of a directory the saga removes or moves), or None if the base has no
+        such directory. Cached listings are used where present, so entries that appeared in the
+        base after this view read the directory do count as a change."""
         if not node.is_dir or node.dead:
             return None
         self._fresh(node)
-        for li, d_ino in node.dlayers:
-            if li == 0:
-                return sorted(self._listing(0, d_ino, lambda: self._dirfd(node, 0, d_ino)).names)
-        return None
+        d_ino = dict(node.dlayers).get(0)
+        if d_ino is None:
+            return None
+        out = []
+        fd = self._dirfd(node, 0, d_ino)
+        self._walk_base(fd, d_ino, b"", out, close=False)
+        return sorted(out)
+
+    def _walk_base(self, fd: int, d_ino: int, prefix: bytes, out: list, close: bool) -> None:
+        try:
+            lst = self._listing(0, d_ino, lambda: fd)
+            for name, (kind, ino) in lst.names.items():
+                rel = prefix + name
+                out.append(rel)
+                if kind == K_DIR:
+                    try:
+                        cfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+                    except OSError:
+                        continue
+                    self._walk_base(cfd, ino, rel + b"/", out, close=True)
+        finally:
+            if close:
+                os.close(fd)
 
     def _path_of(self, node: Node):
         out = []
@@ -1420,6 +1446,9 @@ class OverlayFS(pyfuse3.Operations):
         if flags & WRITE_FLAGS:
             self._check_writable()
             self._copy_up(node, truncate=bool(flags & os.O_TRUNC))
+            link = self._link_of(node)
+            if link is not None:
+                self._changed("write", *link)
         fd = self._open_fd(node, flags)
         if flags & os.O_TRUNC:
             os.ftruncate(fd, 0)
@@ -1471,6 +1500,9 @@ class OverlayFS(pyfuse3.Operations):
             self._refresh_handle(h, write=True)
         n = os.pwrite(h.fd, buf, off)
         self.layers[-1].inos.add(h.node.ino)
+        h.wrote = True
+        if self.on_write is not None:
+            self.on_write(h.node, n)
         return n
 
     async def flush(self, fh):
@@ -1482,6 +1514,11 @@ class OverlayFS(pyfuse3.Operations):
             return
         h.closed = True
         h.node.opens -= 1
+        if h.wrote and self.on_release is not None:
+            try:
+                self.on_release(h.node, h.fd)
+            except Exception:  # a hook must never break release
+                log.exception("release hook failed")
         if not h.busy:
             os.close(h.fd)
         node = h.node

@@ -380,6 +380,22 @@ def cleanup_stage(base_fd: int, ops, saga_id: int) -> None:
         m.close()
 
 
+def _walk_names(fd: int, prefix: bytes, out: list) -> None:
+    """Relative paths of a directory's whole subtree (closes *fd*)."""
+    try:
+        for de in os.scandir(fd):
+            rel = prefix + os.fsencode(de.name)
+            out.append(rel)
+            if de.is_dir(follow_symlinks=False):
+                try:
+                    cfd = os.open(de.name, DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    continue
+                _walk_names(cfd, rel + b"/", out)
+    finally:
+        os.close(fd)
+
+
 def listing_digest(names) -> str:
     import hashlib
 
@@ -406,10 +422,9 @@ def base_identity(base_fd: int, path: str, with_listing: bool = False):
     if k == "d":
         if with_listing:
             fd = osutil.open_beneath(base_fd, rel)
-            try:
-                return ["D", listing_digest(os.fsencode(n) for n in os.listdir(fd))]
-            finally:
-                os.close(fd)
+            out = []
+            _walk_names(fd, b"", out)
+            return ["D", listing_digest(out)]
         return ["d"]
     return [k, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 

@@ -27,7 +27,7 @@ import time
 
 import trio
 
-from . import merge, osutil
+from . import budgets, merge, osutil
 from .control import OpError
 from .paths import runtime_dir
 
@@ -213,12 +213,21 @@ class SagaEngine:
         self.keep_open_step = keep_open_step
         self.touched = {}  # path -> base identity, first change in the open step
         self.fs.on_change = self._on_change
+        self.fs.on_write = self._on_write
+        self.fs.on_release = self._on_release
         self._base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
+        self.defaults = budgets.load_defaults(self.ws.state_dir)
+        self.step_meter = None  # budgets.Meter of the open step
+        self.saga_meter = None  # budgets.Meter of the active saga (since this daemon started)
+        self.cutting = None  # the reason of a budget cut in progress
+        self.audit = []  # changes not yet journaled: flushed in batches
+        self.writers = {}  # path -> {"pid", "uid", "comm"} of the last change, active saga
+        self._comms = {}
         daemon.ops.update({
             "saga.begin": self.op_begin, "saga.step": self.op_step, "saga.rollback": self.op_rollback,
             "saga.abort": self.op_abort, "saga.commit": self.op_commit, "saga.retry": self.op_retry,
             "saga.status": self.op_status, "saga.diff": self.op_diff, "saga.log": self.op_log,
-            "saga.list": self.op_list, "saga.annotate": self.op_annotate,
+            "saga.list": self.op_list, "saga.annotate": self.op_annotate, "saga.gc": self.op_gc,
         })
         self._known = self._known_paths()
 
@@ -253,6 +262,11 @@ class SagaEngine:
         it (*listing*), so that entries added to the base meanwhile make a conflict.
         """
         p = os.fsdecode(b"/".join(path))
+        self._audit(kind, p)
+        for meter in (self.step_meter, self.saga_meter):
+            if meter is not None:
+                meter.paths.add(p)
+        self._check_budgets()
         if listing is not None:
             prev = self.touched.get(p, ["d"])
             if prev is not None and prev[0] == "d":
@@ -265,6 +279,137 @@ class SagaEngine:
         except OSError as exc:
             log.warning("cannot record the base identity of %s: %s", p, exc)
             self.touched[p] = None
+
+    # ------------------------------------------------------------------ audit trail
+
+    def _comm(self, pid: int) -> str:
+        comm = self._comms.get(pid)
+        if comm is None:
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            if len(self._comms) > 4096:
+                self._comms.clear()
+            self._comms[pid] = comm
+        return comm
+
+    def _audit(self, kind: str, path: str) -> None:
+        ctx = self.fs.ctx
+        who = {"pid": ctx.pid, "uid": ctx.uid, "comm": self._comm(ctx.pid)} if ctx is not None else {}
+        self.audit.append({"op": kind, "path": path, **who})
+        if who:
+            self.writers[path] = who
+
+    async def flush_audit(self) -> None:
+        """Journal the buffered changes in one transaction (called every second and at transitions)."""
+        if not self.audit:
+            return
+        batch, self.audit = self.audit, []
+        sid = self.active_id()
+        if not sid:
+            return
+        live = self.live_steps(sid)
+        step = live[-1]["index"] if live else None
+
+        def put(txn):
+            for rec in batch:
+                txn.event("op", saga=sid, step=step, **rec)
+
+        await self.ws.transact(put)
+
+    async def audit_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            try:
+                await self.flush_audit()
+            except Exception:
+                log.exception("could not journal the audit trail")
+
+    # ------------------------------------------------------------------ budgets
+
+    def _on_write(self, node, nbytes: int) -> None:
+        for meter in (self.step_meter, self.saga_meter):
+            if meter is not None:
+                meter.bytes += nbytes
+        self._check_budgets()
+
+    def _on_release(self, node, fd) -> None:
+        for meter in (self.step_meter, self.saga_meter):
+            if meter is not None:
+                meter.rewrite(node.ino, fd)
+        self._check_budgets()
+
+    def _check_budgets(self) -> None:
+        if self.cutting is not None:
+            return
+        for meter, default_policy in ((self.step_meter, "step"), (self.saga_meter, "saga")):
+            if meter is None:
+                continue
+            reason = meter.over()
+            if reason:
+                self._trigger(reason, meter.budget.get("policy", default_policy))
+                return
+
+    def _trigger(self, reason: str, policy: str) -> None:
+        """Cut now: no write lands after this (EROFS); the rollback follows in the background."""
+        if self.cutting is not None or getattr(self.d, "nursery", None) is None:
+            return
+        sid = self.active_id()
+        live = self.live_steps(sid) if sid else []
+        if not live or live[-1]["state"] != "open":
+            return
+        self.cutting = reason
+        self.fs.seal_top()
+        log.warning("saga %d step %d: %s exceeded; cutting (%s)", sid, live[-1]["index"], reason, policy)
+        self.d.nursery.start_soon(self._cut, sid, live[-1]["index"], reason, policy)
+
+    async def _cut(self, sid: int, index: int, reason: str, policy: str) -> None:
+        try:
+            while self.d.busy is not None:
+                await trio.sleep(0.02)
+            with self.d.exclusive("cut a step over budget"):
+                saga = self.active()
+                live = self.live_steps(sid)
+                if saga is None or saga["id"] != sid or not live or live[-1]["index"] != index \
+                        or live[-1]["state"] != "open":
+                    return
+                await self.flush_audit()
+
+                def note(txn):
+                    s = txn.saga(sid)
+                    s["cut"] = {"reason": reason, "step": index, "policy": policy, "at": now()}
+                    txn.put_saga(sid, s)
+                    txn.event("budget.exceeded", saga=sid, step=index, reason=reason, policy=policy)
+
+                await self.ws.transact(note)
+                if policy == "saga":
+                    await self._compensate(sid, 0, "aborted", None)
+                else:
+                    await self._compensate(sid, index - 1, "active", None)
+        except OpError as exc:
+            log.error("cutting step %d: %s", index, exc.message)
+        finally:
+            self.cutting = None
+
+    def _arm_timer(self, kind: str, sid: int, index: int | None, deadline: float) -> None:
+        nursery = getattr(self.d, "nursery", None)
+        if nursery is not None:
+            nursery.start_soon(self._timer, kind, sid, index, deadline)
+
+    async def _timer(self, kind, sid, index, deadline) -> None:
+        await trio.sleep(max(0.0, deadline - time.time()))
+        saga = self.active()
+        if saga is None or saga["id"] != sid or saga["state"] != "active":
+            return
+        if kind == "step":
+            live = self.live_steps(sid)
+            if not live or live[-1]["index"] != index or live[-1]["state"] != "open":
+                return
+            self._trigger("budget:timeout", (live[-1].get("budgets") or {}).get("policy", "step"))
+        else:
+            self._trigger("budget:saga-timeout", "saga")
 
     def require_active(self, states=("active",)):
         saga = self.active()
@@ -285,6 +430,10 @@ class SagaEngine:
 
     async def op_begin(self, args, peer):
         name = check_name("saga", args.get("name"))
+        try:
+            budget = budgets.validate({**self.defaults["saga"], **(args.get("budgets") or {})}, "saga budgets")
+        except ValueError as exc:
+            raise OpError("bad-request", str(exc)) from None
         with self.d.exclusive("begin a saga"):
             cur = self.active()
             if cur is not None:
@@ -295,7 +444,7 @@ class SagaEngine:
             def begin(txn):
                 sid = txn.new_saga_id()
                 rec = {"id": sid, "name": name, "state": "active", "created": now(), "updated": now(),
-                       "uid": peer.get("uid"), "gid": peer.get("gid"), "steps": 0}
+                       "uid": peer.get("uid"), "gid": peer.get("gid"), "steps": 0, "budgets": budget}
                 txn.put_saga(sid, rec)
                 txn.set_meta("active_saga", sid)
                 txn.event("saga.begin", saga=sid, name=name, **self._event_details(peer))
@@ -304,6 +453,10 @@ class SagaEngine:
             rec = await self.ws.transact(begin)
             self.touched = {}
             self._known = set()
+            self.writers = {}
+            self.saga_meter = budgets.Meter(budget)
+            if "timeout" in budget:
+                self._arm_timer("saga", rec["id"], None, rec["created"] + budget["timeout"])
             return {"saga": rec}
 
     async def op_step(self, args, peer):
@@ -311,8 +464,12 @@ class SagaEngine:
         compensate = args.get("compensate")
         if compensate is not None and (not isinstance(compensate, str) or "\0" in compensate):
             raise OpError("bad-request", "--compensate must be a shell command string")
-        timeout = args.get("timeout")
-        budgets = {k: args.get(k) for k in ("max_bytes", "max_files") if args.get(k) is not None}
+        try:
+            budget = budgets.validate({**self.defaults["step"],
+                                       **{k: args.get(k) for k in budgets.KEYS if args.get(k) is not None}},
+                                      "step budgets")
+        except ValueError as exc:
+            raise OpError("bad-request", str(exc)) from None
         retries = int(args.get("retries", DEFAULT_RETRIES))
         comp_timeout = float(args.get("compensate_timeout", DEFAULT_COMP_TIMEOUT))
         with self.d.exclusive("begin a step"):
@@ -324,7 +481,7 @@ class SagaEngine:
             paths = dict(self.touched)
             rec = {"saga": sid, "index": index, "name": name, "state": "open", "layer": None,
                    "compensate": compensate, "uid": peer.get("uid"), "gid": peer.get("gid"),
-                   "timeout": timeout, "budgets": budgets, "retries": retries,
+                   "budgets": budget, "retries": retries,
                    "compensate_timeout": comp_timeout, "created": now(), "attempts": 0}
 
             def extra(txn, layer_id):
@@ -341,11 +498,17 @@ class SagaEngine:
                 txn.event("step.begin", saga=sid, step=index, name=name, layer=layer_id,
                           compensate=compensate, **self._event_details(peer))
 
+            await self.flush_audit()
             t0 = time.perf_counter()
             await self.ws.push_layer(txn_extra=extra)
             if prev is not None:
                 self._known.update(paths)
             self.touched = {}
+            self.step_meter = budgets.Meter(budget)
+            if self.saga_meter is None:
+                self.saga_meter = budgets.Meter(saga.get("budgets") or {})
+            if "timeout" in budget:
+                self._arm_timer("step", sid, index, rec["created"] + budget["timeout"])
             elapsed = time.perf_counter() - t0
             if prev is not None:
                 await self._sync_layer(prev)
@@ -417,6 +580,9 @@ class SagaEngine:
 
     async def _compensate(self, sid: int, target: int, final: str, peer):
         """Compensate and drop every live step above *target*, newest first."""
+        await self.flush_audit()
+        self.step_meter = None
+
         def start(txn):
             s = txn.saga(sid)
             s.update(state="compensating", target=target, final=final, updated=now(), error=None)
@@ -563,6 +729,7 @@ class SagaEngine:
             t0 = time.perf_counter()
             was_writable = self.fs.writable()
             self.fs.seal_top()  # quiesce: from here a write fails with EROFS, it is never lost
+            await self.flush_audit()
             lock = BaseLock(self.ws.base)
             try:
                 await trio.to_thread.run_sync(lock.acquire)
@@ -624,6 +791,8 @@ class SagaEngine:
                 raise
             self.touched = {}
             self._known = set()
+            self.step_meter = self.saga_meter = None
+            self.writers = {}
             return {"saga": self.ws.journal.saga(sid), "changes": len(ops), "seconds": time.perf_counter() - t0}
 
     def _annotate(self, changes, sid):
@@ -637,10 +806,14 @@ class SagaEngine:
     # ------------------------------------------------------------------ recovery after mount
 
     async def resume(self) -> None:
-        """After mounting: finish an interrupted rollback, roll back the step open at a crash."""
+        """After mounting: finish an interrupted rollback, roll back the step open at a crash,
+        re-arm the time budgets."""
         saga = self.active()
         if saga is None:
             return
+        self.saga_meter = budgets.Meter(saga.get("budgets") or {})
+        if "timeout" in (saga.get("budgets") or {}):
+            self._arm_timer("saga", saga["id"], None, saga["created"] + saga["budgets"]["timeout"])
         try:
             if saga["state"] == "compensating":
                 log.warning("saga %d: finishing an interrupted rollback", saga["id"])
@@ -654,6 +827,12 @@ class SagaEngine:
                         await self._compensate(saga["id"], live[-1]["index"] - 1, "active", None)
         except OpError as exc:
             log.error("recovery: %s", exc.message)
+        live = self.live_steps(saga["id"])
+        if live and live[-1]["state"] == "open":
+            b = live[-1].get("budgets") or {}
+            self.step_meter = budgets.Meter(b)
+            if "timeout" in b:
+                self._arm_timer("step", saga["id"], live[-1]["index"], live[-1]["created"] + b["timeout"])
 
     # ------------------------------------------------------------------ read-only ops
 
@@ -664,13 +843,51 @@ class SagaEngine:
         saga = self.require_active(states=("active", "stuck", "compensating"))
         ops = await trio.to_thread.run_sync(self._plan)
         changes = self._annotate(merge.summarize(ops), saga["id"])
+        for c in changes:
+            if c["path"] in self.writers:
+                c["process"] = self.writers[c["path"]]
         if args.get("step") is not None:
             k = self._resolve_step(saga, args["step"])
             changes = [c for c in changes if c["step"] == k]
         return {"saga": saga, "changes": changes}
 
     async def op_log(self, args, peer):
-        return {"events": self.ws.journal.events(saga=args.get("saga"), since=int(args.get("since", 0)))}
+        await self.flush_audit()
+        events = self.ws.journal.events(saga=args.get("saga"), since=int(args.get("since", 0)))
+        if not args.get("ops"):
+            events = [e for e in events if e["kind"] != "op"]
+        return {"events": events}
+
+    async def op_gc(self, args, peer):
+        """Remove ended sagas' journal records (beyond --keep N newest, or older than a duration),
+        orphaned layer directories and the trash. Never touches the active saga."""
+        older = args.get("older_than")
+        keep = args.get("keep")
+        with self.d.exclusive("collect garbage"):
+            before = await trio.to_thread.run_sync(self.ws.disk_usage)
+            active = self.active_id()
+            ended = [s for s in self.ws.journal.sagas() if s["id"] != active and s["state"] in ("committed", "aborted")]
+            ended.sort(key=lambda s: s.get("ended") or s.get("updated") or 0, reverse=True)
+            victims = []
+            for i, s in enumerate(ended):
+                too_old = older is not None and now() - (s.get("ended") or s.get("updated") or 0) > float(older)
+                beyond = keep is not None and i >= int(keep)
+                if too_old or beyond or (older is None and keep is None):
+                    victims.append(s["id"])
+
+            def delete(txn):
+                n = 0
+                for sid in victims:
+                    txn.delete_saga(sid)
+                    n += txn.delete_events(sid)
+                txn.event("gc", sagas=victims, events=n, **self._event_details(peer))
+                return n
+
+            events = await self.ws.transact(delete)
+            stack = self.ws.stack()
+            await trio.to_thread.run_sync(self.ws.collect_orphans, stack)
+            after = await trio.to_thread.run_sync(self.ws.disk_usage)
+            return {"sagas": victims, "events": events, "bytes_before": before, "bytes_after": after}
 
     async def op_annotate(self, args, peer):
         """Merge client data (e.g. a saga definition and its steps' outcomes) into the active

@@ -230,6 +230,15 @@ class Workspace:
             n += 1
         return n
 
+    def collect_orphans(self, stack) -> None:
+        """Trash layer directories the journal does not name, and empty the trash (sync)."""
+        keep = set(stack["layers"])
+        for entry in os.listdir(self.layers_dir):
+            if entry not in keep:
+                log.warning("layer %s is not in the journal: removing it", entry)
+                os.rename(self.layers_dir / entry, self.trash_dir / entry)
+        self.reap_trash()
+
     def reaper_loop(self, stop: threading.Event) -> None:
         """Runs in its own thread: delete dropped layers whenever woken."""
         while not stop.is_set():
