@@ -515,6 +515,55 @@ class Journal:
             }
         return self._read(collect)
 
+    def compact(self, threshold=0.5):
+        """Rewrite the environment without its free pages when they dominate.
+
+        A compacting copy is made; if it is smaller than *threshold* times the current file,
+        it replaces data.mdb (fsynced, then renamed, then the directory fsynced) and the
+        environment is reopened. Returns (bytes before, bytes after). Holds the writer lock
+        and the gate throughout: no transaction of this process runs meanwhile.
+        """
+        import os
+        import shutil
+
+        if self.readonly:
+            raise JournalError("cannot compact a journal opened readonly")
+        data = self.path / "data.mdb"
+        tmp = self.path.parent / "journal.compact"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        try:
+            with self._write_lock, self._gate.exclusive():
+                before = data.stat().st_size
+                env = self._live_env()
+                env.copy(str(tmp), compact=True)
+                after = (tmp / "data.mdb").stat().st_size
+                if after >= before * threshold:
+                    return before, before
+                fd = os.open(tmp / "data.mdb", os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                map_size = env.info()["map_size"]
+                env.close()
+                self._env = None
+                os.replace(tmp / "data.mdb", data)
+                dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+                self._env = lmdb.open(str(self.path), subdir=True, map_size=map_size, max_dbs=8, sync=True,
+                                      metasync=True, readonly=False, lock=True, create=False, mode=0o700)
+                with self._env.begin(write=True) as txn:
+                    self._dbs = {name: self._env.open_db(name.encode(), txn=txn, create=False)
+                                 for name in DB_NAMES}
+                log.info("journal %s compacted: %d -> %d bytes", self.path, before, after)
+                return before, after
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def reader_check(self):
         """Clear reader slots left by dead processes; returns how many."""
         with self._gate.shared():

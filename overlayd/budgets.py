@@ -73,6 +73,10 @@ class Meter:
         if size > SPIN_HASH_LIMIT:
             self.spins.pop(ino, None)
             return
-        digest = hashlib.sha256(os.pread(fd, size, 0)).digest()
+        rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)  # the handle may be write-only
+        try:
+            digest = hashlib.sha256(os.pread(rfd, size, 0)).digest()
+        finally:
+            os.close(rfd)
         prev = self.spins.get(ino)
         self.spins[ino] = (digest, prev[1] + 1 if prev and prev[0] == digest else 0)

@@ -71,10 +71,11 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def call(self, op: str, timeout: float | None = ..., **args):
+    def call(self, op: str, *, io_timeout: float | None = ..., **args):
+        """Send one request, wait for its answer. *io_timeout* overrides the socket timeout."""
         self.connect()
-        if timeout is not ...:
-            self._sock.settimeout(timeout)
+        if io_timeout is not ...:
+            self._sock.settimeout(io_timeout)
         rid = next(self._ids)
         self._sock.sendall(json.dumps({"v": PROTOCOL, "id": rid, "op": op, "args": args}).encode() + b"\n")
         try:
@@ -88,7 +89,7 @@ class Client:
             raise ClientError("timeout", f"the daemon did not answer {op!r} within {self._sock_timeout()} s; "
                               "it may be stopped or hung (check 'overlayd list' and its log)") from None
         finally:
-            if self._sock is not None and timeout is not ...:
+            if self._sock is not None and io_timeout is not ...:
                 self._sock.settimeout(self.timeout)
         line, _, self._buf = self._buf.partition(b"\n")
         msg = json.loads(line)

@@ -884,10 +884,13 @@ class SagaEngine:
                 return n
 
             events = await self.ws.transact(delete)
+            async with self.ws.jlimiter:  # no journal transaction of ours runs meanwhile
+                jbefore, jafter = self.ws.journal.compact()
             stack = self.ws.stack()
             await trio.to_thread.run_sync(self.ws.collect_orphans, stack)
             after = await trio.to_thread.run_sync(self.ws.disk_usage)
-            return {"sagas": victims, "events": events, "bytes_before": before, "bytes_after": after}
+            return {"sagas": victims, "events": events, "bytes_before": before, "bytes_after": after,
+                    "journal_before": jbefore, "journal_after": jafter}
 
     async def op_annotate(self, args, peer):
         """Merge client data (e.g. a saga definition and its steps' outcomes) into the active
