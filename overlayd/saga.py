@@ -29,7 +29,6 @@ import trio
 
 from . import budgets, merge, osutil
 from .control import OpError
-from .paths import runtime_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +74,13 @@ def now() -> float:
 
 
 def base_lock_path(base) -> str:
+    """A machine-wide lock per base, shared by every daemon over it (whatever its runtime dir)."""
     digest = hashlib.sha256(os.fsencode(os.path.realpath(base))).hexdigest()[:16]
-    return str(runtime_dir() / f"base-{digest}.lock")
+    if os.geteuid() == 0:
+        root = "/run/lock/overlayd"
+    else:
+        root = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/overlayd-{os.geteuid()}", "overlayd-locks")
+    return os.path.join(root, f"base-{digest}.lock")
 
 
 class BaseLock:
