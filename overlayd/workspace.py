@@ -191,6 +191,8 @@ class Workspace:
         layer stays sealed unless *reopen*.
         """
         if count <= 0:
+            if txn_extra is not None:
+                await self.transact(txn_extra)
             return []
         ids = [layer.id for layer in self.fs.layers[-count:]]
 
