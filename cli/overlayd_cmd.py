@@ -5,18 +5,41 @@ Exit codes: 0 ok, 1 error, 2 usage error, 5 no daemon serves the workspace.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import click
 
-from overlayd import __version__
+from overlayd import __version__, config
 from overlayd.client import Client, ClientError, NoDaemon
 from overlayd.paths import UsageError, check_workspace_name, default_name, default_state_dir, socket_path, state_root
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
+
+
+def _stderr_is_journal() -> bool:
+    """Is stderr a journald stream (systemd sets JOURNAL_STREAM=DEV:INODE of it)?"""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class ServiceError(click.ClickException):
+    """An error of a command systemd runs: printed with a ``<3>`` priority prefix under journald."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None):
+        prefix = "<3>" if _stderr_is_journal() else ""
+        click.echo(f"{prefix}Error: {self.format_message()}", err=True)
 
 
 @click.group(context_settings=CONTEXT)
@@ -32,8 +55,11 @@ def main():
 
 
 @main.command()
-@click.argument("base", type=click.Path(file_okay=False))
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("base", type=click.Path(file_okay=False), required=False)
+@click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Read base, mountpoint and options from this file (TOML, e.g. /etc/overlayd/NAME.conf); "
+                   "the workspace name is the file's stem. Arguments and options given here override it.")
 @click.option("--name", help="Workspace name (default: the mountpoint's last component).")
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Where layers and the journal live (default /var/lib/overlayd/NAME for root, "
@@ -42,20 +68,35 @@ def main():
 @click.option("--allow-other/--no-allow-other", default=None,
               help="Let every user's processes use the mount (default: on when run as root).")
 @click.option("--group", help="Members of this group may also drive the daemon.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.option("--keep-open-step", is_flag=True,
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="How much the daemon logs (default: info).")
+@click.option("--keep-open-step/--no-keep-open-step", default=None,
               help="After a crash, keep the step that was open instead of rolling it back.")
 @click.option("--debug-fuse", is_flag=True, hidden=True)
-def mount(base, mountpoint, name, state_dir, foreground, allow_other, group, log_level, keep_open_step, debug_fuse):
+def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_other, group, log_level, keep_open_step,
+          debug_fuse):
     """Mount a workspace over BASE at MOUNTPOINT.
 
-    Returns once the mount is ready (exit 0) or has failed (exit 1, with the reason).
+    Returns once the mount is ready (exit 0) or has failed (exit 1, with the reason; exit 2
+    for a usage or configuration error).
 
     \b
     Example:
         overlayd mount ./project /mnt/ws --name project
+        overlayd mount --config /etc/overlayd/project.conf --foreground   # as systemd runs it
     """
+    if config_path:
+        try:
+            cfg = config.load(config_path)
+        except config.ConfigError as exc:
+            raise ServiceError(str(exc), exit_code=2)
+        base, mountpoint, name = base or cfg.base, mountpoint or cfg.mountpoint, name or cfg.name
+        state_dir, group, log_level = state_dir or cfg.state_dir, group or cfg.group, log_level or cfg.log_level
+        allow_other = cfg.allow_other if allow_other is None else allow_other
+        keep_open_step = cfg.keep_open_step if keep_open_step is None else keep_open_step
+    elif base is None or mountpoint is None:
+        raise click.UsageError("give BASE and MOUNTPOINT, or --config FILE")
+    log_level, keep_open_step = log_level or "info", bool(keep_open_step)
     name = name or default_name(mountpoint)
     try:
         check_workspace_name(name)
@@ -164,3 +205,133 @@ def list_(as_json):
         return
     for r in rows:
         click.echo(f"{r['name']}\t{'mounted' if r['mounted'] else 'stopped'}\t{r['base']}\t{r['mountpoint']}")
+
+
+# ---------------------------------------------------------------------- systemd
+
+
+def _mounts_at(path: str) -> int:
+    """How many mounts are stacked at *path* (from /proc/self/mountinfo, without touching the mount)."""
+    import re
+
+    count = 0
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), line.split()[4])
+            if os.fsdecode(point) == path:
+                count += 1
+    return count
+
+
+def _probe(path: str, timeout: float = 5.0) -> str:
+    """"ok", "dead" (ENOTCONN: its daemon is gone) or "hung" (no answer within *timeout*)."""
+    import errno
+    import threading
+
+    result = []
+
+    def probe():
+        try:
+            os.statvfs(path)  # not stat(): the kernel answers that from its attribute cache, dead or not
+            result.append("ok")
+        except OSError as exc:
+            result.append("dead" if exc.errno == errno.ENOTCONN else "ok")
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else "hung"
+
+
+@main.command("clear-mount")
+@click.argument("mountpoint", type=click.Path(), required=False)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Take the mountpoint from this configuration file.")
+def clear_mount(mountpoint, config_path):
+    """Unmount a dead mount left by a crashed daemon ("Transport endpoint is not connected").
+
+    A live mount is left alone, and so is one whose daemon does not answer (exit 1, say so).
+    Exit 0 when nothing dead is left at MOUNTPOINT. The systemd units run it before a start
+    and after a stop (ExecStartPre=, ExecStopPost=).
+
+    \b
+    Example:
+        overlayd clear-mount /mnt/ws
+    """
+    if mountpoint is None:
+        if not config_path:
+            raise click.UsageError("give MOUNTPOINT or --config FILE")
+        try:
+            mountpoint = config.load(config_path).mountpoint
+        except config.ConfigError as exc:
+            raise ServiceError(str(exc), exit_code=2)
+    mp = os.path.abspath(mountpoint)
+    cleared = 0
+    while _mounts_at(mp) and cleared < 16:
+        state = _probe(mp)
+        if state == "ok":
+            break
+        if state == "hung":
+            raise ServiceError(f"the mount at {mp} does not answer (a hung daemon?); stop its daemon, "
+                               f"or force it away with: fusermount3 -uz {mp}")
+        cmd = ["fusermount3", "-uz", mp] if shutil.which("fusermount3") else ["umount", "-l", mp]
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ServiceError(f"could not clear the dead mount at {mp}: {' '.join(cmd)}: "
+                               f"{r.stderr.strip() or f'exit status {r.returncode}'}")
+        cleared += 1
+    if cleared:
+        prefix = "<4>" if _stderr_is_journal() else ""
+        click.echo(f"{prefix}cleared a dead mount at {mp} (its daemon had died)", err=True)
+
+
+@main.command("install-service")
+@click.option("--name", help="Also write a sample configuration for this workspace (an existing one is kept).")
+@click.option("--base", type=click.Path(file_okay=False), help="The sample configuration's base (absolute).")
+@click.option("--mountpoint", type=click.Path(file_okay=False),
+              help="The sample configuration's mountpoint (absolute).")
+@click.option("--user", is_flag=True,
+              help="Install the unprivileged user unit overlayd-user@.service (systemctl --user) in "
+                   "~/.config/systemd/user, its configuration in ~/.config/overlayd.")
+@click.option("--root", default="/", show_default=True, type=click.Path(file_okay=False),
+              help="Install below this directory instead of / (packaging, tests).")
+@click.option("--executable", type=click.Path(dir_okay=False),
+              help="The overlayd command the unit runs (default: this one, by absolute path).")
+def install_service(name, base, mountpoint, user, root, executable):
+    """Install the systemd unit overlayd@.service and a sample /etc/overlayd/NAME.conf.
+
+    The unit runs this overlayd by its absolute path (a virtualenv is not on systemd's PATH).
+    Idempotent: the unit is rewritten only if it changed; an existing configuration is never
+    overwritten. Prints the systemctl commands that enable and start the workspace.
+
+    \b
+    Example:
+        overlayd install-service --name project --base /srv/project --mountpoint /mnt/project
+        systemctl daemon-reload && systemctl enable --now overlayd@project
+    """
+    if (base or mountpoint) and not name:
+        raise click.UsageError("--base and --mountpoint fill in a sample configuration: give --name too")
+    try:
+        r = config.install_service(root=root, user=user, name=name, base=base, mountpoint=mountpoint,
+                                   executable=executable)
+    except UsageError as exc:
+        raise click.UsageError(str(exc))
+    except OSError as exc:
+        raise click.ClickException(f"cannot install into {exc.filename or root}: {exc.strerror}"
+                                   + ("; run it as root, or use --user" if exc.errno == 13 and not user else ""))
+    click.echo(f"{r['unit_action']} {r['unit']} (it runs {r['executable']})")
+    if r["config"]:
+        if r["config_action"] == "kept":
+            click.echo(f"kept the existing {r['config']}")
+        else:
+            click.echo(f"wrote {r['config']}" + ("" if base and mountpoint else ": edit base and mountpoint"))
+    for label, path in (("base", base), ("mountpoint", mountpoint)):
+        if path and not os.path.isdir(os.path.expanduser(path)):
+            click.echo(f"note: the {label} {path} does not exist yet" +
+                       (f"; create it: mkdir -p {path}" if label == "mountpoint" else ""))
+    if not name:
+        click.echo("add a workspace: overlayd install-service --name NAME --base DIR --mountpoint DIR"
+                   + (" --user" if user else ""))
+    click.echo("then run:" if root in ("", "/") else f"then, on the system installed in {root}, run:")
+    for cmd in r["commands"]:
+        click.echo(f"  {cmd}")
