@@ -1536,11 +1536,18 @@ class OverlayFS(pyfuse3.Operations):
             if h.li == self.top and self.top > 0 and not h.node.dead:
                 link = self._link_of(h.node)
                 if link is not None:
-                    pfd = os.dup(self._dirfd(link[0], h.li))
+                    # the file's name, and the directories a copy-up created for it, up to the
+                    # layer's root: duplicated fds, so that the LRU may close its own meanwhile
+                    fds = []
+                    d = link[0]
+                    while d is not None and d.li == h.li:
+                        fds.append(os.dup(self._dirfd(d, h.li)))
+                        d = d.parent
                     try:
-                        await trio.to_thread.run_sync(os.fsync, pfd)
+                        await trio.to_thread.run_sync(lambda: [os.fsync(fd) for fd in fds])
                     finally:
-                        os.close(pfd)
+                        for fd in fds:
+                            os.close(fd)
         finally:
             h.busy -= 1
             if h.closed and not h.busy:
