@@ -225,3 +225,63 @@ def _name_of_mount(mountpoint) -> str:
     if best is None:
         raise NoDaemon("no-daemon", f"{mp} is not inside a mounted overlayd workspace")
     return best[1]
+
+
+# ---------------------------------------------------------------------- saga definitions
+
+
+def run_definition(ws: Workspace, definition, *, name=None, commit=True, resume=False, on_event=None):
+    """Run a whole saga from a definition; returns an ``overlayd.definitions.RunResult``.
+
+    *definition*: a path to a TOML file, a ``Definition``, or a list of steps (dicts with the
+    keys of a ``[[step]]`` table, *name* then names the saga). A step's ``run`` and
+    ``compensate`` may be shell commands (run in the mount; a compensate command is run by
+    the daemon when the step's layer is dropped) or Python callables ``f(ctx)`` getting a
+    ``StepContext`` (``ctx.workspace`` is the mountpoint); they run in this process. A run
+    callable fails by raising. A callable compensate is called here, right before the daemon
+    drops that step's layer (on a failure of the step or a later one, and on a retry or a
+    resume); if it raises on every attempt (``compensate_retries``, 3 by default) the run
+    ends ``stuck``. Compensations must tolerate a half-done step. Resume with the same steps
+    (``resume=True``); the check covers names, commands and the callables' qualified names.
+
+    Example::
+
+        ws = Workspace("/mnt/ws")
+        r = run_definition(ws, [
+            {"name": "fetch", "run": "curl -so data.json https://example.org/data.json"},
+            {"name": "convert", "run": convert, "compensate": forget_conversion},
+            {"name": "test", "run": "python -m unittest -q", "retries": 1},
+        ], name="refresh-data")
+        if not r.ok:
+            print(r.status, r.message)
+    """
+    from . import definitions
+
+    if isinstance(definition, (list, tuple)):
+        definition = definitions.from_steps(definition, name or "saga")
+    elif not isinstance(definition, definitions.Definition):
+        definition = definitions.load(definition)
+    return definitions.Coordinator(definition, ws.socket_path, commit=commit, on_event=on_event).run(resume=resume)
+
+
+def _saga_run(self, steps, *, commit=None, on_event=None):
+    """Run *steps* (as for :func:`run_definition`) in this saga; returns the RunResult, raises
+    ``RunFailed`` (a ClientError, with ``.result``) if the run did not finish.
+
+    Inside ``with ws.saga(NAME) as s:`` the steps join the active saga: a failure compensates
+    only these steps, then raises, so the ``with`` block aborts the saga; the block commits.
+    On a saga not begun yet, ``s.run(steps)`` begins it and commits (``commit=False``: leave
+    it open)."""
+    from . import definitions
+
+    defn = definitions.from_steps(steps, self.name) if isinstance(steps, (list, tuple)) else steps
+    attach = self.rec is not None
+    coord = definitions.Coordinator(defn, self.ws.socket_path, on_event=on_event, attach=attach,
+                                    commit=(not attach) if commit is None else commit)
+    result = coord.run()
+    if not attach and result.saga_id is not None:
+        self.rec = {"id": result.saga_id, "name": self.name}
+    return result.raise_for_status()
+
+
+Saga.run = _saga_run

@@ -1,0 +1,1 @@
+"""calc: a tiny calculator package (the example project of examples/refactor.toml)."""
