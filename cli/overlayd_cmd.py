@@ -262,10 +262,11 @@ def clear_mount(mountpoint, config_path):
         if not config_path:
             raise click.UsageError("give MOUNTPOINT or --config FILE")
         try:
-            mountpoint = config.load(config_path).mountpoint
+            mountpoint = config.mountpoint_of(config_path)
         except config.ConfigError as exc:
             raise ServiceError(str(exc), exit_code=2)
     mp = os.path.abspath(mountpoint)
+    mp = os.path.join(os.path.realpath(os.path.dirname(mp)), os.path.basename(mp))  # as mountinfo spells it
     cleared = 0
     while _mounts_at(mp) and cleared < 16:
         state = _probe(mp)

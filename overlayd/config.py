@@ -152,6 +152,21 @@ def load(path) -> Config:
     return Config(path=path, name=name, **values)
 
 
+def mountpoint_of(path) -> str:
+    """The mountpoint of a configuration file, even one with other mistakes (ExecStart= reports those)."""
+    try:
+        return load(path).mountpoint
+    except ConfigError:
+        try:
+            with open(path, "rb") as f:
+                value = tomllib.load(f).get("mountpoint")
+        except (OSError, tomllib.TOMLDecodeError):
+            value = None
+        if isinstance(value, str) and os.path.isabs(os.path.expanduser(value)):
+            return os.path.normpath(os.path.expanduser(value))
+        raise
+
+
 # ---------------------------------------------------------------------- sample configuration
 
 

@@ -243,6 +243,13 @@ def test_clear_mount_without_a_mount(tmp_path):
     assert r.exit_code == 0 and r.output == ""
     r = CliRunner().invoke(overlayd_cmd.main, ["clear-mount"], catch_exceptions=False)
     assert r.exit_code == 2 and "give MOUNTPOINT or --config FILE" in r.output
+    # another mistake in the file is left to ExecStart= to report (once), the mountpoint is still usable
+    p = write_conf(tmp_path, f'base = "/b"\nmountpoint = "{tmp_path}"\nbse = 1\n')
+    r = CliRunner().invoke(overlayd_cmd.main, ["clear-mount", "--config", str(p)], catch_exceptions=False)
+    assert r.exit_code == 0 and r.output == ""
+    p = write_conf(tmp_path, 'base = "/b"\nmountpoint = "rel"\n')
+    r = CliRunner().invoke(overlayd_cmd.main, ["clear-mount", "--config", str(p)], catch_exceptions=False)
+    assert r.exit_code == 2 and "mountpoint must be an absolute path" in r.output
 
 
 # ---------------------------------------------------------------------------------- the unit run as systemd runs it
