@@ -16,7 +16,9 @@ print `{"version": 1, "error": {"message": ..., "exit_code": ...}}`.
 
 
 def _help(cmd, path):
-    ctx = click.Context(cmd, info_name=path, terminal_width=100, max_content_width=100)
+    settings = {**cmd.context_settings, "terminal_width": 100, "max_content_width": 100,
+                "help_option_names": ["-h", "--help"]}
+    ctx = click.Context(cmd, info_name=path, **settings)
     return cmd.get_help(ctx)
 
 

@@ -70,7 +70,7 @@ def sd_notify(message: str) -> None:
 def clear_stale_mount(mountpoint: str) -> None:
     """A dead FUSE daemon leaves 'Transport endpoint is not connected': unmount it lazily."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # stat() may still be answered from the kernel's attribute cache
         return
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
@@ -96,6 +96,7 @@ class Daemon:
         self.allow_other = allow_other
         self.auth = Authorizer(os.getuid(), group)
         self.busy = None  # name of the stack operation in flight
+        self.stopping = False
         self.started = time.time()
         self.ops = {
             "status": self.op_status,
@@ -121,6 +122,8 @@ class Daemon:
 
         class _Excl:
             def __enter__(self_):
+                if daemon.stopping:
+                    raise OpError("stopping", "the daemon is stopping; run this again once it is back")
                 if daemon.busy is not None:
                     raise OpError("busy", f"cannot {name} while {daemon.busy} is in progress; "
                                           "wait for it to finish and try again")
@@ -160,8 +163,22 @@ class Daemon:
 
     async def op_shutdown(self, args, peer):
         log.info("shutdown requested by pid %d uid %d", peer["pid"], peer["uid"])
-        pyfuse3.terminate()
+        await self.stop()
         return {"stopping": True}
+
+    async def stop(self) -> None:
+        """Refuse new stack operations, let the one in flight finish, then end the FUSE loop."""
+        sd_notify("STOPPING=1")
+        self.stopping = True
+        while self.busy is not None:
+            sd_notify(f"STATUS=stopping: waiting for {self.busy}")
+            await trio.sleep(0.1)
+        if self.saga is not None:
+            try:
+                await self.saga.flush_audit()
+            except Exception:
+                log.exception("could not journal the audit trail")
+        pyfuse3.terminate()
 
     # ------------------------------------------------------------------ main loop
 
@@ -177,7 +194,6 @@ class Daemon:
             reaper.start()
             nursery.start_soon(self._ready_after_start, ready)
             if self.saga is not None:
-                nursery.start_soon(self.saga.resume)
                 nursery.start_soon(self.saga.audit_loop)
             try:
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -189,7 +205,10 @@ class Daemon:
                 nursery.cancel_scope.cancel()
 
     async def _ready_after_start(self, ready) -> None:
-        await trio.sleep(0)
+        await trio.sleep(0)  # the FUSE loop runs from here: recovery may run commands in the mount
+        if self.saga is not None:
+            sd_notify("STATUS=recovering")
+            await self.saga.resume()
         ready()
         sd_notify("READY=1\nSTATUS=mounted")
         log.info("mounted %s over %s", self.ws.mountpoint, self.ws.base)
@@ -198,8 +217,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal %d: unmounting", signum)
-                sd_notify("STOPPING=1")
-                pyfuse3.terminate()
+                await self.stop()
                 return
 
     async def _watchdog(self) -> None:

@@ -722,7 +722,9 @@ class SagaEngine:
     async def op_commit(self, args, peer):
         dry_run = bool(args.get("dry_run"))
         with self.d.exclusive("commit"):
-            saga = self.require_active()
+            saga = self.require_active(states=("active", "committing"))
+            if saga["state"] == "committing":
+                return await self._finish_commit(saga, peer)
             sid = saga["id"]
             paths = self._all_paths(sid)
             if dry_run:
@@ -778,15 +780,7 @@ class SagaEngine:
                     t1 = time.perf_counter()
                     await self.ws.transact(intent)
                     crash_point("commit.intent")
-                    stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
-                    t2 = time.perf_counter()
-                    await trio.to_thread.run_sync(run_commit_plan, self.ws, plan)
-                    crash_point("commit.done")
-                    t3 = time.perf_counter()
-                    await self.ws.drop_layers(len(layers), txn_extra=lambda txn: _finalize_commit(txn, sid))
-                    self.fs.base_changed(stale)
-                    log.info("saga %d committed: %d ops; flush+check+plan %.3fs, intent %.3fs, merge %.3fs, "
-                             "drop %.3fs", sid, len(ops), t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
+                    await self._execute_plan(plan, peer, t0, t1)
                 finally:
                     lock.release()
             except BaseException:
@@ -798,6 +792,66 @@ class SagaEngine:
             self.step_meter = self.saga_meter = None
             self.writers = {}
             return {"saga": self.ws.journal.saga(sid), "changes": len(ops), "seconds": time.perf_counter() - t0}
+
+    async def _execute_plan(self, plan, peer, t0=None, t1=None) -> None:
+        """Run a journaled plan to the end, then finalize. On failure before anything was renamed
+        into the base, undo the staging and give the saga back; after, stay committing."""
+        sid, ops, layers = plan["saga"], plan["ops"], plan["layers"]
+        t0 = t1 = t0 or time.perf_counter()
+        stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
+        t2 = time.perf_counter()
+        try:
+            await trio.to_thread.run_sync(run_commit_plan, self.ws, plan)
+        except (OSError, merge.MergeError) as exc:
+            cur = self.ws.journal.meta("commit_plan") or {}
+            if cur.get("phase") == "planned":
+                await trio.to_thread.run_sync(merge.cleanup_stage, self._base_fd, ops, sid)
+
+                def give_back(txn):
+                    # the steps stay done (sealed): a crash now loses nothing; commit again later
+                    s = txn.saga(sid)
+                    s.update(state="active", updated=now())
+                    txn.put_saga(sid, s)
+                    txn.set_meta("commit_plan", None)
+                    txn.event("commit.failed", saga=sid, phase="planned", error=str(exc))
+
+                await self.ws.transact(give_back)
+                raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; nothing was "
+                                               "applied and the saga is still active with every step done: fix "
+                                               "the cause (e.g. free space in the base's filesystem) and commit "
+                                               "again") from None
+
+            def failed(txn):
+                txn.event("commit.failed", saga=sid, phase=cur.get("phase"), error=str(exc))
+
+            await self.ws.transact(failed)
+            raise OpError("commit-incomplete", f"commit failed while applying it to the base: {exc}; the journal "
+                                               "holds the rest: fix the cause, then run 'saga commit' again to "
+                                               "finish it (a restart of the daemon finishes it too)") from None
+        crash_point("commit.done")
+        t3 = time.perf_counter()
+        await self.ws.drop_layers(len(layers), txn_extra=lambda txn: _finalize_commit(txn, sid))
+        self.fs.base_changed(stale)
+        log.info("saga %d committed: %d ops; flush+check+plan %.3fs, intent %.3fs, merge %.3fs, "
+                 "drop %.3fs", sid, len(ops), t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
+
+    async def _finish_commit(self, saga, peer):
+        """'saga commit' on a saga whose commit failed half-way: finish it from the journal."""
+        plan = self.ws.journal.meta("commit_plan")
+        if not plan or plan["saga"] != saga["id"]:
+            raise OpError("internal", f"saga {saga['id']} is committing but the journal holds no plan for it")
+        t0 = time.perf_counter()
+        lock = BaseLock(self.ws.base)
+        await trio.to_thread.run_sync(lock.acquire)
+        try:
+            await self._execute_plan(plan, peer)
+        finally:
+            lock.release()
+        self.touched = {}
+        self._known = set()
+        self.step_meter = self.saga_meter = None
+        return {"saga": self.ws.journal.saga(saga["id"]), "changes": len(plan["ops"]),
+                "seconds": time.perf_counter() - t0}
 
     def _annotate(self, changes, sid):
         steps = self._layer_steps(sid)

@@ -8,7 +8,9 @@ for pkg in fuse3 libfuse3-dev pkg-config python3-venv gcc python3-dev git attr; 
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ "${1:-}" = "--test" ]; then
-  dpkg-query -W -f='${Status}' fuse-overlayfs 2>/dev/null | grep -q "ok installed" || need+=(fuse-overlayfs)
+  for pkg in fuse-overlayfs systemd; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
+  done
 fi
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
