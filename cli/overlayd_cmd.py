@@ -183,7 +183,10 @@ def unmount(mountpoint, timeout):
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(as_json):
-    """List the workspaces on this machine, mounted or not."""
+    """List the workspaces on this machine, mounted or not: base, mountpoint, active saga, disk use."""
+    from journal import Journal, JournalError
+    from overlayd.saga import status_of
+
     rows = []
     root = state_root()
     if root.is_dir():
@@ -192,19 +195,52 @@ def list_(as_json):
             if not info_path.is_file():
                 continue
             info = json.loads(info_path.read_text())
-            row = {**info, "state_dir": str(entry), "mounted": False, "layers": None}
+            row = {**info, "state_dir": str(entry), "mounted": False, "layers": None, "saga": None,
+                   "disk_bytes": _disk_use(entry)}
             try:
                 with Client(socket_path(info["name"]), timeout=5) as c:
                     st = c.call("status")
+                    saga = c.call("saga.status")["saga"]
                 row.update(mounted=True, layers=len(st["layers"]), pid=st["pid"])
-            except ClientError:
-                pass
+            except (ClientError, OSError):
+                try:
+                    with Journal.open(entry, readonly=True) as j:
+                        saga = status_of(j)["saga"]
+                except JournalError:
+                    saga = None
+            if saga:
+                row["saga"] = {"id": saga["id"], "name": saga["name"], "state": saga["state"]}
             rows.append(row)
     if as_json:
         click.echo(json.dumps({"version": 1, "workspaces": rows}))
         return
+    if not rows:
+        click.echo(f"no workspaces under {root}")
+        return
+    click.echo("NAME\tSTATE\tSAGA\tDISK\tBASE\tMOUNTPOINT")
     for r in rows:
-        click.echo(f"{r['name']}\t{'mounted' if r['mounted'] else 'stopped'}\t{r['base']}\t{r['mountpoint']}")
+        saga = f"{r['saga']['name']} ({r['saga']['state']})" if r["saga"] else "-"
+        click.echo(f"{r['name']}\t{'mounted' if r['mounted'] else 'stopped'}\t{saga}\t{_human(r['disk_bytes'])}"
+                   f"\t{r['base']}\t{r['mountpoint']}")
+
+
+def _disk_use(path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for f in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
 
 
 # ---------------------------------------------------------------------- systemd

@@ -162,3 +162,19 @@ def test_conflict_exit_code(mount_factory, tmp_path):
     with pytest.raises(ConflictError) as ei:
         Workspace(socket_path=b.socket).call("saga.commit")
     assert [c["path"] for c in ei.value.conflicts] == ["shared"]
+
+
+def test_overlayd_list(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "listed", check=0)
+    env = {**m.env}
+    code = "import sys; from cli.overlayd_cmd import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code, "list", "--json"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["workspaces"]
+    assert [(w["name"], w["mounted"], w["saga"]["name"]) for w in rows] == [("cliws", True, "listed")]
+    assert rows[0]["disk_bytes"] > 0 and rows[0]["base"] == str(m.base)
+    m.stop()
+    r = subprocess.run([sys.executable, "-c", code, "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "cliws\tstopped\tlisted (active)" in r.stdout, r.stdout
