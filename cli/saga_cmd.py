@@ -83,6 +83,42 @@ class Target:
             raise SagaError(f"{path} is not inside an overlayd workspace; cd into one or pass -w MOUNTPOINT "
                             "(mount one with: overlayd mount BASE MOUNTPOINT)", 5)
 
+    def call_with_progress(self, op, label, **args):
+        """A long operation; on a terminal, a progress bar fed by polling saga.status."""
+        if not sys.stdout.isatty():
+            return self.call(op, **args)
+        import threading
+
+        result, error = {}, {}
+
+        def work():
+            try:
+                result["r"] = self.call(op, **args)
+            except BaseException as exc:  # re-raised in the caller's thread
+                error["e"] = exc
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        shown = None
+        while t.is_alive():
+            t.join(0.2)
+            try:
+                with Client(socket_path(self.name), timeout=2) as c:
+                    p = c.call("saga.status").get("progress")
+            except (ClientError, OSError):
+                p = None
+            if p and p.get("total"):
+                if shown is None:
+                    shown = click.progressbar(length=p["total"], label=label, file=sys.stderr)
+                    shown.__enter__()
+                shown.update(max(0, p["done"] - shown.pos))
+        if shown is not None:
+            shown.update(shown.length - shown.pos)
+            shown.__exit__(None, None, None)
+        if "e" in error:
+            raise error["e"]
+        return result["r"]
+
     def call(self, op, **args):
         try:
             with Client(socket_path(self.name), timeout=float(os.environ.get("SAGA_TIMEOUT", "600"))) as c:
@@ -301,7 +337,7 @@ def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy
 def rollback(ctx, to, workspace, as_json):
     """Undo the open step, or every step after --to STEP (newest first)."""
     def go(t):
-        r = t.call("saga.rollback", to=to)
+        r = t.call_with_progress("saga.rollback", "rolling back", to=to)
         done = r.get("compensated") or []
         emit(ctx, r, f"rolled back step(s) {', '.join(map(str, done))}; writes are refused until: saga step NAME"
              if done else "nothing to roll back")
@@ -314,7 +350,7 @@ def rollback(ctx, to, workspace, as_json):
 def abort(ctx, workspace, as_json):
     """Roll back every step and end the saga as aborted."""
     def go(t):
-        r = t.call("saga.abort")
+        r = t.call_with_progress("saga.abort", "aborting")
         emit(ctx, r, f"aborted {_saga_line(r['saga'])}")
     run(ctx, workspace, as_json, go)
 
@@ -326,7 +362,8 @@ def abort(ctx, workspace, as_json):
 def commit(ctx, dry_run, workspace, as_json):
     """Merge every step into the base (crash-safe; refused on conflicts, exit 3)."""
     def go(t):
-        r = t.call("saga.commit", dry_run=dry_run)
+        r = t.call("saga.commit", dry_run=dry_run) if dry_run else t.call_with_progress("saga.commit", "committing",
+                                                                                         dry_run=False)
         if dry_run:
             lines = [f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})" for c in r["changes"]]
             lines += [f"CONFLICT  {c['path']}" for c in r["conflicts"]]

@@ -120,14 +120,18 @@ def run_commit_plan(ws, plan: dict, progress=None) -> None:
             layer_fds[lid] = os.open(ws.layers_dir / lid, osutil.DIR_FLAGS)
         m = merge.Merger(base_fd, layer_fds, plan["saga"], plan["ops"])
         try:
+            stage_cb = apply_cb = None
+            if progress is not None:  # two passes over the ops: one bar
+                stage_cb = lambda d, t: progress(d, 2 * t)  # noqa: E731
+                apply_cb = lambda d, t: progress(t + d, 2 * t)  # noqa: E731
             if plan["phase"] == "planned":
-                m.stage(progress)
+                m.stage(stage_cb)
                 m.sync()
                 crash_point("commit.staged")
                 ws.journal.transact(lambda txn: _set_phase(txn, "staged"))
                 plan["phase"] = "staged"
             crash_point("commit.apply")
-            m.apply(progress)
+            m.apply(apply_cb)
             crash_point("commit.applied")
             m.sync()
         finally:
@@ -226,6 +230,7 @@ class SagaEngine:
         self.cutting = None  # the reason of a budget cut in progress
         self.audit = []  # changes not yet journaled: flushed in batches
         self.writers = {}  # path -> {"pid", "uid", "comm"} of the last change, active saga
+        self.progress = None  # {"op", "done", "total"} of a long operation, for progress bars
         self._comms = {}
         daemon.ops.update({
             "saga.begin": self.op_begin, "saga.step": self.op_step, "saga.rollback": self.op_rollback,
@@ -598,9 +603,11 @@ class SagaEngine:
         self.fs.seal_top()
         done = []
         t0 = time.perf_counter()
+        todo = [st for st in self.live_steps(sid) if st["index"] > target]
         for step in reversed(self.live_steps(sid)):
             if step["index"] <= target:
                 break
+            self.progress = {"op": "rollback", "done": len(done), "total": len(todo)}
             ok, status, tail = await self._run_step_compensation(sid, step)
             if not ok:
                 def stuck(txn):
@@ -801,7 +808,10 @@ class SagaEngine:
         stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
         t2 = time.perf_counter()
         try:
-            await trio.to_thread.run_sync(run_commit_plan, self.ws, plan)
+            def progress(done, total):
+                self.progress = {"op": "commit", "done": done, "total": total}
+
+            await trio.to_thread.run_sync(run_commit_plan, self.ws, plan, progress)
         except (OSError, merge.MergeError) as exc:
             cur = self.ws.journal.meta("commit_plan") or {}
             if cur.get("phase") == "planned":
@@ -895,7 +905,9 @@ class SagaEngine:
     # ------------------------------------------------------------------ read-only ops
 
     async def op_status(self, args, peer):
-        return status_of(self.ws.journal, self.fs.writable(), self.d.busy)
+        out = status_of(self.ws.journal, self.fs.writable(), self.d.busy)
+        out["progress"] = self.progress if self.d.busy else None
+        return out
 
     async def op_diff(self, args, peer):
         saga = self.require_active(states=("active", "stuck", "compensating"))
