@@ -56,7 +56,7 @@ def main():
 
 @main.command()
 @click.argument("base", type=click.Path(file_okay=False), required=False)
-@click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
+@click.argument("mountpoint", type=str, required=False)  # str: never stat() a possibly hung mount
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Read base, mountpoint and options from this file (TOML, e.g. /etc/overlayd/NAME.conf); "
                    "the workspace name is the file's stem. Arguments and options given here override it.")
@@ -154,7 +154,7 @@ def _workspace_for_mountpoint(mountpoint: str) -> str:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint", type=str)
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 def unmount(mountpoint, timeout):
     """Unmount a workspace cleanly: the journal is flushed and nothing is lost."""
@@ -280,7 +280,7 @@ def _probe(path: str, timeout: float = 5.0) -> str:
 
 
 @main.command("clear-mount")
-@click.argument("mountpoint", type=click.Path(), required=False)
+@click.argument("mountpoint", type=str, required=False)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Take the mountpoint from this configuration file.")
 def clear_mount(mountpoint, config_path):

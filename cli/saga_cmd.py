@@ -218,7 +218,8 @@ def parse_size(value):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema version 1).")
-ws_option = click.option("-w", "--workspace", "workspace", envvar="SAGA_WORKSPACE", type=click.Path(),
+# type=str, not click.Path: Path stat()s its value, which hangs on the mount of a stopped daemon
+ws_option = click.option("-w", "--workspace", "workspace", envvar="SAGA_WORKSPACE", type=str, metavar="MOUNTPOINT",
                          help="The workspace's mountpoint (default: the one containing the current directory).")
 
 
@@ -245,7 +246,8 @@ def run(ctx, workspace, as_json, fn):
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="saga")
-@click.option("-w", "--workspace", envvar="SAGA_WORKSPACE", type=click.Path(), help="The workspace's mountpoint.")
+@click.option("-w", "--workspace", envvar="SAGA_WORKSPACE", type=str, metavar="MOUNTPOINT",
+              help="The workspace's mountpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output for every command.")
 @click.pass_context
 def main(ctx, workspace, as_json):
