@@ -159,8 +159,8 @@ class ControlServer:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("op"), str):
                 raise ValueError("a request is a JSON object with a string 'op'")
-        except (ValueError, UnicodeDecodeError) as exc:
-            await self._send(stream, None, error=OpError("bad-request", f"malformed request: {exc}"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            await self._send(stream, None, error=OpError("bad-request", f"malformed request: {exc}"[:500]))
             return
         rid = req.get("id")
         if req.get("v", PROTOCOL) != PROTOCOL:

@@ -148,7 +148,9 @@ class Daemon:
             return {"layer": await self.ws.push_layer()}
 
     async def op_drop(self, args, peer):
-        count = int(args.get("count", 1))
+        count = args.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise OpError("bad-request", f"count must be an integer, not {count!r}")
         if count < 1 or count > self.ws.fs.top:
             raise OpError("bad-request", f"cannot drop {count} layer(s): the stack has {self.ws.fs.top}")
         with self.exclusive("drop layers"):

@@ -159,10 +159,11 @@ def summarize(ops) -> list[dict]:
 class Merger:
     """Executes a plan. *layer_fds*: layer id -> fd of the layer's root."""
 
-    def __init__(self, base_fd: int, layer_fds: dict, saga_id: int, ops: list[dict]):
+    def __init__(self, base_fd: int, layer_fds: dict, saga_id: int, ops: list[dict], token: str = ""):
         self.base_fd = base_fd
         self.layer_fds = layer_fds
         self.saga = saga_id
+        self.token = token  # random, journaled with the plan: no name in the view can collide
         self.ops = ops
         self.base_dev = os.fstat(base_fd).st_dev
         self._dirs = {}
@@ -188,7 +189,7 @@ class Merger:
         return osutil.open_beneath(self.layer_fds[layer], parent)
 
     def stage_name(self, i: int) -> bytes:
-        return f"{STAGE_PREFIX}{self.saga}-{i}".encode()
+        return f"{STAGE_PREFIX}{self.saga}-{self.token}-{i}".encode()
 
     # -- phase 1
 
@@ -364,9 +365,19 @@ class Merger:
         osutil.syncfs(self.base_fd)
 
 
-def cleanup_stage(base_fd: int, ops, saga_id: int) -> None:
+def new_token(ops) -> str:
+    """A random part for the temporary names that no path of the plan can collide with."""
+    import secrets
+
+    while True:
+        token = secrets.token_hex(8)
+        if not any(token in op["path"] for op in ops):
+            return token
+
+
+def cleanup_stage(base_fd: int, ops, saga_id: int, token: str = "") -> None:
     """Remove what an abandoned stage phase left (temporary names). Idempotent."""
-    m = Merger(base_fd, {}, saga_id, ops)
+    m = Merger(base_fd, {}, saga_id, ops, token)
     try:
         for i, op in enumerate(ops):
             if op["root"] >= 0 or op["op"] not in ("put", "newdir"):

@@ -66,6 +66,16 @@ def check_name(kind: str, name) -> str:
     return name
 
 
+def _number(args: dict, key: str, default, kind, lo, hi):
+    """A numeric request argument, checked: OpError('bad-request') instead of a crash."""
+    v = args.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise OpError("bad-request", f"{key} must be a number between {lo} and {hi}, not {v!r}")
+    return kind(v)
+
+
 def now() -> float:
     return time.time()
 
@@ -118,7 +128,7 @@ def run_commit_plan(ws, plan: dict, progress=None) -> None:
     try:
         for lid in plan["layers"]:
             layer_fds[lid] = os.open(ws.layers_dir / lid, osutil.DIR_FLAGS)
-        m = merge.Merger(base_fd, layer_fds, plan["saga"], plan["ops"])
+        m = merge.Merger(base_fd, layer_fds, plan["saga"], plan["ops"], plan.get("token", ""))
         try:
             stage_cb = apply_cb = None
             if progress is not None:  # two passes over the ops: one bar
@@ -479,8 +489,8 @@ class SagaEngine:
                                       "step budgets")
         except ValueError as exc:
             raise OpError("bad-request", str(exc)) from None
-        retries = int(args.get("retries", DEFAULT_RETRIES))
-        comp_timeout = float(args.get("compensate_timeout", DEFAULT_COMP_TIMEOUT))
+        retries = _number(args, "retries", DEFAULT_RETRIES, int, 1, 100)
+        comp_timeout = _number(args, "compensate_timeout", DEFAULT_COMP_TIMEOUT, float, 0.001, 86400 * 7)
         with self.d.exclusive("begin a step"):
             saga = self.require_active()
             sid = saga["id"]
@@ -769,7 +779,8 @@ class SagaEngine:
                                                   "untouched", conflicts=conflicts)
                     ops = await trio.to_thread.run_sync(self._plan)
                     layers = [layer.id for layer in self.fs.layers[1:]]
-                    plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops}
+                    plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops,
+                            "token": merge.new_token(ops)}
                     open_paths = dict(self.touched)
 
                     def intent(txn):
@@ -815,7 +826,7 @@ class SagaEngine:
         except (OSError, merge.MergeError) as exc:
             cur = self.ws.journal.meta("commit_plan") or {}
             if cur.get("phase") == "planned":
-                await trio.to_thread.run_sync(merge.cleanup_stage, self._base_fd, ops, sid)
+                await trio.to_thread.run_sync(merge.cleanup_stage, self._base_fd, ops, sid, plan.get("token", ""))
 
                 def give_back(txn):
                     # the steps stay done (sealed): a crash now loses nothing; commit again later
@@ -923,7 +934,11 @@ class SagaEngine:
 
     async def op_log(self, args, peer):
         await self.flush_audit()
-        events = self.ws.journal.events(saga=args.get("saga"), since=int(args.get("since", 0)))
+        since = _number(args, "since", 0, int, 0, 1 << 63)
+        saga = args.get("saga")
+        if saga is not None and (isinstance(saga, bool) or not isinstance(saga, int)):
+            raise OpError("bad-request", f"saga must be a saga id, not {saga!r}")
+        events = self.ws.journal.events(saga=saga, since=since)
         if not args.get("ops"):
             events = [e for e in events if e["kind"] != "op"]
         return {"events": events}
@@ -931,8 +946,8 @@ class SagaEngine:
     async def op_gc(self, args, peer):
         """Remove ended sagas' journal records (beyond --keep N newest, or older than a duration),
         orphaned layer directories and the trash. Never touches the active saga."""
-        older = args.get("older_than")
-        keep = args.get("keep")
+        older = _number(args, "older_than", None, float, 0, 1e12) if args.get("older_than") is not None else None
+        keep = _number(args, "keep", None, int, 0, 1 << 31) if args.get("keep") is not None else None
         with self.d.exclusive("collect garbage"):
             before = await trio.to_thread.run_sync(self.ws.disk_usage)
             active = self.active_id()
