@@ -79,6 +79,20 @@ def clear_stale_mount(mountpoint: str) -> None:
     subprocess.run(["fusermount3", "-uz", mountpoint], check=False)
 
 
+def set_readahead(mountpoint: str, kib: int = 1024) -> None:
+    """Larger kernel readahead for the mount: 1 MiB read requests instead of 128 KiB ones."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == os.path.abspath(mountpoint):
+                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as bdi:
+                        bdi.write(str(kib))
+                    return
+    except OSError as exc:
+        log.debug("readahead not raised: %s", exc)
+
+
 def is_mounted(mountpoint: str) -> bool:
     mp = os.path.abspath(mountpoint)
     with open("/proc/self/mountinfo") as f:
@@ -208,6 +222,7 @@ class Daemon:
 
     async def _ready_after_start(self, ready) -> None:
         await trio.sleep(0)  # the FUSE loop runs from here: recovery may run commands in the mount
+        await trio.to_thread.run_sync(set_readahead, str(self.ws.mountpoint))
         if self.saga is not None:
             sd_notify("STATUS=recovering")
             await self.saga.resume()

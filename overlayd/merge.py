@@ -164,6 +164,7 @@ class Merger:
         self.layer_fds = layer_fds
         self.saga = saga_id
         self.token = token  # random, journaled with the plan: no name in the view can collide
+        self.rerun = False  # True when applying again after a crash
         self.ops = ops
         self.base_dev = os.fstat(base_fd).st_dev
         self._dirs = {}
@@ -185,8 +186,14 @@ class Merger:
         return fd
 
     def _layer_parent(self, layer: str, path: bytes) -> int:
+        """An fd of *path*'s directory in *layer* (the caller closes it); cached per directory."""
         parent = os.path.dirname(path)
-        return osutil.open_beneath(self.layer_fds[layer], parent)
+        key = ("layer", layer, parent)
+        fd = self._dirs.get(key)
+        if fd is None:
+            fd = osutil.open_beneath(self.layer_fds[layer], parent)
+            self._dirs[key] = fd
+        return os.dup(fd)
 
     def stage_name(self, i: int) -> bytes:
         return f"{STAGE_PREFIX}{self.saga}-{self.token}-{i}".encode()
@@ -336,7 +343,7 @@ class Merger:
     def _install(self, pfd: int, name: bytes, tmp: bytes) -> None:
         old = tmp + b"-old"
         try:
-            os.stat(tmp, dir_fd=pfd, follow_symlinks=False)
+            staged = os.stat(tmp, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             # already renamed into place (a re-run after a crash); finish removing the old entry
             try:
@@ -348,18 +355,20 @@ class Merger:
             cur = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             cur = None
-        staged_is_dir = stat.S_ISDIR(os.stat(tmp, dir_fd=pfd, follow_symlinks=False).st_mode)
-        if cur is not None and (stat.S_ISDIR(cur.st_mode) or staged_is_dir):
+        moved = False
+        if cur is not None and (stat.S_ISDIR(cur.st_mode) or stat.S_ISDIR(staged.st_mode)):
             try:
                 osutil.renameat2(pfd, name, pfd, old, osutil.RENAME_NOREPLACE)
             except FileExistsError:
                 osutil.rmtree_at(pfd, old)
                 osutil.renameat2(pfd, name, pfd, old, osutil.RENAME_NOREPLACE)
-        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        try:
-            osutil.rmtree_at(pfd, old)
-        except FileNotFoundError:
-            pass
+            moved = True
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)  # atomic replacement of a file
+        if moved or self.rerun:  # a re-run may find the old entry moved aside by the crashed run
+            try:
+                osutil.rmtree_at(pfd, old)
+            except FileNotFoundError:
+                pass
 
     def sync(self) -> None:
         osutil.syncfs(self.base_fd)

@@ -129,6 +129,7 @@ def run_commit_plan(ws, plan: dict, progress=None) -> None:
         for lid in plan["layers"]:
             layer_fds[lid] = os.open(ws.layers_dir / lid, osutil.DIR_FLAGS)
         m = merge.Merger(base_fd, layer_fds, plan["saga"], plan["ops"], plan.get("token", ""))
+        m.rerun = plan["phase"] != "planned"
         try:
             stage_cb = apply_cb = None
             if progress is not None:  # two passes over the ops: one bar
