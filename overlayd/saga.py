@@ -37,6 +37,7 @@ DEFAULT_RETRIES = 3
 DEFAULT_COMP_TIMEOUT = 300.0
 BACKOFF = float(os.environ.get("OVERLAYD_BACKOFF", "0.5"))
 STDERR_TAIL = 4096
+AUDIT = os.environ.get("OVERLAYD_AUDIT", "1") != "0"  # 0: no audit trail (to measure its cost)
 CRASH_AT = os.environ.get("OVERLAYD_CRASH_AT", "")  # fault injection: "label" or "label:n"
 _crash_counts = {}
 
@@ -316,6 +317,8 @@ class SagaEngine:
         return comm
 
     def _audit(self, kind: str, path: str) -> None:
+        if not AUDIT:
+            return
         ctx = self.fs.ctx
         who = {"pid": ctx.pid, "uid": ctx.uid, "comm": self._comm(ctx.pid)} if ctx is not None else {}
         self.audit.append({"op": kind, "path": path, **who})
