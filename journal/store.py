@@ -212,17 +212,12 @@ class WriteTxn:
 
     def delete_events(self, saga_id):
         """Delete every event of a saga (retention); returns how many went."""
-        n = 0
         with self._op() as txn:
-            cur = txn.cursor(db=self._dbs["events"])
-            ok = cur.first()
-            while ok:
-                if _load(cur.value()).get("saga") == saga_id:
-                    ok = cur.delete()
-                    n += 1
-                else:
-                    ok = cur.next()
-        return n
+            db = self._dbs["events"]
+            doomed = [key for key, raw in txn.cursor(db=db) if _load(raw).get("saga") == saga_id]
+            for key in doomed:
+                txn.delete(key, db=db)
+        return len(doomed)
 
     def event(self, kind, saga=None, step=None, **details):
         """Append an event; returns its sequence number."""

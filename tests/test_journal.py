@@ -413,3 +413,20 @@ def test_schema_too_new(tmp_path):
     with env.begin() as txn:
         assert txn.get(b"schema_version", db=meta) == b"99"
     env.close()
+
+
+def test_delete_events_of_one_saga(tmp_path):
+    j = Journal.open(tmp_path)
+    try:
+        def fill(txn):
+            for i in range(50):
+                txn.event("e", saga=1 + i % 2, n=i)
+            txn.event("last", saga=2)
+
+        j.transact(fill)
+        assert j.transact(lambda txn: txn.delete_events(2)) == 26
+        left = j.events()
+        assert len(left) == 25 and {e["saga"] for e in left} == {1}
+        assert [e["n"] for e in left] == list(range(0, 50, 2))
+    finally:
+        j.close()
