@@ -24,6 +24,14 @@ def _help(cmd, path):
 
 def render() -> str:
     out = [HEADER]
+    out.append("\n## JSON output (schema version 1)\n\nKeys every `saga ... --json` answer carries "
+               "(objects may gain keys; removing or renaming one bumps the version):\n\n"
+               "| command | keys |\n|---|---|\n")
+    for cmd, keys in saga_cmd.JSON_KEYS.items():
+        out.append(f"| `saga {cmd}` | {', '.join(f'`{k}`' for k in keys)} |\n")
+    out.append("\n`saga log --json` prints one object per event (NDJSON). A saga object has `id`, `name`, "
+               "`state`, `created`, `updated`, `steps`; a step object `saga`, `index`, `name`, `state`, `layer`, "
+               "`compensate`; a change `path`, `change` (added/modified/deleted), `kind`, `step`, `step_name`.\n")
     for prog, group in (("overlayd", overlayd_cmd.main), ("saga", saga_cmd.main)):
         out.append(f"\n## `{prog}`\n\n```\n{_help(group, prog)}\n```\n")
         for name in sorted(group.commands):

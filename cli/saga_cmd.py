@@ -21,6 +21,23 @@ from overlayd.paths import socket_path, state_root
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 SCHEMA = 1
+#: The keys every ``--json`` answer carries, per command (schema version 1). Objects may gain
+#: keys in a compatible way; removing or renaming one bumps SCHEMA. Rendered into docs/CLI.md.
+JSON_KEYS = {
+    "begin": ["version", "saga"],
+    "step": ["version", "step", "seconds"],
+    "rollback": ["version", "saga", "compensated"],
+    "abort": ["version", "saga", "compensated"],
+    "commit": ["version", "saga", "changes", "seconds"],
+    "commit --dry-run": ["version", "saga", "changes", "conflicts", "dry_run"],
+    "retry": ["version", "saga", "compensated"],
+    "status": ["version", "saga", "steps", "writable", "busy"],
+    "diff": ["version", "saga", "changes"],
+    "log": ["version", "seq", "ts", "saga", "step", "kind"],
+    "list": ["version", "sagas"],
+    "gc": ["version", "sagas", "events", "bytes_before", "bytes_after"],
+    "error": ["version", "error"],
+}
 EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5}
 
 

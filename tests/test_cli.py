@@ -178,3 +178,34 @@ def test_overlayd_list(cli_ws):
     m.stop()
     r = subprocess.run([sys.executable, "-c", code, "list"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "cliws\tstopped\tlisted (active)" in r.stdout, r.stdout
+
+
+def test_json_schema_of_every_command(cli_ws, tmp_path):
+    """Each command's --json answer carries the keys saga_cmd.JSON_KEYS documents."""
+    m = cli_ws
+
+    def js(*args, check=0):
+        r = sh(m, *args, "--json", check=check)
+        return [json.loads(line) for line in r.stdout.splitlines()]
+
+    def has(cmd, obj):
+        missing = set(saga_cmd.JSON_KEYS[cmd]) - set(obj)
+        assert not missing and obj["version"] == saga_cmd.SCHEMA, (cmd, missing, obj)
+
+    has("error", js("rollback", check=1)[0])
+    has("begin", js("begin", "schema")[0])
+    has("step", js("step", "one", "--compensate", "true")[0])
+    (m.mp / "x").write_text("x")
+    has("status", js("status")[0])
+    has("diff", js("diff")[0])
+    has("rollback", js("rollback")[0])
+    has("step", js("step", "two")[0])
+    (m.mp / "y").write_text("y")
+    has("commit --dry-run", js("commit", "--dry-run")[0])
+    has("commit", js("commit")[0])
+    for event in js("log"):
+        has("log", event)
+    has("list", js("list")[0])
+    sh(m, "begin", "aborted", check=0)
+    has("abort", js("abort")[0])
+    has("gc", js("gc", "--keep", "1")[0])
