@@ -429,8 +429,10 @@ def base_identity(base_fd: int, path: str, with_listing: bool = False):
     try:
         pfd = osutil.open_beneath(base_fd, os.path.dirname(rel))
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        if exc.errno == errno.ENOENT:
             return None
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            return ["parent-not-a-directory"]  # a directory on the way became a file or a symlink
         raise
     try:
         st = os.stat(os.path.basename(rel), dir_fd=pfd, follow_symlinks=False)

@@ -820,9 +820,12 @@ class SagaEngine:
         into the base, undo the staging and give the saga back; after, stay committing."""
         sid, ops, layers = plan["saga"], plan["ops"], plan["layers"]
         t0 = t1 = t0 or time.perf_counter()
-        stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
         t2 = time.perf_counter()
+        stale = []
         try:
+            stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
+            t2 = time.perf_counter()
+
             def progress(done, total):
                 self.progress = {"op": "commit", "done": done, "total": total}
 
