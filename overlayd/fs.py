@@ -1112,15 +1112,19 @@ class OverlayFS(pyfuse3.Operations):
         self._changed("link", parent, new_name)
         return self._attrs(node, st)
 
-    @_fuse_errors
-    async def unlink(self, parent_inode, name, ctx):
+    def _removal_target(self, parent_inode: int, name: bytes):
+        """(parent, node, stat) of an entry about to be removed; EROFS, bad names, ENOENT first."""
         self._check_writable()
         osutil.check_name(name)
         parent = self._node(parent_inode)
         res = self._lookup_node(parent, name)
         if res is None:
             raise FUSEError(errno.ENOENT)
-        node, st = res
+        return (parent, *res)
+
+    @_fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        parent, node, st = self._removal_target(parent_inode, name)
         if node.is_dir:
             raise FUSEError(errno.EISDIR)
         if node.li < self.top and (st.st_nlink > 1 or node.opens):
@@ -1140,13 +1144,7 @@ class OverlayFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
-        self._check_writable()
-        osutil.check_name(name)
-        parent = self._node(parent_inode)
-        res = self._lookup_node(parent, name)
-        if res is None:
-            raise FUSEError(errno.ENOENT)
-        node, st = res
+        parent, node, st = self._removal_target(parent_inode, name)
         if not node.is_dir:
             raise FUSEError(errno.ENOTDIR)
         self._fresh(node)
