@@ -4,7 +4,6 @@ after 20 ended sagas (each 500 files, their audit trail and journal records), an
     python bench/gc_reclaim.py
 """
 
-import os
 import shutil
 import subprocess
 import sys

@@ -202,7 +202,6 @@ class Merger:
 
     def stage(self, progress=None) -> None:
         """Build every top-level put/newdir under its temporary name. Idempotent."""
-        staged_roots = {}  # op index -> (dir fd of the staged tree's parent, staged name)
         links = {}  # (layer, ino) -> (dir fd, name) of the first staged copy, for hard links
         for i, op in enumerate(self.ops):
             if op["op"] in ("delete", "dir"):

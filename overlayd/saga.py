@@ -13,7 +13,6 @@ Each live step owns exactly one layer: the stack above the base is the live step
 in order.
 """
 
-import errno
 import fcntl
 import hashlib
 import json
@@ -831,6 +830,7 @@ class SagaEngine:
 
             await trio.to_thread.run_sync(run_commit_plan, self.ws, plan, progress)
         except (OSError, merge.MergeError) as exc:
+            err = str(exc)
             cur = self.ws.journal.meta("commit_plan") or {}
             if cur.get("phase") == "planned":
                 await trio.to_thread.run_sync(merge.cleanup_stage, self._base_fd, ops, sid, plan.get("token", ""))
@@ -841,7 +841,7 @@ class SagaEngine:
                     s.update(state="active", updated=now())
                     txn.put_saga(sid, s)
                     txn.set_meta("commit_plan", None)
-                    txn.event("commit.failed", saga=sid, phase="planned", error=str(exc))
+                    txn.event("commit.failed", saga=sid, phase="planned", error=err)
 
                 await self.ws.transact(give_back)
                 raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; nothing was "
@@ -850,7 +850,7 @@ class SagaEngine:
                                                "again") from None
 
             def failed(txn):
-                txn.event("commit.failed", saga=sid, phase=cur.get("phase"), error=str(exc))
+                txn.event("commit.failed", saga=sid, phase=cur.get("phase"), error=err)
 
             await self.ws.transact(failed)
             raise OpError("commit-incomplete", f"commit failed while applying it to the base: {exc}; the journal "

@@ -8,7 +8,6 @@ hash is checked at the end of the session.
 
 import hashlib
 import os
-import shutil
 import signal
 import stat
 import subprocess

@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from overlayd.client import ClientError
 from treecmp import diff, snapshot
 
 

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import time
 
-import pytest
 
 from treecmp import diff, snapshot
 

@@ -12,7 +12,6 @@ beforehand, ``NOTIFY_SOCKET`` a datagram socket this test binds, and for the wat
 
 import errno
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -26,7 +25,7 @@ from click.testing import CliRunner
 
 from cli import overlayd_cmd
 from overlayd import config
-from overlayd.client import Client, ClientError
+from overlayd.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
