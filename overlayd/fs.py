@@ -75,7 +75,7 @@ class Node:
     """A view inode. Directories have one (parent, name); files may have several."""
 
     __slots__ = ("ino", "is_dir", "parent", "name", "links", "lookups", "idents", "epoch",
-                 "li", "loc", "dlayers", "merged", "opens", "dead", "st")
+                 "li", "loc", "dlayers", "merged", "opens", "dead", "st", "mc")
 
     def __init__(self, ino: int, is_dir: bool):
         self.ino = ino
@@ -93,12 +93,13 @@ class Node:
         self.opens = 0
         self.dead = False
         self.st = None  # (epoch, stat) of an entry that lives in the base: it does not change
+        self.mc = None  # files: (loc, origin or None): is the top copy a metacopy (see _origin)
 
 
 class Handle:
-    __slots__ = ("node", "fd", "flags", "loc", "li", "busy", "closed", "wrote")
+    __slots__ = ("node", "fd", "flags", "loc", "li", "busy", "closed", "wrote", "base")
 
-    def __init__(self, node, fd, flags, li):
+    def __init__(self, node, fd, flags, li, base):
         self.node = node
         self.fd = fd
         self.flags = flags
@@ -107,6 +108,7 @@ class Handle:
         self.busy = 0
         self.closed = False
         self.wrote = False
+        self.base = base  # fd is a base file (read-only): never to be written, chmod-ed, reopened for writing
 
 
 def _inconsistent(msg, *args) -> FUSEError:
@@ -673,13 +675,65 @@ class OverlayFS(pyfuse3.Operations):
         if dnode.merged is not None:
             dnode.merged.pop(name, None)
 
-    def _copy_up(self, node: Node, truncate: bool = False) -> None:
-        """Make the top layer hold *node*'s file (all its names, for hard links)."""
+    def _origin(self, node: Node):
+        """(base ino, base path) if *node*'s current copy is a metacopy, else None. Cached per loc.
+
+        A metacopy is a layer file that holds a base file's metadata but not its data: a rename
+        (or a hard link, chmod, xattr change) of a base file copies only the metadata up, with
+        ORIGIN_XATTR naming the base file; the data is read from the base until the first open
+        for writing (or truncation) copies it (:meth:`_materialize`), and a commit copies it
+        before planning (``merge.materialize_plan``). The base never changes under a mounted
+        workspace, and :func:`osutil.open_origin` checks the inode number anyway.
+        """
+        if node.is_dir or node.li == 0:
+            return None
+        if node.mc is not None and node.mc[0] == node.loc:
+            return node.mc[1]
+        link = self._link_of(node)
+        if link is None:
+            return None
+        parent, name = link
+        origin = osutil.get_origin(f"/proc/self/fd/{self._dirfd(parent, node.li)}/{os.fsdecode(name)}")
+        node.mc = (node.loc, origin)
+        return origin
+
+    def _materialize(self, node: Node, truncate: bool = False) -> None:
+        """Give the top layer's metacopy of *node* its own data (none if *truncate*)."""
+        origin = self._origin(node)
+        if origin is None:
+            return
+        parent, name = self._link_of(node)
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dirfd(parent, node.li))
+        try:
+            if truncate:
+                st = os.fstat(fd)
+                os.ftruncate(fd, 0)
+                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                try:
+                    os.removexattr(fd, osutil.ORIGIN_XATTR)
+                except OSError as exc:
+                    if exc.errno != errno.ENODATA:
+                        raise
+            else:
+                osutil.materialize(self.layers[0].fd, fd, origin)
+        finally:
+            os.close(fd)
+        node.loc += 1  # read handles on the base file reopen the layer's copy
+        node.mc = (node.loc, None)
+
+    def _copy_up(self, node: Node, truncate: bool = False, meta_only: bool = False) -> None:
+        """Make the top layer hold *node*'s file (all its names, for hard links).
+
+        With *meta_only* a regular file with a single name may become a metacopy (see
+        :meth:`_origin`); otherwise the top copy has its own data when this returns.
+        """
         top = self.top
         if node.is_dir:
             self._copy_up_dir(node)
             return
         if node.li == top:
+            if not meta_only:
+                self._materialize(node, truncate)
             return
         link = self._link_of(node)
         if link is None:
@@ -694,6 +748,7 @@ class OverlayFS(pyfuse3.Operations):
             if link not in names:
                 names.insert(0, link)
         first_parent, first_name = names[0]
+        origin, metacopy = None, False
         dpfd = self._copy_up_dir(first_parent)
         parent_times = {dpfd: os.fstat(dpfd)}
         if stat.S_ISLNK(st.st_mode):
@@ -707,9 +762,24 @@ class OverlayFS(pyfuse3.Operations):
             src = os.open(first_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                           dir_fd=self._dirfd(first_parent, src_li))
             try:
+                if not truncate and st.st_size > 0:
+                    if src_li == 0:
+                        origin = (st.st_ino, b"/".join(self._path_of(first_parent) + (first_name,)))
+                    else:
+                        origin = self._origin(node)
+                metacopy = meta_only and origin is not None and len(names) == 1 and st.st_nlink == 1
                 dst = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dpfd)
                 try:
-                    if not truncate:
+                    if metacopy:
+                        os.ftruncate(dst, st.st_size)
+                        os.setxattr(dst, osutil.ORIGIN_XATTR, osutil.encode_origin(*origin))
+                    elif origin is not None and src_li > 0:  # a lower metacopy: its data is in the base
+                        data = osutil.open_origin(self.layers[0].fd, origin)
+                        try:
+                            osutil.copy_data(data, dst, st.st_size)
+                        finally:
+                            os.close(data)
+                    elif not truncate:
                         osutil.copy_data(src, dst, st.st_size)
                     self.copy_meta(src, dst, st)
                     self._clear_whiteout(first_parent, first_name)
@@ -738,6 +808,7 @@ class OverlayFS(pyfuse3.Operations):
         self._register(node, (new.st_dev, new.st_ino), top)
         node.li = top
         node.loc += 1
+        node.mc = (node.loc, origin if metacopy else None)
         self._touch(node)
         for p, n in names:
             self._changed("copyup", p, n)
@@ -1100,7 +1171,7 @@ class OverlayFS(pyfuse3.Operations):
         if node.is_dir:
             raise FUSEError(errno.EPERM)
         parent, pfd = self._prepare_create(new_parent_inode, new_name)
-        self._copy_up(node)
+        self._copy_up(node, meta_only=True)
         src_parent, src_name = self._link_of(node)
         os.link(src_name, new_name, src_dir_fd=self._dirfd(src_parent, self.top), dst_dir_fd=pfd,
                 follow_symlinks=False)
@@ -1127,7 +1198,7 @@ class OverlayFS(pyfuse3.Operations):
         parent, node, st = self._removal_target(parent_inode, name)
         if node.is_dir:
             raise FUSEError(errno.EISDIR)
-        if node.li < self.top and (st.st_nlink > 1 or node.opens):
+        if (node.li < self.top and (st.st_nlink > 1 or node.opens)) or (node.opens and self._origin(node)):
             # a lower hard link: the other names' st_nlink must drop; an open file: its handles
             # must keep a private copy they may change (fchmod, write) after the unlink
             self._copy_up(node)
@@ -1202,7 +1273,9 @@ class OverlayFS(pyfuse3.Operations):
         dst_listing = self._base_names(dst[0]) if dst is not None else None
         # 1. everything the rename touches lives in the top layer; a replaced lower file with
         #    other names too (so that their st_nlink drops), or that is open (handles keep it)
-        if dst is not None and not dst[0].is_dir and dst[0].li < top and (dst[1].st_nlink > 1 or dst[0].opens):
+        if dst is not None and not dst[0].is_dir and (
+                (dst[0].li < top and (dst[1].st_nlink > 1 or dst[0].opens))
+                or (dst[0].opens and self._origin(dst[0]))):
             self._copy_up(dst[0])
             self._reopen_handles(dst[0])
             dst = (dst[0], os.stat(name_new, dir_fd=self._dirfd(pnew, top), follow_symlinks=False))
@@ -1259,9 +1332,10 @@ class OverlayFS(pyfuse3.Operations):
         self._changed("rename", pnew, name_new, dst_listing)
 
     def _copy_up_for_move(self, node: Node) -> None:
-        """A file is copied up; a directory is copied up with its whole visible subtree."""
+        """A file is copied up (as a metacopy if it can be: a rename copies no data); a directory
+        is copied up with its whole visible subtree."""
         if not node.is_dir:
-            self._copy_up(node)
+            self._copy_up(node, meta_only=True)
             return
         self._copy_up_tree(node)
 
@@ -1281,7 +1355,7 @@ class OverlayFS(pyfuse3.Operations):
             if child.is_dir:
                 self._copy_up_tree(child)
             else:
-                self._copy_up(child)
+                self._copy_up(child, meta_only=True)
         osutil.set_opaque(fd)
         # the lower directories no longer show through: forget them
         node.dlayers = node.dlayers[:1]
@@ -1330,8 +1404,11 @@ class OverlayFS(pyfuse3.Operations):
             handle = next((h for h in self.handles.values() if h.node is node), None)
             if handle is None:
                 raise FUSEError(errno.ENOENT)
+            if handle.base:
+                raise _inconsistent("unlinked node %d is open on a base file", node.ino)
         if not node.dead:
-            self._copy_up(node, truncate=fields.update_size and attr.st_size == 0)
+            self._copy_up(node, truncate=fields.update_size and attr.st_size == 0,
+                          meta_only=not fields.update_size)
         fd = None
         if handle is not None:
             self._refresh_handle(handle, write=True)
@@ -1404,7 +1481,7 @@ class OverlayFS(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         self._check_writable()
         node = self._node(inode)
-        self._copy_up(node)
+        self._copy_up(node, meta_only=True)
         target = self._xattr_target(node)
         os.setxattr(target, name, value, **_nofollow(target))
         self._touch(node)
@@ -1430,7 +1507,7 @@ class OverlayFS(pyfuse3.Operations):
             raise FUSEError(pyfuse3.ENOATTR)
         self._check_writable()
         node = self._node(inode)
-        self._copy_up(node)
+        self._copy_up(node, meta_only=True)
         target = self._xattr_target(node)
         os.removexattr(target, name, **_nofollow(target))
         self._touch(node)
@@ -1452,9 +1529,13 @@ class OverlayFS(pyfuse3.Operations):
     def _new_handle(self, node: Node, fd: int, flags: int) -> int:
         fh = self.next_fh
         self.next_fh += 1
-        self.handles[fh] = Handle(node, fd, flags, node.li)
+        self.handles[fh] = Handle(node, fd, flags, node.li, self._reads_base(node))
         node.opens += 1
         return fh
+
+    def _reads_base(self, node: Node) -> bool:
+        """Does an fd from :meth:`_open_fd` for *node* (as it is now) refer to a base file?"""
+        return node.li == 0 or self._origin(node) is not None
 
     def _open_fd(self, node: Node, flags: int) -> int:
         parent, name = self._link_of(node) or (None, None)
@@ -1462,6 +1543,12 @@ class OverlayFS(pyfuse3.Operations):
             raise FUSEError(errno.ESTALE)
         oflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_TRUNC)) \
             | os.O_NOFOLLOW | os.O_CLOEXEC
+        if node.li > 0:
+            origin = self._origin(node)
+            if origin is not None:
+                if flags & WRITE_FLAGS:  # callers copy up first; never hand out a base fd to write
+                    raise _inconsistent("open for writing of metacopy node %d", node.ino)
+                return osutil.open_origin(self.layers[0].fd, origin)
         return os.open(name, oflags, dir_fd=self._dirfd(parent, node.li))
 
     @_fuse_errors
@@ -1474,6 +1561,8 @@ class OverlayFS(pyfuse3.Operations):
                 raise FUSEError(errno.ESTALE)
             if flags & WRITE_FLAGS:
                 self._check_writable()
+                if h.base:  # unlink and rename give open files a private copy first
+                    raise _inconsistent("unlinked node %d is open on a base file", node.ino)
             oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND | os.O_DIRECT | os.O_TRUNC)
             fd = os.open(f"/proc/self/fd/{h.fd}", oflags | os.O_CLOEXEC)
             if flags & os.O_TRUNC:
@@ -1497,7 +1586,7 @@ class OverlayFS(pyfuse3.Operations):
             if h.node is node and h.loc != node.loc:
                 fd = self._open_fd(node, h.flags)
                 os.close(h.fd)
-                h.fd, h.loc, h.li = fd, node.loc, node.li
+                h.fd, h.loc, h.li, h.base = fd, node.loc, node.li, self._reads_base(node)
 
     def _refresh_handle(self, h: Handle, write: bool) -> None:
         """Handles follow the view: reopen after a copy-up or a drop, copy up into a newer top.
@@ -1520,6 +1609,7 @@ class OverlayFS(pyfuse3.Operations):
             os.close(h.fd)
             h.fd = fd
             h.loc = node.loc
+            h.base = self._reads_base(node)
         h.li = node.li
 
     @_fuse_errors

@@ -103,6 +103,9 @@ def _plan_dir(ops, rel: bytes, base_fd, chain, root: int) -> None:
             if kind != "d":
                 ops.append({"op": "put", "path": os.fsdecode(path), "layer": lid, "kind": kind, "root": root,
                             "ino": st.st_ino, "replaces": _kind(base_names[name]) if name in base_names else None})
+                if kind == "f" and 0 < st.st_size and st.st_blocks * 512 < st.st_size \
+                        and osutil.get_origin(f"/proc/self/fd/{fd}/{os.fsdecode(name)}") is not None:
+                    ops[-1]["origin"] = True  # a metacopy (sparse, so cheap to test): see materialize
                 continue
             # a directory: which lower copies merge with it?
             sub = []
@@ -137,6 +140,30 @@ def _plan_dir(ops, rel: bytes, base_fd, chain, root: int) -> None:
         for lid, fd, close in chain:
             if close:
                 os.close(fd)
+
+
+def materialize(base_fd: int, layer_fds: dict, ops) -> int:
+    """Give every metacopy the plan puts (``origin`` ops) its own data, in its layer, before the
+    plan is journaled: the base is not written, a crash only leaves layer files with their data
+    already copied, and staging then treats them as any other file. Returns how many."""
+    done = set()
+    for op in ops:
+        if not op.get("origin") or (op["layer"], op["ino"]) in done:
+            continue
+        done.add((op["layer"], op["ino"]))
+        path = os.fsencode(op["path"])
+        dfd = osutil.open_beneath(layer_fds[op["layer"]], os.path.dirname(path))
+        try:
+            fd = os.open(os.path.basename(path), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        try:
+            osutil.materialize(base_fd, fd)
+        except OSError as exc:
+            raise MergeError(f"cannot copy the data of renamed file {op['path']} from the base: {exc}") from exc
+        finally:
+            os.close(fd)
+    return len(done)
 
 
 def summarize(ops) -> list[dict]:

@@ -28,6 +28,8 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Extended attributes in this namespace belong to overlayd; the view hides them.
 PRIVATE_XATTR = b"user.overlayd."
 OPAQUE_XATTR = "user.overlayd.opaque"
+#: A *metacopy*: a layer file whose data is still the base file named here (see fs.py).
+ORIGIN_XATTR = "user.overlayd.origin"
 
 
 def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int = 0) -> None:
@@ -135,6 +137,65 @@ def rmtree_at(dirfd: int, name: bytes, on_dir=None) -> None:
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dirfd)
+
+
+def encode_origin(ino: int, path: bytes) -> bytes:
+    """The value of ORIGIN_XATTR: the base file's inode number and its path below the base."""
+    return b"%d:" % ino + path
+
+
+def get_origin(target, follow_symlinks: bool = False):
+    """(ino, path) recorded on a metacopy file (fd or path), or None for a file with its own data."""
+    try:
+        value = os.getxattr(target, ORIGIN_XATTR, **({} if isinstance(target, int) else
+                                                     {"follow_symlinks": follow_symlinks}))
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+    ino, _, path = value.partition(b":")
+    if not ino.isdigit() or not path or path.startswith(b"/"):
+        raise OSError(errno.EIO, f"malformed {ORIGIN_XATTR} value {value[:80]!r}")
+    return int(ino), path
+
+
+def open_origin(base_fd: int, origin) -> int:
+    """A read-only fd of a metacopy's data in the base, opened beneath the base without following
+    any symlink; EIO if the base file is not the one the metacopy was made from any more."""
+    ino, path = origin
+    dirpath, _, name = path.rpartition(b"/")
+    dfd = open_beneath(base_fd, dirpath)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    st = os.fstat(fd)
+    if st.st_ino != ino or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EIO, f"the base file {os.fsdecode(path)} that a renamed file still reads its data "
+                                 "from was replaced behind the workspace's back")
+    return fd
+
+
+def materialize(base_fd: int, fd: int, origin=None) -> bool:
+    """Give the metacopy open read-write at *fd* its own data (copied from the base), keeping its
+    times, then drop its origin. Idempotent; False if it was no metacopy."""
+    origin = origin or get_origin(fd)
+    if origin is None:
+        return False
+    st = os.fstat(fd)
+    src = open_origin(base_fd, origin)
+    try:
+        copy_data(src, fd, st.st_size)
+    finally:
+        os.close(src)
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    try:
+        os.removexattr(fd, ORIGIN_XATTR)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+    return True
 
 
 def open_beneath(rootfd: int, relpath: bytes) -> int:

@@ -724,13 +724,20 @@ class SagaEngine:
                 out.append({"path": p, "recorded": then, "now": cur})
         return out
 
-    def _plan(self) -> list[dict]:
+    def _plan(self, for_commit: bool = False) -> list[dict]:
+        """The commit plan. *for_commit*: also give metacopies their data and make the layers
+        durable (one syncfs of their filesystem) before the plan is journaled."""
         base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
         fds = []
         try:
             for layer in self.fs.layers[1:]:
                 fds.append((layer.id, os.open(layer.path, osutil.DIR_FLAGS)))
-            return merge.plan_commit(base_fd, fds)
+            ops = merge.plan_commit(base_fd, fds)
+            if for_commit:
+                merge.materialize(base_fd, dict(fds), ops)
+                if fds:
+                    osutil.syncfs(fds[0][1])
+            return ops
         finally:
             os.close(base_fd)
             for _, fd in fds:
@@ -760,13 +767,6 @@ class SagaEngine:
             try:
                 await trio.to_thread.run_sync(lock.acquire)
                 try:
-                    for layer in self.fs.layers[1:]:
-                        fd = os.open(layer.path, osutil.DIR_FLAGS)
-                        try:
-                            await trio.to_thread.run_sync(osutil.syncfs, fd)
-                        finally:
-                            os.close(fd)
-                        break  # one syncfs covers the layers' filesystem
                     conflicts = await trio.to_thread.run_sync(self._conflicts, paths)
                     if conflicts:
                         if was_writable:
@@ -780,7 +780,12 @@ class SagaEngine:
                         raise OpError("conflict", f"commit refused: {len(conflicts)} path(s) changed in the base "
                                                   "since this saga changed them; the saga is still active and "
                                                   "untouched", conflicts=conflicts)
-                    ops = await trio.to_thread.run_sync(self._plan)
+                    try:
+                        ops = await trio.to_thread.run_sync(self._plan, True)
+                    except (OSError, merge.MergeError) as exc:
+                        raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
+                                                       "nothing was applied and the saga is still active: fix "
+                                                       "the cause and commit again") from None
                     layers = [layer.id for layer in self.fs.layers[1:]]
                     plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops,
                             "token": merge.new_token(ops)}
