@@ -302,6 +302,9 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         report(f"error: mounting {ws.mountpoint} failed: {exc}\n")
         ws.close()
         return 1
+    from .fs import find_fuse_fd
+
+    ws.fs.fuse_fd = find_fuse_fd()
     status = 0
     try:
         trio.run(daemon.main, lambda: report("ok\n"))

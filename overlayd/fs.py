@@ -17,7 +17,8 @@ Caveats (knowingly not done):
 - changes made to the base behind the daemon's back are not noticed until the directory
   listing cache is refreshed (after a layer drop);
 - ``st_nlink`` of a merged directory is 1 (as for many FUSE filesystems);
-- renaming a directory that has entries in lower layers copies its whole subtree up;
+- renaming a directory that has entries in lower layers copies its whole subtree up (its
+  files as metacopies: metadata only);
 - character and block devices cannot be created in the view (EPERM).
 """
 
@@ -25,6 +26,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import time
 from collections import OrderedDict
 
@@ -43,6 +45,7 @@ FD_CACHE = 1024  # directory fds kept open
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 K_DIR, K_FILE, K_WHITEOUT, K_OTHER = 1, 2, 3, 4
 SYNTHETIC_INO = 1 << 48
+WHITEOUT = "whiteout"  # the shared whiteout's name in the work directory
 
 
 class Layer:
@@ -56,9 +59,9 @@ class Layer:
         self.fd = fd
         self.dev = os.fstat(fd).st_dev
         self.sealed = sealed
-        self.idents = set()  # (dev, ino) registered in by_ident while this layer lives
-        self.inos = set()  # view inodes whose attributes or data this layer changed
-        self.entries = set()  # (parent ino, name) this layer changed
+        self.idents = set()  # identities (see _key) registered in by_ident while this layer lives
+        self.inos = set()  # view inodes present below this layer whose attributes or data it changed
+        self.entries = {}  # parent ino -> {names this layer changed in that directory}
 
 
 class Listing:
@@ -111,6 +114,32 @@ class Handle:
         self.base = base  # fd is a base file (read-only): never to be written, chmod-ed, reopened for writing
 
 
+FUSE_NOTIFY_INVAL_ENTRY = 3  # linux/fuse.h
+FUSE_EXPIRE_ONLY = 1
+
+
+def _expire_entry(fuse_fd: int, parent: int, name: bytes) -> None:
+    """``fuse_lowlevel_notify_expire_entry``: a FUSE_NOTIFY_INVAL_ENTRY message with the
+    FUSE_EXPIRE_ONLY flag (protocol 7.38), written to the session's /dev/fuse fd in one write, as
+    libfuse does. pyfuse3 exposes only the evicting variant."""
+    body = struct.pack("=QII", parent, len(name), FUSE_EXPIRE_ONLY) + name + b"\0"
+    msg = struct.pack("=IiQ", 16 + len(body), FUSE_NOTIFY_INVAL_ENTRY, 0) + body
+    if os.write(fuse_fd, msg) != len(msg):
+        raise OSError(errno.EIO, "short write of a FUSE notification")
+
+
+def find_fuse_fd() -> int | None:
+    """The fd of /dev/fuse that pyfuse3.init opened in this process (one mount per daemon)."""
+    found = []
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{entry}") == "/dev/fuse":
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found[0] if len(found) == 1 else None
+
+
 def _inconsistent(msg, *args) -> FUSEError:
     """An internal inconsistency: log it with a stack, answer EIO."""
     log.error("inconsistency: " + msg, *args, stack_info=True)
@@ -150,7 +179,7 @@ class OverlayFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, base: str, layers=(), *, generation: int | None = None):
+    def __init__(self, base: str, layers=(), *, generation: int | None = None, workdir: str | None = None):
         super().__init__()
         fd = os.open(base, DIR_FLAGS)
         self.layers = [Layer("base", base, fd, sealed=True)]
@@ -161,6 +190,7 @@ class OverlayFS(pyfuse3.Operations):
         self.nodes = {}
         self.by_ident = {}
         self.next_ino = SYNTHETIC_INO  # inode numbers of entries that do not come from the base
+        self.pending_purge = []  # dropped layers whose identities are still in by_ident
         self.listings = {}  # (layer index, d_ino) -> Listing
         self.fds = OrderedDict()  # (layer index, d_ino) -> fd
         self.handles = {}
@@ -176,6 +206,12 @@ class OverlayFS(pyfuse3.Operations):
         self.on_write = None  # callable(node, nbytes) after every write
         self.on_release = None  # callable(node, fd) when a handle that wrote is released
         self.ctx = None  # the RequestContext of the request being served (handlers are atomic)
+        # whiteouts are hard links of one whiteout in *workdir* (as kernel overlayfs shares its
+        # whiteout inode): a link costs no inode allocation, a mknod does (about 30x slower)
+        self.fuse_fd = None  # /dev/fuse of this mount, for notifications pyfuse3 lacks (set_fuse_fd)
+        self.workfd = os.open(workdir, DIR_FLAGS) if workdir else None
+        if self.workfd is not None:
+            self._new_whiteout_template(reuse=True)
 
     # ------------------------------------------------------------------ stack API
 
@@ -218,14 +254,11 @@ class OverlayFS(pyfuse3.Operations):
         dropped = self.layers[keep:]
         del self.layers[keep:]
         self.epoch += 1
-        inos, entries = set(), set()
+        inos, entries = set(), {}
         for layer in dropped:
-            for ident in layer.idents:
-                node = self.by_ident.pop(ident, None)
-                if node is not None:
-                    node.idents.discard(ident)
             inos |= layer.inos
-            entries |= layer.entries
+            for parent, names in layer.entries.items():
+                entries.setdefault(parent, set()).update(names)
         for key in [k for k in self.listings if k[0] >= keep]:
             del self.listings[key]
         for key in [k for k in self.fds if k[0] >= keep]:
@@ -233,20 +266,51 @@ class OverlayFS(pyfuse3.Operations):
         for h in self.handles.values():  # open handles into dropped layers reopen or get ESTALE
             if h.li >= keep:
                 h.node.loc += 1
+                inos.add(h.node.ino)  # and their cached pages go
+        self.pending_purge.extend(dropped)
         # Tell the kernel only what it can still see: a node that lived only in the dropped
         # layers and has no open handle vanishes with its parent's entry, which is invalidated.
         def gone(node):
-            return node is not self.root and not node.idents
+            return node is not self.root and all(any(i in layer.idents for layer in dropped)
+                                                 for i in node.idents)
         inval_inos = [i for i in inos if i in self.nodes and self.nodes[i].lookups > 0
                       and (self.nodes[i].opens or not gone(self.nodes[i]))]
-        inval_entries = [(p, n) for p, n in entries if p in self.nodes and self.nodes[p].lookups > 0
-                         and not gone(self.nodes[p])]
+        inval_entries = [(p, n) for p, names in entries.items() if p in self.nodes and self.nodes[p].lookups > 0
+                         and not gone(self.nodes[p]) for n in names]
         log.info("dropped %d layer(s): %s", count, ", ".join(layer.id for layer in dropped))
         return dropped, (inval_inos, inval_entries)
 
+    def purge_dropped(self) -> list:
+        """Forget the identities of dropped layers' files; returns those layers, whose
+        directories may then be deleted (not before: a deleted file's inode number may come
+        back for a new file, which must not resolve to the old node)."""
+        done, self.pending_purge = self.pending_purge, []
+        for layer in done:
+            for ident in layer.idents:
+                node = self.by_ident.pop(ident, None)
+                if node is not None:
+                    node.idents.discard(ident)
+            layer.idents = set()
+        return done
+
     def invalidate(self, inos, entries) -> None:
-        """Tell the kernel to forget names and attributes/pages. Call from a worker thread."""
+        """Tell the kernel to forget names and attributes/pages. Call from a worker thread.
+
+        Names are *expired* where the kernel allows it (Linux >= 6.2): the kernel asks again at
+        the next use of the name (one lookup) instead of evicting, there and then, every dentry
+        and inode it cached below it. A drop of a step that created 10,000 files then costs the
+        same as a drop of a step that created one.
+        """
         for parent, name in entries:
+            if self.fuse_fd is not None:
+                try:
+                    _expire_entry(self.fuse_fd, parent, name)
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.ENOENT:
+                        continue  # the kernel has nothing cached under that parent
+                    log.info("expiring kernel entries failed (%s): invalidating them instead", exc.strerror)
+                    self.fuse_fd = None
             try:
                 pyfuse3.invalidate_entry(parent, name)
             except OSError:
@@ -259,10 +323,11 @@ class OverlayFS(pyfuse3.Operations):
 
     def base_changed(self, stale_idents=()) -> None:
         """The base was changed by a commit: forget what was cached about it."""
-        for ident in stale_idents:
-            node = self.by_ident.pop(tuple(ident), None)
+        for dev, ino in stale_idents:
+            ident = (dev, ino, 0)
+            node = self.by_ident.pop(ident, None)
             if node is not None:
-                node.idents.discard(tuple(ident))
+                node.idents.discard(ident)
         for key in [k for k in self.listings if k[0] == 0]:
             del self.listings[key]
         for key in [k for k in self.fds if k[0] == 0]:
@@ -276,6 +341,42 @@ class OverlayFS(pyfuse3.Operations):
         self.fds.clear()
         for layer in self.layers:
             os.close(layer.fd)
+        if self.workfd is not None:
+            os.close(self.workfd)
+            self.workfd = None
+
+    def _new_whiteout_template(self, reuse: bool = False) -> None:
+        if reuse:
+            try:
+                if osutil.is_whiteout(os.stat(WHITEOUT, dir_fd=self.workfd, follow_symlinks=False)):
+                    return
+            except FileNotFoundError:
+                pass
+        try:
+            os.unlink(WHITEOUT + ".new", dir_fd=self.workfd)
+        except FileNotFoundError:
+            pass
+        osutil.make_whiteout(self.workfd, WHITEOUT + ".new")
+        os.rename(WHITEOUT + ".new", WHITEOUT, src_dir_fd=self.workfd, dst_dir_fd=self.workfd)
+
+    def _whiteout(self, dirfd: int, name: bytes) -> None:
+        """Create a whiteout *name* in *dirfd* (a directory of the top layer)."""
+        if self.workfd is not None:
+            for _ in range(2):
+                try:
+                    os.link(WHITEOUT, name, src_dir_fd=self.workfd, dst_dir_fd=dirfd, follow_symlinks=False)
+                    return
+                except OSError as exc:
+                    if exc.errno == errno.EMLINK:  # the template has its filesystem's most links
+                        self._new_whiteout_template()
+                        continue
+                    if exc.errno in (errno.EXDEV, errno.EPERM, errno.ENOENT, errno.EOPNOTSUPP):
+                        log.info("whiteouts are made one by one (%s)", exc.strerror)
+                        os.close(self.workfd)
+                        self.workfd = None
+                        break
+                    raise
+        osutil.make_whiteout(dirfd, name)
 
     # ------------------------------------------------------------------ resolution
 
@@ -350,7 +451,7 @@ class OverlayFS(pyfuse3.Operations):
             parent = node.parent
             self._fresh(parent)
             res = None if parent.dead else self._resolve_dir(parent, node.name)
-            if res is None or (self.layers[res[-1][0]].dev, res[-1][1]) not in node.idents:
+            if res is None or self._key(res[-1][0], res[-1][1]) not in node.idents:
                 self._kill(node)
                 return
             node.dlayers = res
@@ -370,7 +471,7 @@ class OverlayFS(pyfuse3.Operations):
             if lj is None:
                 continue
             kind, ino = self._entry(parent, lj, name)
-            if kind == K_DIR or (self.layers[lj].dev, ino) not in node.idents:
+            if kind == K_DIR or self._key(lj, ino) not in node.idents:
                 continue
             valid.add((parent, name))
             li = lj
@@ -484,9 +585,9 @@ class OverlayFS(pyfuse3.Operations):
             dl = self._resolve_dir(parent, name)
             if dl is None:
                 raise _inconsistent("entry %r of directory %d is a directory that does not resolve", name, parent.ino)
-            ident = (self.layers[dl[-1][0]].dev, dl[-1][1])
+            ident = self._key(dl[-1][0], dl[-1][1])
         else:
-            ident = (st.st_dev, st.st_ino)
+            ident = self._key(li, st.st_ino)
         node = self.by_ident.get(ident)
         if node is not None and node.is_dir == stat.S_ISDIR(st.st_mode):
             node.dead = False
@@ -529,7 +630,7 @@ class OverlayFS(pyfuse3.Operations):
         kind, d_ino = self._entry(parent, 0, name)
         if kind == K_DIR:
             return None
-        node = self.by_ident.get((self.layers[0].dev, d_ino))
+        node = self.by_ident.get(self._key(0, d_ino))
         if node is None or node.is_dir or node.li != 0 or node.dead or node.st is None \
                 or node.st[0] != self.epoch:
             return None
@@ -540,12 +641,22 @@ class OverlayFS(pyfuse3.Operations):
         """A base entry keeps its own inode number (tools such as git compare st_ino with what
         they recorded on the base, and numbers stay the same across restarts); anything else
         gets a synthetic number above 2**48."""
-        dev, ino = ident
-        if dev == self.layers[0].dev and ROOT < ino < SYNTHETIC_INO and ino not in self.nodes:
+        ino = ident[1]
+        if len(ident) == 3 and ROOT < ino < SYNTHETIC_INO and ino not in self.nodes:
             return ino
         ino = self.next_ino
         self.next_ino += 1
         return ino
+
+    def _key(self, li: int, ino: int):
+        """The identity of the physical entry *ino* of layer *li* in by_ident and Node.idents.
+
+        Base entries are told apart from layer entries (a third element) even when base and
+        layers share a filesystem: if the base changes behind the workspace's back (another
+        workspace's commit), a freed base inode number reused by a new layer file must not
+        resolve to the node of the base file that had it.
+        """
+        return (self.layers[li].dev, ino, 0) if li == 0 else (self.layers[li].dev, ino)
 
     def _register(self, node: Node, ident, li: int) -> None:
         node.idents.add(ident)
@@ -554,9 +665,13 @@ class OverlayFS(pyfuse3.Operations):
             self.layers[li].idents.add(ident)
 
     def _unregister(self, node: Node, ident) -> None:
+        """Forget an identity whose inode is gone (its number may come back for a new file)."""
         node.idents.discard(ident)
         if self.by_ident.get(ident) is node:
             del self.by_ident[ident]
+        if len(ident) == 2:  # and from its layer, so that a later purge cannot take the new file's
+            for layer in self.layers[1:] + self.pending_purge:
+                layer.idents.discard(ident)
 
     def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -617,11 +732,22 @@ class OverlayFS(pyfuse3.Operations):
             raise FUSEError(errno.EROFS)
 
     def _touch(self, node: Node | None = None, entry=None) -> None:
+        """Record what the top layer changed, for the kernel cache invalidation of its drop.
+
+        Nodes that exist only in this layer are not recorded: when it drops they vanish with
+        the entry of their first ancestor that survives (which is recorded), so a drop costs
+        in proportion to the directories it touched, not to the files it created.
+        """
         layer = self.layers[-1]
-        if node is not None:
-            layer.inos.add(node.ino)
+        if node is not None and node.ino not in layer.inos:
+            if any(i not in layer.idents for i in node.idents) or node is self.root:
+                layer.inos.add(node.ino)
         if entry is not None:
-            layer.entries.add(entry)
+            names = layer.entries.get(entry[0])
+            if names is None:
+                layer.entries[entry[0]] = {entry[1]}
+            else:
+                names.add(entry[1])
 
     def _copy_up_dir(self, node: Node) -> int:
         """Make sure *node* exists as a directory in the top layer; return its fd there."""
@@ -805,7 +931,7 @@ class OverlayFS(pyfuse3.Operations):
         for pfd, pst in parent_times.items():
             _restore_times(pfd, pst)
         node.links.update(names)
-        self._register(node, (new.st_dev, new.st_ino), top)
+        self._register(node, self._key(top, new.st_ino), top)
         node.li = top
         node.loc += 1
         node.mc = (node.loc, origin if metacopy else None)
@@ -899,7 +1025,7 @@ class OverlayFS(pyfuse3.Operations):
             else:
                 os.unlink(name, dir_fd=pfd)
         if needs_whiteout:
-            osutil.make_whiteout(pfd, name)
+            self._whiteout(pfd, name)
         self._listings_remove(parent, top, name, needs_whiteout)
         self._touch(entry=(parent.ino, name))
 
@@ -922,7 +1048,7 @@ class OverlayFS(pyfuse3.Operations):
     def _forget_ident_if_gone(self, node: Node, st: os.stat_result, li: int) -> None:
         """After removing the last name of a top-layer file, its inode number may be reused."""
         if li == self.top and (st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode)):
-            self._unregister(node, (st.st_dev, st.st_ino))
+            self._unregister(node, self._key(li, st.st_ino))
 
     # ------------------------------------------------------------------ creation helpers
 
@@ -1294,15 +1420,11 @@ class OverlayFS(pyfuse3.Operations):
             self._clear_whiteout(pnew, name_new)
         dst_lower = self._lower_has(pnew, name_new)
         src_lower = self._lower_has(pold, name_old)
-        # 3. the rename itself, leaving a whiteout behind if a lower layer shows the old name
-        rflags = osutil.RENAME_WHITEOUT if src_lower else 0
-        try:
-            osutil.renameat2(opfd, name_old, npfd, name_new, rflags)
-        except OSError as exc:
-            if not rflags or exc.errno not in (errno.EINVAL, errno.EPERM):
-                raise
-            osutil.renameat2(opfd, name_old, npfd, name_new, 0)
-            osutil.make_whiteout(opfd, name_old)
+        # 3. the rename itself, then a whiteout if a lower layer shows the old name (a crash in
+        #    between shows the file under both names: a duplicate, never a loss)
+        osutil.renameat2(opfd, name_old, npfd, name_new, 0)
+        if src_lower:
+            self._whiteout(opfd, name_old)
         new_st = os.stat(name_new, dir_fd=npfd, follow_symlinks=False)
         self._listings_remove(pold, top, name_old, src_lower)
         self._listings_add(pnew, top, name_new, K_DIR if snode.is_dir else K_FILE, new_st.st_ino)
@@ -1360,7 +1482,7 @@ class OverlayFS(pyfuse3.Operations):
         # the lower directories no longer show through: forget them
         node.dlayers = node.dlayers[:1]
         node.merged = None
-        ident_top = (self.layers[top].dev, node.dlayers[0][1])
+        ident_top = self._key(top, node.dlayers[0][1])
         self._register(node, ident_top, top)
 
     def _rename_exchange(self, pold, name_old, snode, pnew, name_new, dnode) -> None:
@@ -1625,7 +1747,8 @@ class OverlayFS(pyfuse3.Operations):
         if h.li != self.top or h.loc != h.node.loc or not self.writable() or h.node.epoch != self.epoch:
             self._refresh_handle(h, write=True)
         n = os.pwrite(h.fd, buf, off)
-        self.layers[-1].inos.add(h.node.ino)
+        if h.node.ino not in self.layers[-1].inos:
+            self._touch(h.node)
         h.wrote = True
         if self.on_write is not None:
             self.on_write(h.node, n)

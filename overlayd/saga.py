@@ -240,6 +240,7 @@ class SagaEngine:
         self.saga_meter = None  # budgets.Meter of the active saga (since this daemon started)
         self.cutting = None  # the reason of a budget cut in progress
         self.audit = []  # changes not yet journaled: flushed in batches
+        self.audit_sealed = []  # [(saga, step, batch)] closed at step transitions, not yet journaled
         self.writers = {}  # path -> {"pid", "uid", "comm"} of the last change, active saga
         self.progress = None  # {"op", "done", "total"} of a long operation, for progress bars
         self._comms = {}
@@ -324,8 +325,10 @@ class SagaEngine:
         if who:
             self.writers[path] = who
 
-    async def flush_audit(self) -> None:
-        """Journal the buffered changes in one transaction (called every second and at transitions)."""
+    def _seal_audit(self) -> None:
+        """Close the buffered changes as a batch of the saga and step they belong to. Step
+        transitions call this (O(1) in the batch's size) instead of journaling the batch on
+        their own latency; the audit loop journals it within a second."""
         if not self.audit:
             return
         batch, self.audit = self.audit, []
@@ -333,11 +336,20 @@ class SagaEngine:
         if not sid:
             return
         live = self.live_steps(sid)
-        step = live[-1]["index"] if live else None
+        self.audit_sealed.append((sid, live[-1]["index"] if live else None, batch))
+
+    async def flush_audit(self) -> None:
+        """Journal the buffered changes in one transaction (every second, before reading the
+        log, at shutdown)."""
+        self._seal_audit()
+        if not self.audit_sealed:
+            return
+        batches, self.audit_sealed = self.audit_sealed, []
 
         def put(txn):
-            for rec in batch:
-                txn.event("op", saga=sid, step=step, **rec)
+            for sid, step, batch in batches:
+                for rec in batch:
+                    txn.event("op", saga=sid, step=step, **rec)
 
         await self.ws.transact(put)
 
@@ -397,7 +409,7 @@ class SagaEngine:
                 if saga is None or saga["id"] != sid or not live or live[-1]["index"] != index \
                         or live[-1]["state"] != "open":
                     return
-                await self.flush_audit()
+                self._seal_audit()
 
                 def note(txn):
                     s = txn.saga(sid)
@@ -520,7 +532,7 @@ class SagaEngine:
                 txn.event("step.begin", saga=sid, step=index, name=name, layer=layer_id,
                           compensate=compensate, **self._event_details(peer))
 
-            await self.flush_audit()
+            self._seal_audit()
             t0 = time.perf_counter()
             await self.ws.push_layer(txn_extra=extra)
             if prev is not None:
@@ -602,7 +614,7 @@ class SagaEngine:
 
     async def _compensate(self, sid: int, target: int, final: str, peer):
         """Compensate and drop every live step above *target*, newest first."""
-        await self.flush_audit()
+        self._seal_audit()
         self.step_meter = None
 
         def start(txn):
@@ -762,7 +774,7 @@ class SagaEngine:
             t0 = time.perf_counter()
             was_writable = self.fs.writable()
             self.fs.seal_top()  # quiesce: from here a write fails with EROFS, it is never lost
-            await self.flush_audit()
+            self._seal_audit()
             lock = BaseLock(self.ws.base)
             try:
                 await trio.to_thread.run_sync(lock.acquire)
@@ -961,6 +973,7 @@ class SagaEngine:
         older = _number(args, "older_than", None, float, 0, 1e12) if args.get("older_than") is not None else None
         keep = _number(args, "keep", None, int, 0, 1 << 31) if args.get("keep") is not None else None
         with self.d.exclusive("collect garbage"):
+            await self.flush_audit()  # no batch of an ended saga may be journaled after its removal
             before = await trio.to_thread.run_sync(self.ws.disk_usage)
             active = self.active_id()
             ended = [s for s in self.ws.journal.sagas() if s["id"] != active and s["state"] in ("committed", "aborted")]
@@ -984,6 +997,7 @@ class SagaEngine:
             async with self.ws.jlimiter:  # no journal transaction of ours runs meanwhile
                 jbefore, jafter = self.ws.journal.compact()
             stack = self.ws.stack()
+            self.ws.finish_drops()
             await trio.to_thread.run_sync(self.ws.collect_orphans, stack)
             after = await trio.to_thread.run_sync(self.ws.disk_usage)
             return {"sagas": victims, "events": events, "bytes_before": before, "bytes_after": after,

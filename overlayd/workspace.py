@@ -49,6 +49,7 @@ class Workspace:
         self.state_dir = Path(os.path.abspath(state_dir))
         self.layers_dir = self.state_dir / "layers"
         self.trash_dir = self.state_dir / "trash"
+        self.work_dir = self.state_dir / "work"  # the shared whiteout (fs.OverlayFS._whiteout)
         self.journal = None
         self.fs = None
         self._lockfd = None
@@ -77,7 +78,7 @@ class Workspace:
         (the saga engine finishes an interrupted commit there).
         """
         self.check_paths()
-        for d in (self.state_dir, self.layers_dir, self.trash_dir):
+        for d in (self.state_dir, self.layers_dir, self.trash_dir, self.work_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lockfd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -96,7 +97,8 @@ class Workspace:
         stack = self.stack()
         self._trash_orphans(stack)
         self.fs = OverlayFS(str(self.base), [(lid, str(self.layers_dir / lid), sealed)
-                                             for lid, sealed in self._stack_entries(stack)])
+                                             for lid, sealed in self._stack_entries(stack)],
+                             workdir=str(self.work_dir))
 
     def stack(self) -> dict:
         return self.journal.meta("stack", {"layers": [], "sealed": True})
@@ -118,6 +120,7 @@ class Workspace:
 
     def close(self) -> None:
         if self.fs is not None:
+            self.finish_drops()
             self.fs.close()
         if self.journal is not None:
             self.journal.close()
@@ -214,16 +217,29 @@ class Workspace:
             self.fs.unseal_top()
         for layer in dropped:
             os.close(layer.fd)
-            os.rename(self.layers_dir / layer.id, self.trash_dir / layer.id)
+        self.finish_drops()
         t2 = time.perf_counter()
         await trio.to_thread.run_sync(self.fs.invalidate, inos, entries)
-        self._reaper_wake.set()
         log.info("dropped %s: journal %.1f ms, view %.1f ms, kernel invalidation %.1f ms (%d inodes, %d names)",
                  ",".join(ids), (t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3,
                  len(inos), len(entries))
         return ids
 
     # ------------------------------------------------------------------ background deletion
+
+    def finish_drops(self) -> None:
+        """Forget the dropped layers' identities, then move their directories to the trash and
+        wake the reaper (sync, in the event loop: the view's structures are touched). A crash
+        before this leaves directories the journal does not name: trashed at the next start.
+
+        (Running this off the drop's latency, later, was tried: the differential test found
+        views that went wrong, so it stays in the drop: O(files of the layer) in dictionary
+        operations, about 0.5 µs each.)"""
+        layers = self.fs.purge_dropped() if self.fs is not None else []
+        for layer in layers:
+            os.rename(self.layers_dir / layer.id, self.trash_dir / layer.id)
+        if layers:
+            self._reaper_wake.set()
 
     def reap_trash(self) -> int:
         n = 0
@@ -233,8 +249,9 @@ class Workspace:
         return n
 
     def collect_orphans(self, stack) -> None:
-        """Trash layer directories the journal does not name, and empty the trash (sync)."""
-        keep = set(stack["layers"])
+        """Trash layer directories the journal does not name, and empty the trash (sync; may
+        run on a worker thread: dropped layers waiting for :meth:`finish_drops` are kept)."""
+        keep = set(stack["layers"]) | {layer.id for layer in list(self.fs.pending_purge if self.fs else ())}
         for entry in os.listdir(self.layers_dir):
             if entry not in keep:
                 log.warning("layer %s is not in the journal: removing it", entry)
