@@ -376,6 +376,35 @@ def test_lifecycle_steps_rollbacks_commit(mount_factory, base, tmp_path):
     assert_read_only(mp)  # no saga, no layer
 
 
+def test_rollback_forgets_what_the_kernel_cached(mount_factory, base):
+    """Names, attributes and pages the kernel cached from a step (300 s timeouts) are gone
+    right after its rollback: new files, new directories, renamed and modified base files,
+    looked up directly by path (not through a listing)."""
+    m = mount_factory(base)
+    mp = m.mp
+    m.call("saga.begin", name="cache")
+    m.call("saga.step", name="s1")
+    orig = read(mp / "mod.txt")
+    os.makedirs(mp / "newdir" / "deep")
+    paths = [mp / "newdir" / "deep" / f"f{i}" for i in range(200)] + [mp / "top-new"]
+    for p in paths:
+        put(p, "new\n")
+    put(mp / "mod.txt", "changed\n")
+    os.rename(mp / "olddir", mp / "moved")
+    os.unlink(mp / "a.txt")
+    for p in paths + [mp / "moved" / "y"]:
+        os.lstat(p)  # in the kernel's caches now
+    assert read(mp / "mod.txt") == b"changed\n"
+    assert not os.path.lexists(mp / "a.txt") and not os.path.lexists(mp / "olddir")
+    m.call("saga.rollback")
+    for p in paths + [mp / "newdir", mp / "moved", mp / "moved" / "y"]:
+        assert not os.path.lexists(p), f"{p} still visible after the rollback"
+    assert read(mp / "mod.txt") == orig
+    assert os.lstat(mp / "mod.txt").st_size == len(orig)
+    assert read(mp / "a.txt") == b"a\n" * 100
+    assert read(mp / "olddir" / "y") == b"y\n" * 1000
+
+
 # ---------------------------------------------------------------------------------- 2. read-only after rollback, names
 
 
