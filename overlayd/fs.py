@@ -206,9 +206,9 @@ class OverlayFS(pyfuse3.Operations):
         self.on_write = None  # callable(node, nbytes) after every write
         self.on_release = None  # callable(node, fd) when a handle that wrote is released
         self.ctx = None  # the RequestContext of the request being served (handlers are atomic)
+        self.fuse_fd = None  # /dev/fuse of this mount, for notifications pyfuse3 lacks (set by the daemon)
         # whiteouts are hard links of one whiteout in *workdir* (as kernel overlayfs shares its
         # whiteout inode): a link costs no inode allocation, a mknod does (about 30x slower)
-        self.fuse_fd = None  # /dev/fuse of this mount, for notifications pyfuse3 lacks (set_fuse_fd)
         self.workfd = os.open(workdir, DIR_FLAGS) if workdir else None
         if self.workfd is not None:
             self._new_whiteout_template(reuse=True)
@@ -669,7 +669,7 @@ class OverlayFS(pyfuse3.Operations):
         node.idents.discard(ident)
         if self.by_ident.get(ident) is node:
             del self.by_ident[ident]
-        if len(ident) == 2:  # and from its layer, so that a later purge cannot take the new file's
+        if len(ident) == 2:  # and from its layer: the purge of a drop must not take a new file's
             for layer in self.layers[1:] + self.pending_purge:
                 layer.idents.discard(ident)
 
@@ -808,7 +808,7 @@ class OverlayFS(pyfuse3.Operations):
         (or a hard link, chmod, xattr change) of a base file copies only the metadata up, with
         ORIGIN_XATTR naming the base file; the data is read from the base until the first open
         for writing (or truncation) copies it (:meth:`_materialize`), and a commit copies it
-        before planning (``merge.materialize_plan``). The base never changes under a mounted
+        before planning (``merge.materialize``). The base never changes under a mounted
         workspace, and :func:`osutil.open_origin` checks the inode number anyway.
         """
         if node.is_dir or node.li == 0:
