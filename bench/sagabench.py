@@ -2,7 +2,8 @@
 never the shared benchmark tree). One fresh daemon per run.
 
 Measured per run: saga.begin; begin a step (saga.step on a new saga); roll back a step with 1
-changed file and with N; commit of N new files vs ``cp -a`` of the same files + ``sync``;
+changed file and with N; commit of N new files (in new directories: moved whole) vs ``cp -a`` of
+the same files + ``sync``, and of N new files into directories the base has (entry by entry);
 journal transitions per second (K x saga.step on an empty saga over one control connection).
 """
 
@@ -87,6 +88,14 @@ def run_once(work: Path, run: int, n: int, k: int, code: Path, log=print) -> dic
         make_files(m.mp / "c", n)
         subprocess.run(["sync"])
         rec["commit_n"] = _t(call, "saga.commit")
+        # the same n files into directories the base already has: committed entry by entry
+        for i in range((n + 499) // 500):
+            (base / "into" / f"d{i:03d}").mkdir(parents=True, exist_ok=True)
+        call("saga.begin", name=f"i{run}")
+        call("saga.step", name="s")
+        make_files(m.mp / "into", n)
+        subprocess.run(["sync"])
+        rec["commit_n_into"] = _t(call, "saga.commit")
         # the daemon's own breakdown of the drops (rollbacks) and of the commit, from its log
         rec["log"] = [line.split("] ", 1)[-1] for line in m.log_path.read_text(errors="replace").splitlines()
                       if ("dropped " in line and "journal" in line) or " committed: " in line]

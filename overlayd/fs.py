@@ -160,6 +160,8 @@ def _fuse_errors(fn):
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
+        if self.gate is not None:  # paused while a commit moves layer directories into the base
+            await self.gate.wait()
         self.ctx = args[-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else None
         try:
             return await fn(self, *args)
@@ -196,6 +198,7 @@ class OverlayFS(pyfuse3.Operations):
         self.handles = {}
         self.dirhandles = {}
         self.next_fh = 1
+        self.gate = None  # a trio.Event while paused (see pause)
         self.is_root = os.geteuid() == 0
         root = Node(ROOT, True)
         root.lookups = 1
@@ -230,6 +233,20 @@ class OverlayFS(pyfuse3.Operations):
         self.layers.append(Layer(layer_id, path, fd))
         self.root.epoch = -1  # the root is the one directory present in every layer
         log.info("layer %s pushed (depth %d)", layer_id, self.top)
+
+    def pause(self) -> None:
+        """Hold every request but forget and release until `resume`: a commit that moves whole
+        directories out of a layer into the base pauses the view from the first move until the
+        layers are dropped, so that no request resolves a name in a layer that no longer holds
+        it. Nothing may write kernel notifications while paused (a process blocked here may hold
+        the directory lock a notification needs): the drop's invalidations come after `resume`."""
+        if self.gate is None:
+            self.gate = trio.Event()
+
+    def resume(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
+            self.gate = None
 
     def seal_top(self) -> None:
         if self.top > 0:
@@ -320,6 +337,47 @@ class OverlayFS(pyfuse3.Operations):
                 pyfuse3.invalidate_inode(ino)
             except OSError:
                 pass
+
+    def committed_identities(self, inomap: dict) -> list:
+        """Before a commit's drop of every layer: (node, base identity) for each live node whose
+        visible copy is in a layer. The commit put that very inode into the base (a hard link of
+        a layer file, a layer directory moved whole), or a new one that *inomap* names
+        ((layer dev, layer ino) -> base ino: directories, symlinks and copies it staged). See
+        `adopt`."""
+        base_dev = self.layers[0].dev
+        out = []
+        for li in range(1, len(self.layers)):
+            for ident in list(self.layers[li].idents):
+                node = self.by_ident.get(ident)
+                if node is None or node.dead:
+                    continue
+                self._fresh(node)
+                if node.dead:
+                    continue
+                if node.is_dir:
+                    # known by its bottom-most copy (this one): a directory the base lacks; the
+                    # commit moved or built its top copy
+                    if not node.dlayers or node.dlayers[-1][0] != li:
+                        continue
+                    top_li, top_ino = node.dlayers[0]
+                    ident = self._key(top_li, top_ino)
+                elif node.li != li:
+                    continue
+                dev, ino = ident
+                ino = inomap.get(ident, ino if dev == base_dev else None)
+                if ino is not None:
+                    out.append((node, (base_dev, ino, 0)))
+        return out
+
+    def adopt(self, pairs, stale_idents=()) -> None:
+        """Right after a commit's drop (same event-loop turn): forget what was cached about the
+        base, then give each node of *pairs* its base identity. A process inside a committed
+        tree (a cwd, an open directory, a cached name) goes on seeing the same tree: a commit
+        does not change the view, only where it is stored."""
+        self.base_changed(stale_idents)
+        for node, ident in pairs:
+            if ident not in self.by_ident:
+                self._register(node, ident, 0)
 
     def base_changed(self, stale_idents=()) -> None:
         """The base was changed by a commit: forget what was cached about it."""
@@ -607,7 +665,9 @@ class OverlayFS(pyfuse3.Operations):
             return node, st
         node = Node(self._pick_ino(ident), stat.S_ISDIR(st.st_mode))
         self.nodes[node.ino] = node
-        self._register(node, ident, li)
+        # a directory is known by its bottom-most copy: registered with that copy's layer, so
+        # that dropping a higher layer holding another copy does not forget it
+        self._register(node, ident, dl[-1][0] if node.is_dir else li)
         node.epoch = self.epoch
         if node.is_dir:
             node.parent, node.name = parent, name

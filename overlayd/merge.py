@@ -8,20 +8,22 @@ touched. Its ops, in path order (parents first):
 - ``delete``: the entry at *path* goes.
 - ``put``: a file, symlink, fifo or socket from a layer replaces whatever is at *path*.
 - ``newdir``: a directory from a layer replaces whatever is at *path*; its whole subtree is
-  part of it (ops with ``root`` = this op's index).
+  part of it (ops with ``root`` = this op's index). With ``move``, the layer's directory is
+  itself renamed into the base (its subtree is then not listed in the journaled plan).
 - ``dir``: a directory present in the base and in the view; its attributes are taken from
   the top layer.
 
 Execution has two phases, each idempotent and each ended by one ``syncfs`` of the base:
 
-1. *stage*: every top-level ``put``/``newdir`` is built under a temporary name
+1. *stage*: every top-level ``put``/``newdir`` but the moves is built under a temporary name
    ``.overlayd-SAGA-N`` in its target directory (a hard link to the layer's file when layer
    and base share a filesystem, else a kernel-side copy);
-2. *apply*: deletions; each staged entry renamed into place (a replaced directory is first
-   renamed to ``.overlayd-SAGA-N-old``, then removed); directory attributes, deepest first.
+2. *apply*: deletions; each staged entry, and each moved layer directory, renamed into place
+   (a replaced directory is first renamed to ``.overlayd-SAGA-N-old``, then removed);
+   directory attributes, deepest first.
 
-A staged name that still exists means its rename has not happened: re-running a phase after
-a crash converges to the same base. Every base path is opened beneath the base's fd with
+A staged name that still exists (a moved directory still in its layer) means its rename has
+not happened: re-running a phase after a crash converges to the same base. Every base path is opened beneath the base's fd with
 O_NOFOLLOW at each component, so no symlink (nor a directory swapped for one) leads outside.
 """
 
@@ -36,6 +38,8 @@ from .osutil import DIR_FLAGS
 log = logging.getLogger(__name__)
 
 STAGE_PREFIX = ".overlayd-"
+# OVERLAYD_COMMIT_MOVES=0 builds every new directory entry by entry (the tests run both ways)
+MOVES = os.environ.get("OVERLAYD_COMMIT_MOVES", "1") != "0"
 
 
 class MergeError(Exception):
@@ -67,15 +71,45 @@ def _scan(fd):
 
 
 def plan_commit(base_fd: int, layers) -> list[dict]:
-    """The redo list for *layers* = [(layer_id, fd)] bottom to top, over the base at *base_fd*."""
+    """The redo list for *layers* = [(layer_id, fd)] bottom to top, over the base at *base_fd*.
+
+    Every entry is listed. A ``newdir`` whose whole subtree comes from one layer on the base's
+    filesystem, holding no whiteout, no set-user/group-ID file and no opaque subdirectory, is
+    marked ``move``: the commit renames the layer's directory into the base instead of building
+    a copy (its children are then left out of the journaled plan, see `compact`)."""
     ops = []
     top_down = list(reversed(layers))
-    _plan_dir(ops, b"", base_fd, [(lid, fd, False) for lid, fd in top_down], -1)
+    _plan_dir(ops, b"", base_fd, [(lid, fd, False) for lid, fd in top_down], -1, os.fstat(base_fd).st_dev)
     return ops
 
 
-def _plan_dir(ops, rel: bytes, base_fd, chain, root: int) -> None:
-    """*chain*: [(layer id, dir fd, close?)] top-down where the directory exists in the view."""
+def compact(ops) -> list[dict]:
+    """The plan to journal and execute: the entries below a ``move`` are not listed, since one
+    rename moves them; ``root`` indices are renumbered. A move op keeps how many entries it
+    carries in ``entries``."""
+    out = []
+    where = {}
+    for i, op in enumerate(ops):
+        r = op["root"]
+        if r >= 0 and ops[r].get("move"):
+            out[where[r]]["entries"] = out[where[r]].get("entries", 0) + 1
+            continue
+        op = dict(op)
+        if r >= 0:
+            op["root"] = where[r]
+        where[i] = len(out)
+        out.append(op)
+    return out
+
+
+def count_entries(ops) -> int:
+    """How many entries a (possibly compacted) plan changes."""
+    return sum(1 + op.get("entries", 0) for op in ops)
+
+
+def _plan_dir(ops, rel: bytes, base_fd, chain, root: int, dev: int, movable: dict | None = None) -> None:
+    """*chain*: [(layer id, dir fd, close?)] top-down where the directory exists in the view.
+    *movable*: inside a newdir, {"ok": bool} cleared by whatever forbids moving it whole."""
     scans = []
     try:
         for lid, fd, _ in chain:
@@ -93,6 +127,9 @@ def _plan_dir(ops, rel: bytes, base_fd, chain, root: int) -> None:
                     break
             lid, fd, sc = scans[top]
             st = sc[name]
+            if movable is not None and (top > 0 or osutil.is_whiteout(st)
+                                        or st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(st.st_mode)):
+                movable["ok"] = False
             if osutil.is_whiteout(st):
                 if name in base_names and root < 0:
                     ops.append({"op": "delete", "path": os.fsdecode(path), "layer": lid, "root": root})
@@ -121,21 +158,34 @@ def _plan_dir(ops, rel: bytes, base_fd, chain, root: int) -> None:
                 sub.append((lid2, cfd, True))
                 if osutil.is_opaque(cfd):
                     reaches_base = False
+                    if movable is not None:
+                        movable["ok"] = False  # an opaque directory inside a new one: not moved whole
                     break
             base_child = None
             if reaches_base and root < 0 and name in base_names and _kind(base_names[name]) == "d":
                 base_child = os.open(name, DIR_FLAGS, dir_fd=base_fd)
                 ops.append({"op": "dir", "path": os.fsdecode(path), "layer": lid, "root": root})
                 child_root = root
+                child_movable = None
             else:
                 ops.append({"op": "newdir", "path": os.fsdecode(path), "layer": lid, "root": root,
                             "replaces": _kind(base_names[name]) if name in base_names and root < 0 else None})
                 child_root = len(ops) - 1 if root < 0 else root
+                if root < 0:
+                    # moved whole when one layer holds all of it, on the base's filesystem
+                    child_movable = {"ok": len(sub) == 1 and st.st_dev == dev}
+                    if len(sub) == 1 and osutil.is_opaque(sub[0][1]):
+                        ops[-1]["opaque"] = True  # the xattr is removed once it is in the base
+                else:
+                    child_movable = movable
+            newdir_at = len(ops) - 1
             try:
-                _plan_dir(ops, path, base_child, sub, child_root)
+                _plan_dir(ops, path, base_child, sub, child_root, dev, child_movable)
             finally:
                 if base_child is not None:
                     os.close(base_child)
+            if root < 0 and child_movable is not None and child_movable["ok"] and MOVES:
+                ops[newdir_at]["move"] = True
     finally:
         for lid, fd, close in chain:
             if close:
@@ -195,6 +245,9 @@ class Merger:
         self.ops = ops
         self.base_dev = os.fstat(base_fd).st_dev
         self._dirs = {}
+        # (layer dev, layer ino) -> base ino of every entry staged as a new inode (directories,
+        # symlinks, fifos, copies); linked files and moved directories keep their inode
+        self.inomap = {}
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -231,7 +284,7 @@ class Merger:
         """Build every top-level put/newdir under its temporary name. Idempotent."""
         links = {}  # (layer, ino) -> (dir fd, name) of the first staged copy, for hard links
         for i, op in enumerate(self.ops):
-            if op["op"] in ("delete", "dir"):
+            if op["op"] in ("delete", "dir") or op.get("move"):
                 continue
             path = os.fsencode(op["path"])
             name = os.path.basename(path)
@@ -269,6 +322,7 @@ class Merger:
                 dst = os.open(dst_name, DIR_FLAGS, dir_fd=dst_fd)
                 try:
                     self._meta(src, dst, st)
+                    self.inomap[(st.st_dev, st.st_ino)] = os.fstat(dst).st_ino
                 finally:
                     os.close(src)
                     os.close(dst)
@@ -288,6 +342,8 @@ class Merger:
                 os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
             else:
                 self._stage_file(lfd, name, st, dst_fd, dst_name)
+            if kind != "f" or st.st_dev != self.base_dev:
+                self.inomap[(st.st_dev, st.st_ino)] = os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False).st_ino
             if st.st_nlink > 1:
                 links[key] = (dst_fd, dst_name)
         finally:
@@ -353,6 +409,8 @@ class Merger:
                     osutil.rmtree_at(pfd, name)
                 except FileNotFoundError:
                     pass
+            elif op.get("move"):
+                self._move_in(op, pfd, name, self.stage_name(i))
             else:
                 self._install(pfd, name, self.stage_name(i))
             if progress:
@@ -366,10 +424,31 @@ class Merger:
             finally:
                 os.close(lfd)
 
-    def _install(self, pfd: int, name: bytes, tmp: bytes) -> None:
-        old = tmp + b"-old"
+    def _move_in(self, op, pfd: int, name: bytes, tmp: bytes) -> None:
+        """A ``move``: the layer's directory itself becomes the base's, by one rename (no copy).
+        The layer is not needed afterwards: the commit drops it. Idempotent: a directory no
+        longer in the layer has been moved (nothing else removes names from a sealed layer)."""
+        lfd = self._layer_parent(op["layer"], os.fsencode(op["path"]))
         try:
-            staged = os.stat(tmp, dir_fd=pfd, follow_symlinks=False)
+            self._install(pfd, name, tmp, src=(lfd, name))
+        finally:
+            os.close(lfd)
+        if op.get("opaque"):
+            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            try:
+                os.removexattr(fd, osutil.OPAQUE_XATTR)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+            finally:
+                os.close(fd)
+
+    def _install(self, pfd: int, name: bytes, tmp: bytes, src=None) -> None:
+        """Rename the staged entry *tmp* (or *src* = (dir fd, name)) to *name* in *pfd*."""
+        old = tmp + b"-old"
+        src_fd, src_name = src or (pfd, tmp)
+        try:
+            staged = os.stat(src_name, dir_fd=src_fd, follow_symlinks=False)
         except FileNotFoundError:
             # already renamed into place (a re-run after a crash); finish removing the old entry
             try:
@@ -389,7 +468,7 @@ class Merger:
                 osutil.rmtree_at(pfd, old)
                 osutil.renameat2(pfd, name, pfd, old, osutil.RENAME_NOREPLACE)
             moved = True
-        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)  # atomic replacement of a file
+        os.rename(src_name, name, src_dir_fd=src_fd, dst_dir_fd=pfd)  # atomic replacement of a file
         if moved or self.rerun:  # a re-run may find the old entry moved aside by the crashed run
             try:
                 osutil.rmtree_at(pfd, old)
@@ -415,7 +494,7 @@ def cleanup_stage(base_fd: int, ops, saga_id: int, token: str = "") -> None:
     m = Merger(base_fd, {}, saga_id, ops, token)
     try:
         for i, op in enumerate(ops):
-            if op["root"] >= 0 or op["op"] not in ("put", "newdir"):
+            if op["root"] >= 0 or op["op"] not in ("put", "newdir") or op.get("move"):
                 continue
             try:
                 pfd = m._base_dir(os.path.dirname(os.fsencode(op["path"])))

@@ -41,8 +41,14 @@ CRASH_AT = os.environ.get("OVERLAYD_CRASH_AT", "")  # fault injection: "label" o
 _crash_counts = {}
 
 
+STALL_AT = os.environ.get("OVERLAYD_STALL_AT", "")  # fault injection: "label:seconds"
+
+
 def crash_point(label: str) -> None:
-    """Fault injection for the crash tests: SIGKILL ourselves at the n-th pass of *label*."""
+    """Fault injection for the tests: SIGKILL ourselves at the n-th pass of *label*
+    (OVERLAYD_CRASH_AT), or sleep there (OVERLAYD_STALL_AT; only ever reached on worker threads)."""
+    if STALL_AT and STALL_AT.rpartition(":")[0] == label:
+        time.sleep(float(STALL_AT.rpartition(":")[2]))
     if not CRASH_AT:
         return
     want, _, nth = CRASH_AT.partition(":")
@@ -121,8 +127,11 @@ class BaseLock:
             self.fd = None
 
 
-def run_commit_plan(ws, plan: dict, progress=None) -> None:
-    """Execute a journaled plan from its recorded phase to the end. Sync, idempotent."""
+def run_commit_plan(ws, plan: dict, progress=None, before_apply=None) -> dict | None:
+    """Execute a journaled plan from its recorded phase to the end. Sync, idempotent.
+    *before_apply* is called (in this thread) once the base is about to be changed. Returns
+    the Merger's inomap when this call staged the whole plan (else None: not known)."""
+    inomap = None
     base_fd = os.open(ws.base, osutil.DIR_FLAGS)
     layer_fds = {}
     try:
@@ -137,11 +146,14 @@ def run_commit_plan(ws, plan: dict, progress=None) -> None:
                 apply_cb = lambda d, t: progress(t + d, 2 * t)  # noqa: E731
             if plan["phase"] == "planned":
                 m.stage(stage_cb)
+                inomap = m.inomap
                 m.sync()
                 crash_point("commit.staged")
                 ws.journal.transact(lambda txn: _set_phase(txn, "staged"))
                 plan["phase"] = "staged"
             crash_point("commit.apply")
+            if before_apply is not None:
+                before_apply()
             m.apply(apply_cb)
             crash_point("commit.applied")
             m.sync()
@@ -151,6 +163,7 @@ def run_commit_plan(ws, plan: dict, progress=None) -> None:
         os.close(base_fd)
         for fd in layer_fds.values():
             os.close(fd)
+    return inomap
 
 
 def _set_phase(txn, phase):
@@ -793,14 +806,15 @@ class SagaEngine:
                                                   "since this saga changed them; the saga is still active and "
                                                   "untouched", conflicts=conflicts)
                     try:
-                        ops = await trio.to_thread.run_sync(self._plan, True)
+                        full = await trio.to_thread.run_sync(self._plan, True)
                     except (OSError, merge.MergeError) as exc:
                         raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
                                                        "nothing was applied and the saga is still active: fix "
                                                        "the cause and commit again") from None
+                    ops = merge.compact(full)
                     layers = [layer.id for layer in self.fs.layers[1:]]
                     plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops,
-                            "token": merge.new_token(ops)}
+                            "token": merge.new_token(full)}
                     open_paths = dict(self.touched)
 
                     def intent(txn):
@@ -809,11 +823,11 @@ class SagaEngine:
                                 s.update(state="done", sealed=now(), paths=open_paths)
                                 txn.put_step(sid, s["index"], s)
                         s = txn.saga(sid)
-                        s.update(state="committing", updated=now(), commit_ops=len(ops))
+                        s.update(state="committing", updated=now(), commit_ops=len(full))
                         txn.put_saga(sid, s)
                         txn.set_meta("commit_plan", plan)
                         txn.set_meta("stack", {"layers": layers, "sealed": True})
-                        txn.event("commit.begin", saga=sid, ops=len(ops), **self._event_details(peer))
+                        txn.event("commit.begin", saga=sid, ops=len(full), **self._event_details(peer))
 
                     t1 = time.perf_counter()
                     await self.ws.transact(intent)
@@ -829,15 +843,22 @@ class SagaEngine:
             self._known = set()
             self.step_meter = self.saga_meter = None
             self.writers = {}
-            return {"saga": self.ws.journal.saga(sid), "changes": len(ops), "seconds": time.perf_counter() - t0}
+            return {"saga": self.ws.journal.saga(sid), "changes": len(full), "seconds": time.perf_counter() - t0}
 
     async def _execute_plan(self, plan, peer, t0=None, t1=None) -> None:
         """Run a journaled plan to the end, then finalize. On failure before anything was renamed
         into the base, undo the staging and give the saga back; after, stay committing."""
         sid, ops, layers = plan["saga"], plan["ops"], plan["layers"]
-        t0 = t1 = t0 or time.perf_counter()
+        t0 = t0 or time.perf_counter()
+        t1 = t1 or t0
         t2 = time.perf_counter()
         stale = []
+        # directories moved whole out of a layer: the view is paused from the first move until
+        # the layers are dropped (fs.pause)
+        pause = None
+        if any(op.get("move") for op in ops):
+            def pause():
+                trio.from_thread.run_sync(self.fs.pause)
         try:
             stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
             t2 = time.perf_counter()
@@ -845,8 +866,9 @@ class SagaEngine:
             def progress(done, total):
                 self.progress = {"op": "commit", "done": done, "total": total}
 
-            await trio.to_thread.run_sync(run_commit_plan, self.ws, plan, progress)
+            inomap = await trio.to_thread.run_sync(run_commit_plan, self.ws, plan, progress, pause)
         except (OSError, merge.MergeError) as exc:
+            self.fs.resume()
             err = str(exc)
             cur = self.ws.journal.meta("commit_plan") or {}
             if cur.get("phase") == "planned":
@@ -873,12 +895,19 @@ class SagaEngine:
             raise OpError("commit-incomplete", f"commit failed while applying it to the base: {exc}; the journal "
                                                "holds the rest: fix the cause, then run 'saga commit' again to "
                                                "finish it (a restart of the daemon finishes it too)") from None
+        except BaseException:
+            self.fs.resume()
+            raise
         crash_point("commit.done")
         t3 = time.perf_counter()
-        await self.ws.drop_layers(len(layers), txn_extra=lambda txn: _finalize_commit(txn, sid))
-        self.fs.base_changed(stale)
-        log.info("saga %d committed: %d ops; flush+check+plan %.3fs, intent %.3fs, merge %.3fs, "
-                 "drop %.3fs", sid, len(ops), t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
+        try:
+            await self.ws.drop_layers(len(layers), txn_extra=lambda txn: _finalize_commit(txn, sid),
+                                      committed=(inomap, stale), on_view=self.fs.resume)
+        finally:
+            self.fs.resume()
+        log.info("saga %d committed: %d entries in %d ops (%d moved whole); flush+check+plan %.3fs, "
+                 "intent %.3fs, merge %.3fs, drop %.3fs", sid, merge.count_entries(ops), len(ops),
+                 sum(1 for op in ops if op.get("move")), t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
 
     async def _finish_commit(self, saga, peer):
         """'saga commit' on a saga whose commit failed half-way: finish it from the journal."""
@@ -895,7 +924,7 @@ class SagaEngine:
         self.touched = {}
         self._known = set()
         self.step_meter = self.saga_meter = None
-        return {"saga": self.ws.journal.saga(saga["id"]), "changes": len(plan["ops"]),
+        return {"saga": self.ws.journal.saga(saga["id"]), "changes": merge.count_entries(plan["ops"]),
                 "seconds": time.perf_counter() - t0}
 
     def _annotate(self, changes, sid):

@@ -185,13 +185,19 @@ class Workspace:
         else:
             self.fs.unseal_top()
 
-    async def drop_layers(self, count: int, txn_extra=None, reopen: bool = False) -> list[str]:
+    async def drop_layers(self, count: int, txn_extra=None, reopen: bool = False, on_view=None,
+                          committed=None) -> list[str]:
         """Journal, then drop the top *count* layers from the view; returns their ids.
 
         The view switches in O(1): the layers' directories are renamed into the trash and
         deleted later by the reaper thread. The kernel's caches are invalidated before this
         returns, so no process sees a stale name, attribute or page afterwards. The new top
         layer stays sealed unless *reopen*.
+
+        *committed* = (inomap or None, stale base identities): the drop ends a commit, whose
+        base now holds what the layers held; the view's nodes move to their base identities
+        in the same event-loop turn as the switch (OverlayFS.adopt). *on_view* is called once
+        the view has switched, before the kernel notifications.
         """
         if count <= 0:
             if txn_extra is not None:
@@ -212,12 +218,19 @@ class Workspace:
         t0 = time.perf_counter()
         await self.transact(commit)
         t1 = time.perf_counter()
+        pairs = []
+        if committed is not None and committed[0] is not None:
+            pairs = self.fs.committed_identities(committed[0])
         dropped, (inos, entries) = self.fs.drop_layers(count)
+        if committed is not None:
+            self.fs.adopt(pairs, committed[1])
         if reopen:
             self.fs.unseal_top()
         for layer in dropped:
             os.close(layer.fd)
         self.finish_drops()
+        if on_view is not None:
+            on_view()  # the view has switched; before the kernel notifications
         t2 = time.perf_counter()
         await trio.to_thread.run_sync(self.fs.invalidate, inos, entries)
         log.info("dropped %s: journal %.1f ms, view %.1f ms, kernel invalidation %.1f ms (%d inodes, %d names)",
