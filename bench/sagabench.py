@@ -40,6 +40,16 @@ def _t(fn, *a, **kw):
     return time.perf_counter() - t0
 
 
+def _settle(m, timeout: float = 60.0) -> None:
+    """Wait until the daemon has deleted the layers it dropped (its reaper thread), then sync:
+    a timed commit or `cp -a` + `sync` must not pay for the previous measurement's deletions."""
+    deadline = time.monotonic() + timeout
+    trash = [p for p in m.state.rglob("trash") if p.is_dir()]
+    while time.monotonic() < deadline and any(any(t.iterdir()) for t in trash):
+        time.sleep(0.05)
+    subprocess.run(["sync"], check=True)
+
+
 def run_once(work: Path, run: int, n: int, k: int, code: Path, log=print) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="saga-", dir=work))
     rec = {"run": run}
@@ -74,7 +84,7 @@ def run_once(work: Path, run: int, n: int, k: int, code: Path, log=print) -> dic
         src = tmp / "src"
         src.mkdir()
         make_files(src, n)
-        subprocess.run(["sync"])
+        _settle(m)
         dst = tmp / "cp"
         t0 = time.perf_counter()
         subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
@@ -86,7 +96,7 @@ def run_once(work: Path, run: int, n: int, k: int, code: Path, log=print) -> dic
         call("saga.step", name="s")
         (m.mp / "c").mkdir()
         make_files(m.mp / "c", n)
-        subprocess.run(["sync"])
+        _settle(m)
         rec["commit_n"] = _t(call, "saga.commit")
         # the same n files into directories the base already has: committed entry by entry
         for i in range((n + 499) // 500):
@@ -94,7 +104,7 @@ def run_once(work: Path, run: int, n: int, k: int, code: Path, log=print) -> dic
         call("saga.begin", name=f"i{run}")
         call("saga.step", name="s")
         make_files(m.mp / "into", n)
-        subprocess.run(["sync"])
+        _settle(m)
         rec["commit_n_into"] = _t(call, "saga.commit")
         # the daemon's own breakdown of the drops (rollbacks) and of the commit, from its log
         rec["log"] = [line.split("] ", 1)[-1] for line in m.log_path.read_text(errors="replace").splitlines()

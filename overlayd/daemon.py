@@ -209,6 +209,7 @@ class Daemon:
             reaper = threading.Thread(target=self.ws.reaper_loop, args=(stop,), daemon=True, name="reaper")
             reaper.start()
             nursery.start_soon(self._ready_after_start, ready)
+            nursery.start_soon(self.ws.purge_loop)
             if self.saga is not None:
                 nursery.start_soon(self.saga.audit_loop)
             try:

@@ -23,6 +23,7 @@ Caveats (knowingly not done):
 """
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -51,13 +52,16 @@ WHITEOUT = "whiteout"  # the shared whiteout's name in the work directory
 class Layer:
     """One directory of the stack."""
 
-    __slots__ = ("id", "path", "fd", "dev", "sealed", "idents", "inos", "entries")
+    __slots__ = ("id", "path", "fd", "dev", "serial", "sealed", "idents", "inos", "entries")
 
-    def __init__(self, layer_id: str, path: str, fd: int, sealed: bool = False):
+    _serials = itertools.count(1)
+
+    def __init__(self, layer_id: str, path: str, fd: int, sealed: bool = False, base: bool = False):
         self.id = layer_id
         self.path = path
         self.fd = fd
         self.dev = os.fstat(fd).st_dev
+        self.serial = 0 if base else next(Layer._serials)  # part of every identity (see _key)
         self.sealed = sealed
         self.idents = set()  # identities (see _key) registered in by_ident while this layer lives
         self.inos = set()  # view inodes present below this layer whose attributes or data it changed
@@ -184,7 +188,7 @@ class OverlayFS(pyfuse3.Operations):
     def __init__(self, base: str, layers=(), *, generation: int | None = None, workdir: str | None = None):
         super().__init__()
         fd = os.open(base, DIR_FLAGS)
-        self.layers = [Layer("base", base, fd, sealed=True)]
+        self.layers = [Layer("base", base, fd, sealed=True, base=True)]
         for layer_id, path, sealed in layers:
             self.layers.append(Layer(layer_id, path, os.open(path, DIR_FLAGS), sealed))
         self.generation = generation if generation is not None else int(time.time())
@@ -192,7 +196,7 @@ class OverlayFS(pyfuse3.Operations):
         self.nodes = {}
         self.by_ident = {}
         self.next_ino = SYNTHETIC_INO  # inode numbers of entries that do not come from the base
-        self.pending_purge = []  # dropped layers whose identities are still in by_ident
+        self.pending_purge = []  # dropped layers whose identities are still in by_ident (see purge_dropped)
         self.listings = {}  # (layer index, d_ino) -> Listing
         self.fds = OrderedDict()  # (layer index, d_ino) -> fd
         self.handles = {}
@@ -297,18 +301,25 @@ class OverlayFS(pyfuse3.Operations):
         log.info("dropped %d layer(s): %s", count, ", ".join(layer.id for layer in dropped))
         return dropped, (inval_inos, inval_entries)
 
-    def purge_dropped(self) -> list:
-        """Forget the identities of dropped layers' files; returns those layers, whose
-        directories may then be deleted (not before: a deleted file's inode number may come
-        back for a new file, which must not resolve to the old node)."""
-        done, self.pending_purge = self.pending_purge, []
-        for layer in done:
-            for ident in layer.idents:
+    def purge_dropped(self, budget: int | None = None) -> int:
+        """Forget up to *budget* (default: all) identities of dropped layers' files; returns
+        how many are left. This is memory only, and may wait: an identity carries its layer's
+        serial, which no live or later layer has, so a file that reuses a dropped file's inode
+        number never resolves to the old node (invariant 5)."""
+        n = 0
+        while self.pending_purge:
+            layer = self.pending_purge[-1]
+            idents = layer.idents
+            while idents:
+                if budget is not None and n >= budget:
+                    return sum(len(x.idents) for x in self.pending_purge)
+                ident = idents.pop()
                 node = self.by_ident.pop(ident, None)
                 if node is not None:
                     node.idents.discard(ident)
-            layer.idents = set()
-        return done
+                n += 1
+            self.pending_purge.pop()
+        return 0
 
     def invalidate(self, inos, entries) -> None:
         """Tell the kernel to forget names and attributes/pages. Call from a worker thread.
@@ -363,8 +374,8 @@ class OverlayFS(pyfuse3.Operations):
                     ident = self._key(top_li, top_ino)
                 elif node.li != li:
                     continue
-                dev, ino = ident
-                ino = inomap.get(ident, ino if dev == base_dev else None)
+                dev, ino = ident[0], ident[1]
+                ino = inomap.get((dev, ino), ino if dev == base_dev else None)
                 if ino is not None:
                     out.append((node, (base_dev, ino, 0)))
         return out
@@ -702,21 +713,24 @@ class OverlayFS(pyfuse3.Operations):
         they recorded on the base, and numbers stay the same across restarts); anything else
         gets a synthetic number above 2**48."""
         ino = ident[1]
-        if len(ident) == 3 and ROOT < ino < SYNTHETIC_INO and ino not in self.nodes:
+        if ident[2] == 0 and ROOT < ino < SYNTHETIC_INO and ino not in self.nodes:
             return ino
         ino = self.next_ino
         self.next_ino += 1
         return ino
 
     def _key(self, li: int, ino: int):
-        """The identity of the physical entry *ino* of layer *li* in by_ident and Node.idents.
+        """The identity of the physical entry *ino* of layer *li* in by_ident and Node.idents:
+        (st_dev, st_ino, layer serial), the serial 0 for the base.
 
-        Base entries are told apart from layer entries (a third element) even when base and
-        layers share a filesystem: if the base changes behind the workspace's back (another
-        workspace's commit), a freed base inode number reused by a new layer file must not
-        resolve to the node of the base file that had it.
+        Entries of different layers are told apart even when they share a filesystem: if the
+        base changes behind the workspace's back (another workspace's commit), a freed base inode
+        number reused by a new layer file must not resolve to the node of the base file that had
+        it; and an inode number freed with a dropped layer and reused in a live one must not
+        resolve to the dropped file's node, whether or not its identities were purged yet.
         """
-        return (self.layers[li].dev, ino, 0) if li == 0 else (self.layers[li].dev, ino)
+        layer = self.layers[li]
+        return (layer.dev, ino, layer.serial)
 
     def _register(self, node: Node, ident, li: int) -> None:
         node.idents.add(ident)
@@ -729,9 +743,11 @@ class OverlayFS(pyfuse3.Operations):
         node.idents.discard(ident)
         if self.by_ident.get(ident) is node:
             del self.by_ident[ident]
-        if len(ident) == 2:  # and from its layer: the purge of a drop must not take a new file's
+        if ident[2]:  # and from its layer
             for layer in self.layers[1:] + self.pending_purge:
-                layer.idents.discard(ident)
+                if layer.serial == ident[2]:
+                    layer.idents.discard(ident)
+                    break
 
     def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -55,6 +55,7 @@ class Workspace:
         self._lockfd = None
         self.jlimiter = trio.CapacityLimiter(1)
         self._reaper_wake = threading.Event()
+        self._purge_wake = trio.Event()
 
     # ------------------------------------------------------------------ setup
 
@@ -228,7 +229,9 @@ class Workspace:
             self.fs.unseal_top()
         for layer in dropped:
             os.close(layer.fd)
-        self.finish_drops()
+            os.rename(self.layers_dir / layer.id, self.trash_dir / layer.id)
+        self._reaper_wake.set()
+        self._purge_wake.set()  # their identities are forgotten off the drop's latency
         if on_view is not None:
             on_view()  # the view has switched; before the kernel notifications
         t2 = time.perf_counter()
@@ -241,18 +244,21 @@ class Workspace:
     # ------------------------------------------------------------------ background deletion
 
     def finish_drops(self) -> None:
-        """Forget the dropped layers' identities, then move their directories to the trash and
-        wake the reaper (sync, in the event loop: the view's structures are touched). A crash
-        before this leaves directories the journal does not name: trashed at the next start.
+        """Forget every dropped layer's identities now (sync, in the event loop)."""
+        if self.fs is not None:
+            self.fs.purge_dropped()
 
-        (Running this off the drop's latency, later, was tried: the differential test found
-        views that went wrong, so it stays in the drop: O(files of the layer) in dictionary
-        operations, about 0.5 µs each.)"""
-        layers = self.fs.purge_dropped() if self.fs is not None else []
-        for layer in layers:
-            os.rename(self.layers_dir / layer.id, self.trash_dir / layer.id)
-        if layers:
-            self._reaper_wake.set()
+    async def purge_loop(self) -> None:
+        """Forget dropped layers' identities in slices, between requests, after each drop.
+        (Only memory: an identity carries its layer's serial, see OverlayFS._key.)"""
+        while True:
+            await self._purge_wake.wait()
+            # after the operation that dropped them has answered (a slice holds the GIL that its
+            # worker threads need to finish)
+            await trio.sleep(0.05)
+            self._purge_wake = trio.Event()
+            while self.fs is not None and self.fs.purge_dropped(budget=1000):
+                await trio.sleep(0)
 
     def reap_trash(self) -> int:
         n = 0
@@ -263,8 +269,8 @@ class Workspace:
 
     def collect_orphans(self, stack) -> None:
         """Trash layer directories the journal does not name, and empty the trash (sync; may
-        run on a worker thread: dropped layers waiting for :meth:`finish_drops` are kept)."""
-        keep = set(stack["layers"]) | {layer.id for layer in list(self.fs.pending_purge if self.fs else ())}
+        run on a worker thread: a drop moves its layers to the trash in the turn it drops them)."""
+        keep = set(stack["layers"])
         for entry in os.listdir(self.layers_dir):
             if entry not in keep:
                 log.warning("layer %s is not in the journal: removing it", entry)
