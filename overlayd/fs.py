@@ -100,7 +100,7 @@ class Node:
         self.opens = 0
         self.dead = False
         self.st = None  # (epoch, stat) of an entry that lives in the base: it does not change
-        self.mc = None  # files: (loc, origin or None): is the top copy a metacopy (see _origin)
+        self.mc = None  # files: (loc, origin or None[, its st_blocks]): is the top copy a metacopy (_origin)
 
 
 class Handle:
@@ -768,6 +768,8 @@ class OverlayFS(pyfuse3.Operations):
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
         e.st_blocks = st.st_blocks
+        if st.st_blocks * 512 < st.st_size and not node.is_dir and node.li > 0 and stat.S_ISREG(st.st_mode):
+            e.st_blocks = self._metacopy_blocks(node, st.st_blocks)  # du counts a renamed file
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
@@ -899,6 +901,27 @@ class OverlayFS(pyfuse3.Operations):
         node.mc = (node.loc, origin)
         return origin
 
+    def _metacopy_blocks(self, node: Node, blocks: int) -> int:
+        """st_blocks of a metacopy: its origin's (the data it shows); *blocks* for any other
+        sparse file. Cached with the origin. Never fails, and reads an origin only through
+        names known to be current (the node is fresh): it runs inside lookup and readdir, where
+        a node found by identity may still carry names from before a drop (see _fresh)."""
+        if node.epoch != self.epoch and (node.mc is None or node.mc[0] != node.loc):
+            return blocks
+        try:
+            origin = self._origin(node)
+            if origin is None:
+                return blocks
+            if len(node.mc) < 3:
+                fd = osutil.open_origin(self.layers[0].fd, origin)
+                try:
+                    node.mc = (node.mc[0], node.mc[1], os.fstat(fd).st_blocks)
+                finally:
+                    os.close(fd)
+            return node.mc[2]
+        except (OSError, FUSEError):
+            return blocks
+
     def _materialize(self, node: Node, truncate: bool = False) -> None:
         """Give the top layer's metacopy of *node* its own data (none if *truncate*)."""
         origin = self._origin(node)
@@ -911,11 +934,7 @@ class OverlayFS(pyfuse3.Operations):
                 st = os.fstat(fd)
                 os.ftruncate(fd, 0)
                 os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-                try:
-                    os.removexattr(fd, osutil.ORIGIN_XATTR)
-                except OSError as exc:
-                    if exc.errno != errno.ENODATA:
-                        raise
+                osutil.discard_xattr(fd, osutil.ORIGIN_XATTR)
             else:
                 osutil.materialize(self.layers[0].fd, fd, origin)
         finally:

@@ -266,14 +266,14 @@ class Merger:
         return fd
 
     def _layer_parent(self, layer: str, path: bytes) -> int:
-        """An fd of *path*'s directory in *layer* (the caller closes it); cached per directory."""
+        """An fd of *path*'s directory in *layer*, cached per directory (closed by close())."""
         parent = os.path.dirname(path)
         key = ("layer", layer, parent)
         fd = self._dirs.get(key)
         if fd is None:
             fd = osutil.open_beneath(self.layer_fds[layer], parent)
             self._dirs[key] = fd
-        return os.dup(fd)
+        return fd
 
     def stage_name(self, i: int) -> bytes:
         return f"{STAGE_PREFIX}{self.saga}-{self.token}-{i}".encode()
@@ -289,13 +289,7 @@ class Merger:
             path = os.fsencode(op["path"])
             name = os.path.basename(path)
             if op["root"] < 0:
-                pfd = self._base_dir(os.path.dirname(path))
-                tmp = self.stage_name(i)
-                try:
-                    osutil.rmtree_at(pfd, tmp)
-                except FileNotFoundError:
-                    pass
-                dst_fd, dst_name = pfd, tmp
+                dst_fd, dst_name = self._base_dir(os.path.dirname(path)), self.stage_name(i)
             else:
                 root_op = self.ops[op["root"]]
                 rel = os.path.relpath(path, os.fsencode(root_op["path"]))
@@ -307,47 +301,49 @@ class Merger:
                     os.close(rfd)
                 self._dirs[(i, "staged")] = dst_fd
                 dst_name = name
-            self._stage_one(op, path, dst_fd, dst_name, links)
+            try:
+                self._stage_one(op, path, dst_fd, dst_name, links)
+            except FileExistsError:
+                # left by a stage that crashed (a re-run): built again from scratch
+                osutil.rmtree_at(dst_fd, dst_name)
+                self._stage_one(op, path, dst_fd, dst_name, links)
             if progress:
                 progress(i + 1, len(self.ops))
 
     def _stage_one(self, op, path: bytes, dst_fd: int, dst_name: bytes, links) -> None:
         lfd = self._layer_parent(op["layer"], path)
         name = os.path.basename(path)
-        try:
-            st = os.stat(name, dir_fd=lfd, follow_symlinks=False)
-            if op["op"] == "newdir":
-                os.mkdir(dst_name, 0o700, dir_fd=dst_fd)
-                src = os.open(name, DIR_FLAGS, dir_fd=lfd)
-                dst = os.open(dst_name, DIR_FLAGS, dir_fd=dst_fd)
-                try:
-                    self._meta(src, dst, st)
-                    self.inomap[(st.st_dev, st.st_ino)] = os.fstat(dst).st_ino
-                finally:
-                    os.close(src)
-                    os.close(dst)
-                return
-            kind = op["kind"]
-            key = (op["layer"], st.st_ino)
-            if st.st_nlink > 1 and key in links:
-                first_fd, first_name = links[key]
-                os.link(first_name, dst_name, src_dir_fd=first_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
-                return
-            if kind == "l":
-                os.symlink(os.readlink(name, dir_fd=lfd), dst_name, dir_fd=dst_fd)
-                self._lmeta(dst_fd, dst_name, st)
-            elif kind in ("p", "s"):
-                os.mknod(dst_name, stat.S_IFMT(st.st_mode) | 0o600, dir_fd=dst_fd)
-                self._lmeta(dst_fd, dst_name, st)
-                os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
-            else:
-                self._stage_file(lfd, name, st, dst_fd, dst_name)
-            if kind != "f" or st.st_dev != self.base_dev:
-                self.inomap[(st.st_dev, st.st_ino)] = os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False).st_ino
-            if st.st_nlink > 1:
-                links[key] = (dst_fd, dst_name)
-        finally:
-            os.close(lfd)
+        st = os.stat(name, dir_fd=lfd, follow_symlinks=False)
+        if op["op"] == "newdir":
+            os.mkdir(dst_name, 0o700, dir_fd=dst_fd)
+            src = os.open(name, DIR_FLAGS, dir_fd=lfd)
+            dst = os.open(dst_name, DIR_FLAGS, dir_fd=dst_fd)
+            try:
+                self._meta(src, dst, st)
+                self.inomap[(st.st_dev, st.st_ino)] = os.fstat(dst).st_ino
+            finally:
+                os.close(src)
+                os.close(dst)
+            return
+        kind = op["kind"]
+        key = (op["layer"], st.st_ino)
+        if st.st_nlink > 1 and key in links:
+            first_fd, first_name = links[key]
+            os.link(first_name, dst_name, src_dir_fd=first_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+            return
+        if kind == "l":
+            os.symlink(os.readlink(name, dir_fd=lfd), dst_name, dir_fd=dst_fd)
+            self._lmeta(dst_fd, dst_name, st)
+        elif kind in ("p", "s"):
+            os.mknod(dst_name, stat.S_IFMT(st.st_mode) | 0o600, dir_fd=dst_fd)
+            self._lmeta(dst_fd, dst_name, st)
+            os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
+        else:
+            self._stage_file(lfd, name, st, dst_fd, dst_name)
+        if kind != "f" or st.st_dev != self.base_dev:
+            self.inomap[(st.st_dev, st.st_ino)] = os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False).st_ino
+        if st.st_nlink > 1:
+            links[key] = (dst_fd, dst_name)
 
     def _stage_file(self, lfd, name, st, dst_fd, dst_name) -> None:
         if st.st_dev == self.base_dev:
@@ -411,6 +407,11 @@ class Merger:
                     pass
             elif op.get("move"):
                 self._move_in(op, pfd, name, self.stage_name(i))
+            elif op["op"] == "put" and op.get("replaces") != "d" and not self.rerun:
+                try:  # a file over a file or nothing: one atomic rename (the general path on a surprise)
+                    os.rename(self.stage_name(i), name, src_dir_fd=pfd, dst_dir_fd=pfd)
+                except OSError:
+                    self._install(pfd, name, self.stage_name(i))
             else:
                 self._install(pfd, name, self.stage_name(i))
             if progress:
@@ -429,17 +430,11 @@ class Merger:
         The layer is not needed afterwards: the commit drops it. Idempotent: a directory no
         longer in the layer has been moved (nothing else removes names from a sealed layer)."""
         lfd = self._layer_parent(op["layer"], os.fsencode(op["path"]))
-        try:
-            self._install(pfd, name, tmp, src=(lfd, name))
-        finally:
-            os.close(lfd)
+        self._install(pfd, name, tmp, src=(lfd, name))
         if op.get("opaque"):
             fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
             try:
-                os.removexattr(fd, osutil.OPAQUE_XATTR)
-            except OSError as exc:
-                if exc.errno != errno.ENODATA:
-                    raise
+                osutil.discard_xattr(fd, osutil.OPAQUE_XATTR)
             finally:
                 os.close(fd)
 
@@ -527,24 +522,31 @@ def listing_digest(names) -> str:
     return hashlib.sha256(b"\0".join(sorted(names))).hexdigest()
 
 
-def base_identity(base_fd: int, path: str, with_listing: bool = False):
+def base_identity(base_fd: int, path: str, with_listing: bool = False, dirs: dict | None = None):
     """What the base holds at *path* now: None, ["d"] (["D", digest of the entry names] with
-    *with_listing*), or [kind, ino, size, mtime_ns, ctime_ns]."""
+    *with_listing*), or [kind, ino, size, mtime_ns, ctime_ns]. *dirs*: a cache of directory
+    fds (relative path -> fd) kept across calls; the caller closes them."""
     rel = os.fsencode(path)
-    try:
-        pfd = osutil.open_beneath(base_fd, os.path.dirname(rel))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-            return ["parent-not-a-directory"]  # a directory on the way became a file or a symlink
-        raise
+    parent = os.path.dirname(rel)
+    pfd = dirs.get(parent) if dirs is not None else None
+    if pfd is None:
+        try:
+            pfd = osutil.open_beneath(base_fd, parent)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                return ["parent-not-a-directory"]  # a directory on the way became a file or a symlink
+            raise
+        if dirs is not None:
+            dirs[parent] = pfd
     try:
         st = os.stat(os.path.basename(rel), dir_fd=pfd, follow_symlinks=False)
     except FileNotFoundError:
         return None
     finally:
-        os.close(pfd)
+        if dirs is None:
+            os.close(pfd)
     k = _kind(st)
     if k == "d":
         if with_listing:
@@ -576,7 +578,7 @@ def base_idents(base_fd: int, ops) -> list:
                 os.close(fd)
 
     for op in ops:
-        if op["root"] >= 0 or op["op"] == "dir":
+        if op["root"] >= 0 or op["op"] == "dir" or (op["op"] != "delete" and op.get("replaces") is None):
             continue
         path = os.fsencode(op["path"])
         try:

@@ -190,12 +190,17 @@ def materialize(base_fd: int, fd: int, origin=None) -> bool:
     finally:
         os.close(src)
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    discard_xattr(fd, ORIGIN_XATTR)
+    return True
+
+
+def discard_xattr(fd: int, name: str) -> None:
+    """Remove the xattr *name* of *fd* if it has one."""
     try:
-        os.removexattr(fd, ORIGIN_XATTR)
+        os.removexattr(fd, name)
     except OSError as exc:
         if exc.errno != errno.ENODATA:
             raise
-    return True
 
 
 def open_beneath(rootfd: int, relpath: bytes) -> int:

@@ -741,12 +741,18 @@ class SagaEngine:
 
     def _conflicts(self, paths: dict) -> list[dict]:
         out = []
-        for p, then in sorted(paths.items()):
-            cur = merge.base_identity(self._base_fd, p, with_listing=then is not None and then[0] == "D")
-            if then is not None and then[0] == "d" and cur is not None and cur[0] == "d":
-                continue  # a directory that is still a directory: entries are checked one by one
-            if cur != then:
-                out.append({"path": p, "recorded": then, "now": cur})
+        dirs = {}
+        try:
+            for p, then in sorted(paths.items()):
+                cur = merge.base_identity(self._base_fd, p, with_listing=then is not None and then[0] == "D",
+                                          dirs=dirs)
+                if then is not None and then[0] == "d" and cur is not None and cur[0] == "d":
+                    continue  # a directory that is still a directory: entries are checked one by one
+                if cur != then:
+                    out.append({"path": p, "recorded": then, "now": cur})
+        finally:
+            for fd in dirs.values():
+                os.close(fd)
         return out
 
     def _plan(self, for_commit: bool = False) -> list[dict]:
@@ -855,10 +861,7 @@ class SagaEngine:
         stale = []
         # directories moved whole out of a layer: the view is paused from the first move until
         # the layers are dropped (fs.pause)
-        pause = None
-        if any(op.get("move") for op in ops):
-            def pause():
-                trio.from_thread.run_sync(self.fs.pause)
+        pause = self._pause_view if any(op.get("move") for op in ops) else None
         try:
             stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
             t2 = time.perf_counter()
@@ -908,6 +911,10 @@ class SagaEngine:
         log.info("saga %d committed: %d entries in %d ops (%d moved whole); flush+check+plan %.3fs, "
                  "intent %.3fs, merge %.3fs, drop %.3fs", sid, merge.count_entries(ops), len(ops),
                  sum(1 for op in ops if op.get("move")), t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
+
+    def _pause_view(self) -> None:
+        """From the commit's worker thread, before the first move (see OverlayFS.pause)."""
+        trio.from_thread.run_sync(self.fs.pause)
 
     async def _finish_commit(self, saga, peer):
         """'saga commit' on a saga whose commit failed half-way: finish it from the journal."""

@@ -81,10 +81,12 @@ def test_rename_copies_no_data_and_commits(mount_factory, base, tmp_path):
     digest = tree_digest(base)
     want = snap(expected_tree(base, tmp_path / "exp", ops_renames))
     data = read(base / "big.bin")
+    blocks = os.lstat(base / "big.bin").st_blocks
     m = mount_factory(base)
     begin(m)
     ops_renames(m.mp)
     assert_metacopy(m, "big.moved", BIG)
+    assert os.lstat(m.mp / "big.moved").st_blocks == blocks > 0, "du must count a renamed file's data"
     assert_metacopy(m, "small.txt", 6)
     assert_metacopy(m, "f7", 4096 + 7)  # moved with its directory
     assert read(m.mp / "big.moved") == data
