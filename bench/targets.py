@@ -90,6 +90,15 @@ class Target:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.work))
         return self.tmp
 
+    def _overlay_dirs(self) -> tuple[Path, str]:
+        """A new scratch directory with upper/, work/ and mnt/ (registered for cleanup), and the
+        overlay mount options over the base."""
+        t = self._new_tmp()
+        for d in ("upper", "work", "mnt"):
+            (t / d).mkdir()
+        _live[id(self)] = self
+        return t, f"lowerdir={self.base},upperdir={t / 'upper'},workdir={t / 'work'}"
+
     def _drop_tmp(self) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -147,13 +156,8 @@ class KernelOverlay(Target):
         return None if shutil.which("mount") else "mount(8) missing"
 
     def mount(self) -> Path:
-        t = self._new_tmp()
-        for d in ("upper", "work", "mnt"):
-            (t / d).mkdir()
-        _live[id(self)] = self
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={self.base},upperdir={t / 'upper'},workdir={t / 'work'}", str(t / "mnt")],
-                       check=True)
+        t, opts = self._overlay_dirs()
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(t / "mnt")], check=True)
         self.root = t / "mnt"
         return self.root
 
@@ -186,13 +190,9 @@ class FuseOverlayfs(Target):
         return None if shutil.which("fuse-overlayfs") else "fuse-overlayfs not installed (apt-get install fuse-overlayfs)"
 
     def mount(self) -> Path:
-        t = self._new_tmp()
-        for d in ("upper", "work", "mnt"):
-            (t / d).mkdir()
-        _live[id(self)] = self
+        t, opts = self._overlay_dirs()
         self.proc = subprocess.Popen(
-            ["fuse-overlayfs", "-f", "-o", f"lowerdir={self.base},upperdir={t / 'upper'},workdir={t / 'work'}",
-             str(t / "mnt")], stdout=subprocess.DEVNULL, stderr=open(t / "log", "wb"), start_new_session=True)
+            ["fuse-overlayfs", "-f", "-o", opts, str(t / "mnt")], stdout=subprocess.DEVNULL, stderr=open(t / "log", "wb"), start_new_session=True)
         deadline = time.monotonic() + 15
         while not os.path.ismount(t / "mnt"):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -20,6 +20,39 @@ import pytest
 from overlayd.client import Client, ClientError
 
 ROOT = Path(__file__).resolve().parent.parent
+O_NF = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    """Compensation retries without the production back-off (read at daemon start), and no
+    fault injection left over from the environment."""
+    monkeypatch.setenv("OVERLAYD_BACKOFF", "0.01")
+    monkeypatch.delenv("OVERLAYD_CRASH_AT", raising=False)
+
+
+def put(path, data: bytes | str, mode=0o644):
+    """Create or truncate *path* and write all of *data* (never through a symlink)."""
+    if isinstance(data, str):
+        data = data.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NF, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def read(path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | O_NF)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def tree_digest(root: Path) -> str:

@@ -136,12 +136,15 @@ def test_new_directories_are_moved_whole(mount_factory, tmp_path, moves):
 
 
 def test_readers_never_fail_while_directories_move(mount_factory, tmp_path, moves):
-    """Another process walks and reads the new tree while it is committed. The commit stalls
-    for a second right after the move (fault injection), when the layer no longer holds the
-    directory and the view has not yet switched to the base; during that second a walk of a
-    base tree of more directories than the daemon keeps open makes it resolve the new tree's
-    directories again. The walk must see the same tree throughout (the view is paused from
-    the move to the switch)."""
+    """Another process walks and reads the new tree while it is committed (moved whole, and
+    built entry by entry). The commit stalls for a second right after the apply phase (fault
+    injection), when a moved directory is no longer in its layer and the view has not yet
+    switched to the base; during that second a walk of a base tree of more directories than
+    the daemon keeps open evicts its cached directory fds. The walk must see the same tree
+    throughout, until after the commit. (What this caught: base listings forgotten only after
+    the kernel invalidation, which left a window where the new tree looked empty. The pause
+    around the moves is not shown necessary here: the daemon's fds of the moved directories
+    follow them, so names still resolve.)"""
     base = make_base(tmp_path / "base")
     for d in range(1100):  # > fs.FD_CACHE
         os.makedirs(base / "other" / f"o{d:04}")

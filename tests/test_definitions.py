@@ -26,11 +26,6 @@ SCRIPT = EXAMPLES / "scripts" / "refactor.py"
 STEPS = ["analyse", "create-structure", "migrate-functions", "update-imports", "run-tests"]
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setenv("OVERLAYD_BACKOFF", "0.01")
-
-
 # ---------------------------------------------------------------------- helpers
 
 

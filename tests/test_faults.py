@@ -23,46 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount
+from conftest import O_NF, Mount, put, read
 from overlayd.client import Client, ClientError
 from treecmp import diff, snapshot
 
-O_NF = os.O_NOFOLLOW | os.O_CLOEXEC
 STAGE_PREFIX = ".overlayd-"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts tmpfs and FUSE: needs root")
 
 
-@pytest.fixture(autouse=True)
-def _fast_backoff(monkeypatch):
-    monkeypatch.setenv("OVERLAYD_BACKOFF", "0.01")
-    monkeypatch.delenv("OVERLAYD_CRASH_AT", raising=False)
-
-
 # ---------------------------------------------------------------------------------- helpers
-
-
-def put(path, data: bytes | str, mode=0o644):
-    if isinstance(data, str):
-        data = data.encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NF, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-
-
-def read(path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | O_NF)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def sha(data: bytes) -> str:

@@ -21,19 +21,12 @@ import time
 
 import pytest
 
-from conftest import tree_digest
+import conftest
+from conftest import O_NF, read, tree_digest
 from overlayd.client import ClientError
 from treecmp import diff, snapshot
 
-O_NF = os.O_NOFOLLOW | os.O_CLOEXEC
 STAGE_PREFIX = ".overlayd-"
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    """Compensation retries without the production back-off (read at daemon start)."""
-    monkeypatch.setenv("OVERLAYD_BACKOFF", "0.01")
-    monkeypatch.delenv("OVERLAYD_CRASH_AT", raising=False)
 
 
 # ---------------------------------------------------------------------------------- file helpers
@@ -47,14 +40,8 @@ def _inside(path):
 
 
 def put(path, data: bytes | str, mode=0o644):
-    """Create or truncate *path* and write *data* (never through a symlink)."""
-    if isinstance(data, str):
-        data = data.encode()
-    fd = os.open(_inside(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NF, mode)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+    """Create or truncate *path* and write *data* (never through a symlink, never outside /tmp)."""
+    conftest.put(_inside(path), data, mode)
 
 
 def append(path, data: bytes | str):
@@ -66,16 +53,6 @@ def append(path, data: bytes | str):
     finally:
         os.close(fd)
 
-
-def read(path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | O_NF)
-    try:
-        out = b""
-        while chunk := os.read(fd, 1 << 20):
-            out += chunk
-        return out
-    finally:
-        os.close(fd)
 
 
 def copy_tree(src, dst):

@@ -30,12 +30,6 @@ from test_saga import (append, assert_read_only, assert_same, copy_tree, daemon_
                        wait_dead)
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setenv("OVERLAYD_BACKOFF", "0.01")
-    monkeypatch.delenv("OVERLAYD_CRASH_AT", raising=False)
-
-
 def journal_state(m):
     """(commit plan, {saga id: state}) read from the journal of a stopped daemon."""
     assert m.proc is None, "read the journal only while no daemon runs"

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount
+from conftest import O_NF, Mount, put, read
 from overlayd import osutil
 from overlayd.client import Client, ClientError
 from treecmp import diff, snapshot
 
-O_NF = os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_NF = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 STAGE_PREFIX = ".overlayd-"
 ETC_FILES = ["/etc/hostname", "/etc/hosts", "/etc/passwd"]
@@ -39,23 +38,7 @@ OTHER_UID = 1000
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE and switches uids: needs root")
 
 
-@pytest.fixture(autouse=True)
-def _fast_backoff(monkeypatch):
-    monkeypatch.setenv("OVERLAYD_BACKOFF", "0.01")
-    monkeypatch.delenv("OVERLAYD_CRASH_AT", raising=False)
-
-
 # ---------------------------------------------------------------------------------- helpers
-
-
-def put(path, data: bytes | str, mode=0o644):
-    if isinstance(data, str):
-        data = data.encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NF, mode)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def put_beneath(root, rel: str, data: bytes | str, mode=0o644):
@@ -74,17 +57,6 @@ def put_beneath(root, rel: str, data: bytes | str, mode=0o644):
             os.write(ffd, data)
         finally:
             os.close(ffd)
-    finally:
-        os.close(fd)
-
-
-def read(path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | O_NF)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
     finally:
         os.close(fd)
 
@@ -813,6 +785,30 @@ def test_unfinished_request_is_disconnected(mount_factory, base):
     assert alive(m)
 
 
+def commit_together(sockets: dict) -> dict:
+    """saga.commit through each of *sockets* (key -> control socket) at the same moment, one
+    thread each; key -> ("ok", saga state) or ("error", error code)."""
+    barrier = threading.Barrier(len(sockets))
+    results = {}
+
+    def commit(key, sock):
+        c = Client(sock, timeout=120).connect()
+        try:
+            barrier.wait()
+            results[key] = ("ok", c.call("saga.commit")["saga"]["state"])
+        except ClientError as exc:
+            results[key] = ("error", exc.code)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=commit, args=item) for item in sockets.items()]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results
+
+
 def test_concurrent_commits_one_workspace(mount_factory, base):
     """Two clients commit the same saga at the same moment: exactly one wins, the other gets busy
     (or no-saga, if the first had already finished)."""
@@ -824,24 +820,7 @@ def test_concurrent_commits_one_workspace(mount_factory, base):
         os.makedirs(m.mp / f"r{rnd}")
         for i in range(400):
             put(m.mp / f"r{rnd}" / f"f{i}", f"{rnd} {i}\n")
-        barrier = threading.Barrier(2)
-        results = [None, None]
-
-        def commit(k):
-            c = Client(m.socket, timeout=120).connect()
-            try:
-                barrier.wait()
-                results[k] = ("ok", c.call("saga.commit")["saga"]["state"])
-            except ClientError as exc:
-                results[k] = ("error", exc.code)
-            finally:
-                c.close()
-
-        threads = [threading.Thread(target=commit, args=(k,)) for k in (0, 1)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        results = list(commit_together({0: m.socket, 1: m.socket}).values())
         oks = [r for r in results if r[0] == "ok"]
         errs = [r for r in results if r[0] == "error"]
         assert oks == [("ok", "committed")] and len(errs) == 1 and errs[0][1] in ("busy", "no-saga"), results
@@ -862,24 +841,7 @@ def test_concurrent_commits_two_workspaces_one_base(mount_factory, base):
         put(m.mp / "README", f"from {who}\n")
         for i in range(300):
             put(m.mp / f"{who}-{i}", f"{i}\n")
-    barrier = threading.Barrier(2)
-    results = {}
-
-    def commit(m, who):
-        c = Client(m.socket, timeout=120).connect()
-        try:
-            barrier.wait()
-            results[who] = ("ok", c.call("saga.commit")["saga"]["state"])
-        except ClientError as exc:
-            results[who] = ("error", exc.code)
-        finally:
-            c.close()
-
-    threads = [threading.Thread(target=commit, args=x) for x in ((a, "A"), (b, "B"))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    results = commit_together({"A": a.socket, "B": b.socket})
     winners = [w for w, r in results.items() if r == ("ok", "committed")]
     assert len(winners) == 1, results
     loser = "B" if winners == ["A"] else "A"
