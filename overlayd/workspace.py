@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -39,6 +40,30 @@ def fsync_dir(path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a dropped layer's directory in a child process at the lowest CPU and I/O priority.
+
+    In a thread of the daemon, ``shutil.rmtree`` of a 10,000-file layer takes the GIL between
+    its 10,000 ``unlink``s for about a second, and every request and saga operation in that
+    second waits for it (a 1-file rollback right after a 10,000-file one took 20-30 ms instead
+    of 4). ``rm`` does not follow symbolic links and, with ``--one-file-system``, does not
+    cross into anything mounted below.
+    """
+    cmd = ["nice", "-n", "19", "rm", "-rf", "--one-file-system", "--", path]
+    ionice = shutil.which("ionice")
+    if ionice:
+        cmd = [ionice, "-c", "2", "-n", "7"] + cmd
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, check=False)
+    except OSError as exc:
+        log.warning("cannot run rm (%s): deleting %s in the daemon", exc, path)
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    if proc.returncode != 0:
+        log.warning("could not delete %s: %s", path, proc.stderr.decode(errors="replace").strip()[-500:])
 
 
 class Workspace:
@@ -263,7 +288,7 @@ class Workspace:
     def reap_trash(self) -> int:
         n = 0
         for entry in os.listdir(self.trash_dir):
-            shutil.rmtree(self.trash_dir / entry, ignore_errors=True)
+            _remove_tree(str(self.trash_dir / entry))
             n += 1
         return n
 
