@@ -6,6 +6,7 @@ from journal.store import (
     JournalError,
     SchemaError,
     WriteTxn,
+    encode_event,
 )
 
-__all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "SchemaError", "WriteTxn"]
+__all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "SchemaError", "WriteTxn", "encode_event"]

@@ -151,6 +151,16 @@ def _last_key(txn, db, fmt):
     return fmt.unpack(cur.key())[0] if cur.last() else 0
 
 
+def encode_event(kind, saga=None, step=None, ts=None, **details):
+    """The stored form of one event (its sequence number is its key, given when appended).
+    *ts* defaults to now."""
+    if "seq" in details:
+        raise ValueError("event detail 'seq' is reserved")
+    rec = {"ts": time.time() if ts is None else ts, "saga": saga, "step": step, "kind": kind}
+    rec.update(details)
+    return _dump(rec)
+
+
 class WriteTxn:
     """The write transaction handed to the function given to Journal.transact."""
 
@@ -221,15 +231,21 @@ class WriteTxn:
 
     def event(self, kind, saga=None, step=None, **details):
         """Append an event; returns its sequence number."""
-        for reserved in ("seq", "ts"):
-            if reserved in details:
-                raise ValueError(f"event detail {reserved!r} is reserved")
-        seq = _last_key(self._t(), self._dbs["events"], _U64) + 1
-        rec = {"ts": time.time(), "saga": saga, "step": step, "kind": kind}
-        rec.update(details)
-        if not self._put(_U64.pack(seq), _dump(rec), "events", append=True):
-            raise JournalError(f"event seq {seq} is not past the end of the log")
-        return seq
+        return self.append_events([encode_event(kind, saga, step, **details)])
+
+    def append_events(self, values):
+        """Append events made by :func:`encode_event` (outside the transaction, so that the
+        write lock is held only for the puts); returns the last sequence number."""
+        seq = _last_key(self._t(), self._dbs["events"], _U64)
+        if not values:
+            return seq
+        first = seq + 1
+        items = [(_U64.pack(first + i), v) for i, v in enumerate(values)]
+        with self._op() as txn:
+            added = txn.cursor(db=self._dbs["events"]).putmulti(items, append=True)[1]
+        if added != len(items):
+            raise JournalError(f"events {first}.. are not past the end of the log")
+        return first + len(items) - 1
 
     def set_meta(self, key, value):
         self._put(key.encode("utf-8"), _dump(value), "meta")

@@ -150,12 +150,17 @@ def test_audit_trail_names_the_process(bws):
     m = bws
     m.call("saga.begin", name="audit")
     m.call("saga.step", name="w")
+    t0 = time.time()
     subprocess.run(["sh", "-c", f"echo hi > {m.mp}/by-sh.txt"], check=True)
+    t1 = time.time()
+    time.sleep(1.5)  # journaled by the once-a-second flush: an op keeps the time it happened
     subprocess.run(["touch", str(m.mp / "src" / "m3.py")], check=True)
     events = m.call("saga.log", ops=True)["events"]
     ops = [e for e in events if e["kind"] == "op"]
     created = [e for e in ops if e["path"] == "by-sh.txt" and e["op"] == "create"]
     assert created and created[0]["comm"] == "sh" and created[0]["uid"] == 0 and created[0]["step"] == 1
+    assert t0 - 0.01 <= created[0]["ts"] <= t1 + 0.01, (t0, created[0]["ts"], t1)
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
     assert any(e["path"] == "src/m3.py" and e["comm"] == "touch" for e in ops)
     assert not [e for e in m.call("saga.log")["events"] if e["kind"] == "op"], "ops shown without --ops"
     changes = {c["path"]: c for c in m.call("saga.diff")["changes"]}

@@ -13,7 +13,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from journal import Journal, JournalError, SchemaError
+from journal import Journal, JournalError, SchemaError, encode_event
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,6 +178,23 @@ def test_map_growth_keeps_every_event(tmp_path):
     assert [s["id"] for s in sagas] == list(range(1, 201))
     assert all(s["blob"] == blob for s in sagas)
     assert [e["saga"] for e in j.events(saga=200, limit=3)] == [200] * 3
+    j.close()
+
+
+def test_append_events_encoded_outside_the_transaction(tmp_path):
+    j = Journal.open(tmp_path, map_size=32 * 1024)
+    j.transact(lambda txn: txn.event("first", saga=1))
+    values = [encode_event("op", 1, 2, ts=100.0 + i, path=f"p{i}") for i in range(3000)]
+    assert j.transact(lambda txn: txn.append_events(values)) == 3001  # the map grows on the way
+    assert j.transact(lambda txn: txn.append_events([])) == 3001
+    assert j.transact(lambda txn: txn.event("last")) == 3002
+    evs = j.events()
+    assert [e["seq"] for e in evs] == list(range(1, 3003))
+    assert [e["kind"] for e in (evs[0], evs[1], evs[-1])] == ["first", "op", "last"]
+    assert evs[1] == {"seq": 2, "ts": 100.0, "saga": 1, "step": 2, "kind": "op", "path": "p0"}
+    assert evs[-2]["path"] == "p2999" and evs[-2]["ts"] == 3099.0
+    with pytest.raises(ValueError, match="seq"):
+        encode_event("x", seq=3)
     j.close()
 
 
