@@ -382,6 +382,38 @@ def test_rollback_forgets_what_the_kernel_cached(mount_factory, base):
     assert read(mp / "olddir" / "y") == b"y\n" * 1000
 
 
+def test_dropped_layers_are_deleted_and_never_through_a_symlink(mount_factory, base, tmp_path):
+    """A rolled-back step's layer is deleted in the background (by rm in a child process): the
+    trash empties, the layer's files are gone, and what its symbolic links point to (outside
+    the base, or a base directory) is untouched."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    put(outside / "precious", "keep me\n")
+    m = mount_factory(base)
+    mp = m.mp
+    m.call("saga.begin", name="reap")
+    m.call("saga.step", name="s1")
+    layer = m.call("saga.status")["steps"][-1]["layer"]
+    os.makedirs(mp / "gen" / "sub")
+    for i in range(300):
+        put(mp / "gen" / "sub" / f"f{i}", "x" * 100)
+    os.symlink(str(outside), mp / "gen" / "to-outside")
+    os.symlink(str(outside / "precious"), mp / "gen" / "to-precious")
+    os.symlink("../olddir", mp / "gen" / "to-base")
+    layers = m.state / "layers"
+    assert (layers / layer / "gen" / "sub" / "f0").is_file()
+    m.call("saga.rollback")
+    trash = m.state / "trash"
+    deadline = time.monotonic() + 30
+    while any(trash.iterdir()) or (layers / layer).exists():
+        assert time.monotonic() < deadline, f"layer {layer} not deleted: {sorted(os.listdir(trash))}"
+        time.sleep(0.05)
+    assert read(outside / "precious") == b"keep me\n"
+    assert read(base / "olddir" / "y") == b"y\n" * 1000
+    assert read(mp / "olddir" / "y") == b"y\n" * 1000
+    assert not os.path.lexists(mp / "gen")
+
+
 # ---------------------------------------------------------------------------------- 2. read-only after rollback, names
 
 
