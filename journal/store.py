@@ -12,8 +12,8 @@ import lmdb
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-DB_NAMES = ("meta", "sagas", "steps", "events")
+SCHEMA_VERSION = 2  # 2: a step's recorded paths live in "paths", not in its record
+DB_NAMES = ("meta", "sagas", "steps", "events", "paths")
 MAX_MAP_SIZE = 1 << 40  # stop doubling at 1 TiB
 
 _U64 = struct.Struct(">Q")
@@ -141,6 +141,39 @@ def _read_steps(txn, dbs, saga_id):
     return out
 
 
+def _read_step_paths(txn, dbs, saga_id):
+    prefix = _U64.pack(saga_id)
+    out = {}
+    cur = txn.cursor(db=dbs["paths"])
+    if cur.set_range(prefix):
+        for key, raw in cur:
+            if key[:8] != prefix:
+                break
+            out[_STEP.unpack(key)[1]] = _load(raw)
+    return out
+
+
+def _delete_prefix(txn, db, prefix):
+    cur = txn.cursor(db=db)
+    if cur.set_range(prefix):
+        while cur.key()[:8] == prefix:
+            if not cur.delete():  # delete moves to the next record
+                break
+
+
+def _upgrade_1_to_2(txn, dbs):
+    """Schema 1 kept a step's paths in its record: move them to the "paths" sub-database."""
+    moved = []
+    for key, raw in txn.cursor(db=dbs["steps"]):
+        rec = _load(raw)
+        if "paths" in rec:
+            moved.append((key, rec))
+    for key, rec in moved:
+        txn.put(key, _dump(rec.pop("paths") or {}), db=dbs["paths"])
+        txn.put(key, _dump(rec), db=dbs["steps"])
+    txn.put(b"schema_version", _dump(2), db=dbs["meta"])
+
+
 def _read_meta(txn, dbs, key, default):
     raw = txn.get(key.encode("utf-8"), db=dbs["meta"])
     return default if raw is None else _load(raw)
@@ -202,22 +235,35 @@ class WriteTxn:
 
     def put_step(self, saga_id, index, rec):
         _check_rec(rec, saga=saga_id, index=index)
+        if "paths" in rec:
+            raise ValueError("a step's paths are stored with put_step_paths, not in its record")
         self._put(_STEP.pack(saga_id, index), _dump(rec), "steps")
 
+    def put_step_paths(self, saga_id, index, paths):
+        """The paths a step changed, with their base identities ({path: identity}). Kept apart
+        from the step's record, which every step transition reads: 10,000 paths are about 1 MB
+        of JSON."""
+        if not isinstance(paths, dict):
+            raise TypeError(f"paths must be a dict, not {type(paths).__name__}")
+        self._put(_STEP.pack(saga_id, index), _dump(paths), "paths")
+
+    def step_paths(self, saga_id):
+        """{step index: paths} of a saga's steps that recorded any."""
+        return _read_step_paths(self._t(), self._dbs, saga_id)
+
     def delete_step(self, saga_id, index):
-        """Delete one step; returns whether it existed."""
+        """Delete one step (and its paths); returns whether it existed."""
+        key = _STEP.pack(saga_id, index)
         with self._op() as txn:
-            return txn.delete(_STEP.pack(saga_id, index), db=self._dbs["steps"])
+            txn.delete(key, db=self._dbs["paths"])
+            return txn.delete(key, db=self._dbs["steps"])
 
     def delete_saga(self, saga_id):
         """Delete a saga and all its steps; returns whether the saga existed."""
         prefix = _U64.pack(saga_id)
         with self._op() as txn:
-            cur = txn.cursor(db=self._dbs["steps"])
-            if cur.set_range(prefix):
-                while cur.key()[:8] == prefix:
-                    if not cur.delete():  # delete moves to the next record
-                        break
+            _delete_prefix(txn, self._dbs["steps"], prefix)
+            _delete_prefix(txn, self._dbs["paths"], prefix)
             return txn.delete(prefix, db=self._dbs["sagas"])
 
     def delete_events(self, saga_id):
@@ -295,8 +341,9 @@ class Journal:
             if stale:
                 log.info("journal %s: cleared %d stale reader(s)", path, stale)
             if readonly:
-                self._dbs = self._open_dbs(None)
+                self._dbs = self._open_dbs(None, ("meta",))
                 self._read(lambda txn: self._check_schema(txn, self._dbs))
+                self._dbs = self._open_dbs(None)
             else:
                 self._dbs = self._write(lambda txn: (self._setup(txn), False))
         except BaseException:
@@ -304,12 +351,12 @@ class Journal:
             raise
         return self
 
-    def _open_dbs(self, txn):
+    def _open_dbs(self, txn, names=DB_NAMES):
         """Sub-database handles; created in txn (read-write) or must exist."""
         try:
             return {name: self._env.open_db(name.encode(), txn=txn,
                                             create=not self.readonly)
-                    for name in DB_NAMES}
+                    for name in names}
         except lmdb.NotFoundError as e:
             raise JournalError(f"journal at {self.path} is not initialised; "
                                "open it read-write once to set it up") from e
@@ -319,8 +366,12 @@ class Journal:
     def _setup(self, txn):
         """Create the sub-databases and stamp or check the schema, in txn."""
         dbs = self._open_dbs(txn)
-        if _read_meta(txn, dbs, "schema_version", None) is None:
+        found = _read_meta(txn, dbs, "schema_version", None)
+        if found is None:
             txn.put(b"schema_version", _dump(SCHEMA_VERSION), db=dbs["meta"])
+        elif found == 1:
+            _upgrade_1_to_2(txn, dbs)
+            log.info("journal %s: upgraded from schema version 1 to 2", self.path)
         self._check_schema(txn, dbs)
         return dbs
 
@@ -332,7 +383,8 @@ class Journal:
                 f"journal at {self.path} has schema version {found!r}; this "
                 f"program supports schema version {SCHEMA_VERSION}; "
                 + ("upgrade overlayd to read it" if newer
-                   else "it cannot be read by this program"))
+                   else "start overlayd on it once (it upgrades the journal), then retry"
+                   if found == 1 else "it cannot be read by this program"))
 
     def close(self):
         """Close the environment; further calls raise JournalError."""
@@ -487,6 +539,10 @@ class Journal:
 
     def steps(self, saga_id):
         return self._read(lambda txn: _read_steps(txn, self._dbs, saga_id))
+
+    def step_paths(self, saga_id):
+        """{step index: {path: base identity}} of a saga's steps that recorded paths."""
+        return self._read(lambda txn: _read_step_paths(txn, self._dbs, saga_id))
 
     def events(self, saga=None, since=0, limit=None):
         """Events with seq > since, oldest first, optionally of one saga only."""

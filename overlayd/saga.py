@@ -288,8 +288,9 @@ class SagaEngine:
         sid = self.active_id()
         known = set()
         if sid:
+            stored = self.ws.journal.step_paths(sid)
             for s in self.live_steps(sid):
-                known.update((s.get("paths") or {}).keys())
+                known.update(stored.get(s["index"], ()))
         return known
 
     def _on_change(self, kind: str, path: tuple, listing=None) -> None:
@@ -539,8 +540,9 @@ class SagaEngine:
             def extra(txn, layer_id):
                 if prev is not None:
                     p = txn.steps(sid)[-1]
-                    p.update(state="done", sealed=now(), paths=paths)
+                    p.update(state="done", sealed=now())
                     txn.put_step(sid, p["index"], p)
+                    txn.put_step_paths(sid, p["index"], paths)
                     txn.event("step.done", saga=sid, step=p["index"], **self._event_details(peer))
                 rec["layer"] = layer_id
                 txn.put_step(sid, index, rec)
@@ -645,6 +647,7 @@ class SagaEngine:
         crash_point("rollback.start")
         self.fs.seal_top()
         done = []
+        done_states = []
         t0 = time.perf_counter()
         todo = [st for st in self.live_steps(sid) if st["index"] > target]
         for step in reversed(self.live_steps(sid)):
@@ -679,6 +682,7 @@ class SagaEngine:
             await self.ws.drop_layers(1, txn_extra=dropped)
             crash_point("rollback.step")
             done.append(step["index"])
+            done_states.append(step["state"])
 
         def finish(txn):
             s = txn.saga(sid)
@@ -694,7 +698,8 @@ class SagaEngine:
 
         await self.ws.transact(finish)
         self.touched = {}
-        self._known = self._known_paths()
+        if not all(state == "open" for state in done_states):
+            self._known = self._known_paths()  # (the paths of an open step were only in touched)
         return {"saga": self.ws.journal.saga(sid), "compensated": done, "seconds": time.perf_counter() - t0}
 
     async def _run_step_compensation(self, sid: int, step) -> tuple[bool, int, str]:
@@ -737,7 +742,8 @@ class SagaEngine:
 
     def _all_paths(self, sid) -> dict:
         paths = {}
-        records = [s.get("paths") or {} for s in self.live_steps(sid)] + [self.touched]
+        stored = self.ws.journal.step_paths(sid)
+        records = [stored.get(s["index"], {}) for s in self.live_steps(sid)] + [self.touched]
         for rec in records:
             for p, ident in rec.items():
                 if p not in paths or (paths[p] == ["d"] and ident is not None and ident[0] == "D"):
@@ -831,8 +837,9 @@ class SagaEngine:
                     def intent(txn):
                         for s in txn.steps(sid):
                             if s["state"] == "open":
-                                s.update(state="done", sealed=now(), paths=open_paths)
+                                s.update(state="done", sealed=now())
                                 txn.put_step(sid, s["index"], s)
+                                txn.put_step_paths(sid, s["index"], open_paths)
                         s = txn.saga(sid)
                         s.update(state="committing", updated=now(), commit_ops=len(full))
                         txn.put_saga(sid, s)
@@ -1070,5 +1077,5 @@ def status_of(journal, writable=None, busy=None) -> dict:
     sid = journal.meta("active_saga")
     saga = journal.saga(sid) if sid else None
     steps = journal.steps(sid) if sid else []
-    return {"saga": saga, "steps": [{k: v for k, v in s.items() if k != "paths"} for s in steps],
+    return {"saga": saga, "steps": steps,
             "writable": writable, "busy": busy}

@@ -13,7 +13,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from journal import Journal, JournalError, SchemaError, encode_event
+from journal import SCHEMA_VERSION, Journal, JournalError, SchemaError, encode_event
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_round_trip_and_key_order(tmp_path):
     assert j.steps(5) == []
     assert j.meta("mount") == {"lower": "/src", "n": 3}
     assert j.meta("missing", 7) == 7
-    assert j.meta("schema_version") == 1
+    assert j.meta("schema_version") == SCHEMA_VERSION
 
     evs = j.events()
     assert [e["seq"] for e in evs] == [1, 2, 3]
@@ -83,15 +83,15 @@ def test_round_trip_and_key_order(tmp_path):
     # seq keeps counting across a reopen
     assert j.transact(lambda txn: txn.event("after-reopen")) == 4
     stats = j.stats()
-    assert stats["entries"] == {"meta": 2, "sagas": 2, "steps": 6, "events": 4}
+    assert stats["entries"] == {"meta": 2, "sagas": 2, "steps": 6, "events": 4, "paths": 0}
     assert 0 < stats["used_bytes"] <= stats["map_size"]
     j.close()
 
-    # on-disk layout: only the four named dbs in the main db, fixed-width keys
+    # on-disk layout: only the five named dbs in the main db, fixed-width keys
     env = lmdb.open(str(tmp_path / "journal"), max_dbs=8, readonly=True)
     with env.begin() as txn:
         assert {k.rstrip(b"\0") for k in txn.cursor().iternext(values=False)} == {
-            b"meta", b"sagas", b"steps", b"events"}
+            b"meta", b"sagas", b"steps", b"events", b"paths"}
     sagas = env.open_db(b"sagas", create=False)
     steps = env.open_db(b"steps", create=False)
     with env.begin() as txn:
@@ -411,7 +411,7 @@ def test_new_journal_is_private_and_stamped(tmp_path):
         assert j.path == tmp_path / "state" / "journal"
         assert j.path.stat().st_mode & 0o777 == 0o700
         assert (j.path / "data.mdb").stat().st_mode & 0o077 == 0
-        assert j.meta("schema_version") == 1
+        assert j.meta("schema_version") == SCHEMA_VERSION == 2
     with pytest.raises(JournalError, match="already open"):
         with Journal.open(tmp_path):
             Journal.open(tmp_path)
@@ -423,7 +423,7 @@ def test_schema_too_new(tmp_path):
     for readonly in (False, True):
         with pytest.raises(SchemaError, match="99") as info:
             Journal.open(tmp_path, readonly=readonly)
-        assert "supports schema version 1" in str(info.value)
+        assert "supports schema version 2" in str(info.value)
     # the refused open did not touch the journal and released the env
     env = lmdb.open(str(tmp_path / "journal"), max_dbs=8, readonly=True)
     meta = env.open_db(b"meta", create=False)
@@ -447,3 +447,60 @@ def test_delete_events_of_one_saga(tmp_path):
         assert [e["n"] for e in left] == list(range(0, 50, 2))
     finally:
         j.close()
+
+
+def test_step_paths_apart_from_step_records(tmp_path):
+    with Journal.open(tmp_path) as j:
+        paths = {f"d/f{i}": ["f", 1, i] for i in range(2000)}
+
+        def write(txn):
+            for sid in (1, 2):
+                txn.put_saga(sid, {"name": f"s{sid}"})
+                for index in (1, 2, 3):
+                    txn.put_step(sid, index, {"name": f"st{index}"})
+            txn.put_step_paths(1, 1, paths)
+            txn.put_step_paths(1, 3, {"x": None})
+            txn.put_step_paths(2, 1, {"y": ["d"]})
+
+        j.transact(write)
+        assert j.step_paths(1) == {1: paths, 3: {"x": None}}
+        assert j.transact(lambda txn: txn.step_paths(2)) == {1: {"y": ["d"]}}
+        assert all("paths" not in s for s in j.steps(1))
+        with pytest.raises(ValueError, match="put_step_paths"):
+            j.transact(lambda txn: txn.put_step(1, 4, {"paths": {}}))
+        j.transact(lambda txn: txn.delete_step(1, 3))
+        assert j.step_paths(1) == {1: paths}
+        j.transact(lambda txn: txn.delete_saga(1))
+        assert j.step_paths(1) == {} and j.steps(1) == []
+        assert j.step_paths(2) == {1: {"y": ["d"]}} and len(j.steps(2)) == 3
+
+
+def _write_schema_1(path, steps):
+    """A journal as schema 1 wrote it: four sub-databases, a step's paths inside its record."""
+    path.mkdir(parents=True)
+    env = lmdb.open(str(path), max_dbs=8, map_size=1 << 20)
+    dbs = {n: env.open_db(n.encode()) for n in ("meta", "sagas", "steps", "events")}
+    with env.begin(write=True) as txn:
+        txn.put(b"schema_version", b"1", db=dbs["meta"])
+        txn.put(struct.pack(">Q", 7), json.dumps({"name": "old"}).encode(), db=dbs["sagas"])
+        for index, rec in steps.items():
+            txn.put(struct.pack(">QI", 7, index), json.dumps(rec).encode(), db=dbs["steps"])
+    env.close()
+
+
+def test_schema_1_is_upgraded_by_a_writer_and_refused_by_a_reader(tmp_path):
+    big = {f"p{i}": ["f", 2, i] for i in range(3000)}  # more than the 1 MiB map holds twice
+    steps = {1: {"name": "a", "state": "done", "paths": big},
+             2: {"name": "b", "state": "done", "paths": {}},
+             3: {"name": "c", "state": "open"}}
+    _write_schema_1(tmp_path / "journal", steps)
+    with pytest.raises(SchemaError, match="start overlayd on it once"):
+        Journal.open(tmp_path, readonly=True)
+    with Journal.open(tmp_path) as j:
+        assert j.meta("schema_version") == 2
+        assert j.step_paths(7) == {1: big, 2: {}}
+        assert [s["name"] for s in j.steps(7)] == ["a", "b", "c"]
+        assert all("paths" not in s for s in j.steps(7))
+        assert j.saga(7)["name"] == "old"
+    with Journal.open(tmp_path, readonly=True) as j:
+        assert j.step_paths(7)[1] == big
