@@ -173,6 +173,7 @@ def markdown(res) -> str:
                ("rollback_1", "roll back a step with 1 changed file", 1000, " ms"),
                ("rollback_n", f"roll back a step with {n} changed files", 1000, " ms"),
                ("rollback_ratio", f"ratio rollback {n} / 1", None, ""),
+               ("rollback_1_after_n", f"roll back a 1-file step that follows a {n}-file step", 1000, " ms"),
                ("commit_n", f"commit {n} new files (in new directories, moved whole)", 1000, " ms"),
                ("cp_n", "`cp -a` of the same files + `sync`", 1000, " ms"),
                ("commit_ratio", "ratio commit / cp -a + sync", None, ""),

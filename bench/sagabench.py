@@ -2,9 +2,10 @@
 never the shared benchmark tree). One fresh daemon per run.
 
 Measured per run: saga.begin; begin a step (saga.step on a new saga); roll back a step with 1
-changed file and with N; commit of N new files (in new directories: moved whole) vs ``cp -a`` of
-the same files + ``sync``, and of N new files into directories the base has (entry by entry);
-journal transitions per second (K x saga.step on an empty saga over one control connection).
+changed file and with N, and a 1-file step that follows an N-file step; commit of N new files
+(in new directories: moved whole) vs ``cp -a`` of the same files + ``sync``, and of N new files
+into directories the base has (entry by entry); journal transitions per second (K x saga.step on
+an empty saga over one control connection).
 """
 
 import os
@@ -101,6 +102,10 @@ def run_once(work: Path, run: int, n: int, k: int, code: Path, log=print) -> dic
         call("saga.step", name="s")
         (m.mp / "c").mkdir()
         make_files(m.mp / "c", n)
+        # a 1-file step after the n-file one, rolled back: must not pay for the n files
+        call("saga.step", name="small")
+        (m.mp / "one").write_text("x")
+        rec["rollback_1_after_n"] = _t(call, "saga.rollback")
         _settle(m)
         rec["commit_n"] = _t(call, "saga.commit")
         # the same n files into directories the base already has: committed entry by entry
