@@ -647,7 +647,6 @@ class SagaEngine:
         crash_point("rollback.start")
         self.fs.seal_top()
         done = []
-        done_states = []
         t0 = time.perf_counter()
         todo = [st for st in self.live_steps(sid) if st["index"] > target]
         for step in reversed(self.live_steps(sid)):
@@ -682,7 +681,6 @@ class SagaEngine:
             await self.ws.drop_layers(1, txn_extra=dropped)
             crash_point("rollback.step")
             done.append(step["index"])
-            done_states.append(step["state"])
 
         def finish(txn):
             s = txn.saga(sid)
@@ -698,7 +696,7 @@ class SagaEngine:
 
         await self.ws.transact(finish)
         self.touched = {}
-        if not all(state == "open" for state in done_states):
+        if any(st["state"] != "open" for st in todo):
             self._known = self._known_paths()  # (the paths of an open step were only in touched)
         return {"saga": self.ws.journal.saga(sid), "compensated": done, "seconds": time.perf_counter() - t0}
 

@@ -489,7 +489,7 @@ def _write_schema_1(path, steps):
 
 
 def test_schema_1_is_upgraded_by_a_writer_and_refused_by_a_reader(tmp_path):
-    big = {f"p{i}": ["f", 2, i] for i in range(3000)}  # more than the 1 MiB map holds twice
+    big = {f"p{i}": ["f", 2, i] for i in range(3000)}
     steps = {1: {"name": "a", "state": "done", "paths": big},
              2: {"name": "b", "state": "done", "paths": {}},
              3: {"name": "c", "state": "open"}}

@@ -664,6 +664,34 @@ def test_conflicting_commits(mount_factory, base, tmp_path):
     assert_same(base, after_a, "the base after B's abort")
 
 
+def test_conflicts_found_after_finished_steps_are_rolled_back(mount_factory, base):
+    """A path first changed by a finished step that is rolled back, then changed again, is
+    recorded again: its base identity is checked at commit (the known paths are recomputed
+    when finished steps go; a rollback of the open step alone keeps them)."""
+    a = mount_factory(base, name="wsa")
+    b = mount_factory(base, name="wsb")
+    b.call("saga.begin", name="B")
+    b.call("saga.step", name="b1")
+    append(b.mp / "mod.txt", "b1\n")
+    b.call("saga.step", name="b2")
+    append(b.mp / "a.txt", "b2\n")
+    b.call("saga.rollback")  # the open step b2 only: b1's paths stay known
+    b.call("saga.step", name="b3")
+    put(b.mp / "b3.txt", "b3\n")
+    b.call("saga.rollback", to=0)  # b3 (open) and b1 (finished)
+    b.call("saga.step", name="b4")
+    append(b.mp / "mod.txt", "b4\n")
+    a.call("saga.begin", name="A")
+    a.call("saga.step", name="a1")
+    append(a.mp / "mod.txt", "from A\n")
+    a.call("saga.commit")
+    after_a = snap(base)
+    err = expect_error("conflict", b, "saga.commit")
+    assert [c["path"] for c in err.data.get("conflicts", [])] == ["mod.txt"], err.data
+    assert_same(base, after_a, "the base after the refused commit")
+    b.call("saga.abort")
+
+
 def test_non_overlapping_commits_both_apply(mount_factory, base, tmp_path):
     a = mount_factory(base, name="wsa")
     b = mount_factory(base, name="wsb")
