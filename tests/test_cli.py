@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -209,3 +210,26 @@ def test_json_schema_of_every_command(cli_ws, tmp_path):
     sh(m, "begin", "aborted", check=0)
     has("abort", js("abort")[0])
     has("gc", js("gc", "--keep", "1")[0])
+
+
+def od(m, *args, check=None, cwd="/", timeout=120):
+    """Run the overlayd command against *m*'s runtime and state directories."""
+    code = "import sys; from cli.overlayd_cmd import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=m.env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check is not None:
+        assert r.returncode == check, (args, r.stdout, r.stderr)
+    return r
+
+
+def test_unmount_returns_when_the_daemon_exits_not_when_it_is_reaped(cli_ws):
+    """The daemon is this test's child and stays a zombie until proc.wait(): unmount must not
+    wait for the reaping (PID 1 reaps an 'overlayd mount' daemon, seconds later)."""
+    m = cli_ws
+    t0 = time.monotonic()
+    r = od(m, "unmount", str(m.mp), "--timeout", "10", check=0)
+    assert time.monotonic() - t0 < 5, r.stdout
+    assert r.stdout.strip() == f"unmounted {m.mp}"
+    assert m.proc.wait(timeout=5) == 0
+    m.proc = None
+    assert not os.path.ismount(m.mp)
