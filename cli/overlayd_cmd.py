@@ -13,7 +13,8 @@ import click
 
 from overlayd import __version__, config
 from overlayd.client import Client, ClientError, NoDaemon
-from overlayd.paths import UsageError, check_workspace_name, default_name, default_state_dir, socket_path, state_root
+from overlayd.paths import (UsageError, check_workspace_name, default_name, default_state_dir, mountinfo_path,
+                            overlayd_mounts, socket_path, state_root)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
@@ -142,13 +143,10 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
 
 
 def _workspace_for_mountpoint(mountpoint: str) -> str:
-    mp = os.path.abspath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[4] == mp and fields[sep + 1] == "fuse.overlayd":
-                return fields[sep + 2].split(":", 1)[1]
+    mp = mountinfo_path(mountpoint)
+    for point, name in overlayd_mounts():
+        if point == mp:
+            return name
     raise click.ClickException(f"{mp} is not an overlayd mount")
 
 

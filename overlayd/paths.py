@@ -61,3 +61,35 @@ def socket_path(name: str) -> Path:
 def is_within(child: Path, parent: Path) -> bool:
     child, parent = Path(os.path.realpath(child)), Path(os.path.realpath(parent))
     return child == parent or parent in child.parents
+
+
+def _unescape_mountinfo(field: bytes) -> str:
+    """/proc/self/mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def overlayd_mounts() -> list[tuple[str, str]]:
+    """(mountpoint, workspace name) of every overlayd FUSE mount, from /proc/self/mountinfo.
+
+    The mount's source (fsname) is ``overlayd:NAME``; a mount whose daemon died stays listed
+    until it is cleared.
+    """
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                sep = fields.index(b"-")
+            except ValueError:
+                continue
+            if len(fields) > sep + 2 and fields[sep + 1] == b"fuse.overlayd" and fields[sep + 2].startswith(b"overlayd:"):
+                out.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(fields[sep + 2]).split(":", 1)[1]))
+    return out
+
+
+def mountinfo_path(path: str) -> str:
+    """*path* as /proc/self/mountinfo spells it: absolute, its parent's symlinks resolved.
+
+    (Not realpath() of the path itself: that would stat() a possibly hung mount.)"""
+    mp = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(mp)), os.path.basename(mp))
