@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from cli.common import Group
 from overlayd import __version__, config
 from overlayd.client import Client, ClientError, NoDaemon
 from overlayd.paths import (UsageError, check_workspace_name, default_name, default_state_dir, mountinfo_path,
@@ -42,7 +43,7 @@ class ServiceError(click.ClickException):
         click.echo(f"{prefix}Error: {self.format_message()}", err=True)
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="overlayd")
 def main():
     """A copy-on-write overlay of a working tree, with sagas: every change lands in a layer.
@@ -138,6 +139,8 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
         click.echo(f"mounted {os.path.abspath(mountpoint)} (workspace {name}, pid {proc.pid}, log {log_path})")
         return
     proc.wait(timeout=30)
+    if text.startswith("usage: "):
+        raise click.UsageError(text[len("usage: "):])
     reason = text[len("error: "):] if text.startswith("error: ") else (text or f"the daemon exited with {proc.returncode}; see {log_path}")
     raise click.ClickException(reason)
 

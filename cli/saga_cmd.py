@@ -15,6 +15,7 @@ import sys
 
 import click
 
+from cli.common import Group
 from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon
 from overlayd.paths import socket_path, state_root
@@ -38,7 +39,8 @@ JSON_KEYS = {
     "gc": ["version", "sagas", "events", "bytes_before", "bytes_after"],
     "error": ["version", "error"],
 }
-EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5}
+#: Exit codes of the daemon's error codes (others exit 1): a value the daemon refuses is a usage error.
+EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5, "bad-request": 2, "bad-name": 2}
 
 
 class SagaError(click.ClickException):
@@ -214,22 +216,23 @@ def emit(ctx, data, text):
         click.echo(text)
 
 
-def parse_duration(value):
+def parse_duration(value, option=None):
     if value is None:
         return None
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
     if not m:
-        raise click.BadParameter(f"{value!r} is not a duration (examples: 30s, 5m, 1h, 7d, 250ms)")
+        raise click.BadParameter(f"{value!r} is not a duration (examples: 30s, 5m, 1h, 7d, 250ms)",
+                                 param_hint=option)
     n, unit = float(m.group(1)), m.group(2) or "s"
     return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def parse_size(value):
+def parse_size(value, option=None):
     if value is None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", value)
     if not m:
-        raise click.BadParameter(f"{value!r} is not a size (examples: 100M, 2G, 4096)")
+        raise click.BadParameter(f"{value!r} is not a size (examples: 100M, 2G, 4096)", param_hint=option)
     unit = (m.group(2) or "b")[0].lower()
     return int(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
 
@@ -261,7 +264,7 @@ def run(ctx, workspace, as_json, fn):
         raise
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="saga")
 @click.option("-w", "--workspace", envvar="SAGA_WORKSPACE", type=str, metavar="MOUNTPOINT",
               help="The workspace's mountpoint.")
@@ -286,11 +289,40 @@ def _saga_line(s):
     return f"saga {s['id']} {s['name']!r}: {s['state']}"
 
 
+def _cut_line(cut):
+    what = {"budget:timeout": "its time budget (--timeout) ran out", "budget:saga-timeout":
+            "the saga's time budget (saga begin --timeout) ran out", "budget:bytes": "it wrote more than --max-bytes",
+            "budget:files": "it changed more than --max-files paths", "budget:spinning":
+            "it rewrote one file with the same content --max-spins times"}.get(cut["reason"], cut["reason"])
+    undone = "the whole saga was aborted" if cut.get("policy") == "saga" else "the step was rolled back"
+    return f"step {cut['step']} was cut: {what}; {undone}"
+
+
+def _resume_hint(s, t):
+    import shlex
+
+    file = ((s.get("annotations") or {}).get("definition") or {}).get("file") or "FILE"
+    return f"continue with: saga run {shlex.quote(file)} -w {shlex.quote(str(t.mountpoint))} --resume"
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def time_wall():
+    import time
+
+    return time.time()
+
+
 budget_options = [
     click.option("--timeout", metavar="DUR", help="Wall-time budget (e.g. 10m)."),
     click.option("--max-bytes", metavar="SIZE", help="Budget of bytes written (e.g. 500M)."),
-    click.option("--max-files", type=int, metavar="N", help="Budget of paths changed."),
-    click.option("--max-spins", type=int, metavar="N",
+    click.option("--max-files", type=click.IntRange(min=1), metavar="N", help="Budget of paths changed."),
+    click.option("--max-spins", type=click.IntRange(min=1), metavar="N",
                  help="Cut when one file is rewritten with identical content N times in a row."),
 ]
 
@@ -302,7 +334,8 @@ def with_budgets(fn):
 
 
 def budget_args(timeout, max_bytes, max_files, max_spins):
-    return {k: v for k, v in dict(timeout=parse_duration(timeout), max_bytes=parse_size(max_bytes),
+    return {k: v for k, v in dict(timeout=parse_duration(timeout, "'--timeout'"),
+                                  max_bytes=parse_size(max_bytes, "'--max-bytes'"),
                                   max_files=max_files, max_spins=max_spins).items() if v is not None}
 
 
@@ -328,19 +361,27 @@ def begin(ctx, name, timeout, max_bytes, max_files, max_spins, workspace, as_jso
 @with_budgets
 @click.option("--on-budget", "policy", type=click.Choice(["step", "saga"]), default="step", show_default=True,
               help="What a budget cut rolls back: this step, or the whole saga.")
-@click.option("--retries", type=int, default=3, show_default=True, help="Attempts of the compensation command.")
-@click.option("--compensate-timeout", metavar="DUR", default="5m", show_default=True,
-              help="Time limit of one compensation attempt.")
+@click.option("--compensate-retries", "retries", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Attempts of the compensation command before the saga is stuck (as compensate_retries in "
+                   "a definition).")
+@click.option("--retries", "old_retries", type=click.IntRange(1, 100), hidden=True)  # the old name
+@click.option("--compensate-timeout", metavar="DUR", default="1m", show_default=True,
+              help="Time limit of one compensation attempt (a failed attempt is retried after 0.5 s, then 1 s).")
 @common
 @click.pass_context
-def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy, retries, compensate_timeout,
-         workspace, as_json):
+def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy, retries, old_retries,
+         compensate_timeout, workspace, as_json):
     """Finish the open step and open a new step NAME, with a fresh layer.
 
     When a budget is exceeded the daemon rolls the step back by itself (or aborts the saga with
     --on-budget saga); writes then fail with EROFS until the next step, and `saga status` says why.
+    A compensation command that hangs holds the workspace for at most about
+    --compensate-retries x --compensate-timeout (3 minutes by default).
     """
-    args = dict(name=name, compensate=compensate, retries=retries, compensate_timeout=parse_duration(compensate_timeout),
+    comp_timeout = parse_duration(compensate_timeout, "'--compensate-timeout'")
+    if comp_timeout <= 0:
+        raise click.BadParameter("must be longer than 0", param_hint="'--compensate-timeout'")
+    args = dict(name=name, compensate=compensate, retries=old_retries or retries, compensate_timeout=comp_timeout,
                 policy=policy, **budget_args(timeout, max_bytes, max_files, max_spins))
 
     def go(t):
@@ -422,11 +463,24 @@ def status(ctx, workspace, as_json):
         s = r["saga"]
         if s is None:
             text = f"no saga is active in {t.mountpoint}"
+            last = r.get("last")
+            if last:
+                text += f"\n  the last one: {_saga_line(last)}"
+                if last.get("cut"):
+                    text += f"\n  {_cut_line(last['cut'])}"
         else:
             lines = [_saga_line(s)]
             if s.get("cut"):
-                c = s["cut"]
-                lines.append(f"  step {c['step']} was cut: {c['reason']} (rolled back the {c['policy']})")
+                lines.append(f"  {_cut_line(s['cut'])}")
+            comp = r.get("compensation")
+            if comp:
+                left = max(0, comp["deadline"] - time_wall())
+                lines.append(f"  compensating step {comp['step']} {comp['name']!r}: attempt {comp['attempt']}/"
+                             f"{comp['attempts']} of: {comp['command']}; at most {_duration(left)} left "
+                             f"(each attempt is cut after {_duration(comp['timeout'])})")
+            runner = (s.get("annotations") or {}).get("runner") or {}
+            if s["state"] == "active" and runner.get("phase") in ("stopped", "stuck", "interrupted"):
+                lines.append(f"  saga run {runner['phase']}: " + (runner.get("message") or _resume_hint(s, t)))
             if s.get("error"):
                 lines.append(f"  error: {s['error']}")
                 if s.get("stderr_tail"):
@@ -538,7 +592,7 @@ def list_(ctx, workspace, as_json):
 def gc(ctx, older_than, keep, workspace, as_json):
     """Remove ended sagas' journal records, orphaned layers and the trash (never the active saga)."""
     def go(t):
-        r = t.call("saga.gc", older_than=parse_duration(older_than), keep=keep)
+        r = t.call("saga.gc", older_than=parse_duration(older_than, "'--older-than'"), keep=keep)
         emit(ctx, r, f"removed {len(r['sagas'])} saga(s) and {r['events']} event(s); "
                      f"state {r['bytes_before']} -> {r['bytes_after']} bytes")
     run(ctx, workspace, as_json, go)

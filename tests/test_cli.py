@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -233,3 +234,103 @@ def test_unmount_returns_when_the_daemon_exits_not_when_it_is_reaped(cli_ws):
     assert m.proc.wait(timeout=5) == 0
     m.proc = None
     assert not os.path.ismount(m.mp)
+
+
+def test_usage_errors_with_json_are_json():
+    """Errors click finds itself (missing argument, unknown command or option, bad value) print
+    the JSON error object when --json is given, like every other error."""
+    for group, args in ((saga_cmd.main, ["step", "--json"]), (saga_cmd.main, ["--json", "bogus"]),
+                        (saga_cmd.main, ["--json", "step", "x", "--timeout", "soon"]),
+                        (saga_cmd.main, ["step", "x", "--retries", "0", "--json"]),
+                        (overlayd_cmd.main, ["list", "--json", "--bogus"])):
+        r = CliRunner().invoke(group, args, catch_exceptions=False)
+        assert r.exit_code == 2, (args, r.output)
+        err = json.loads(r.output)
+        assert err["version"] == 1 and err["error"]["exit_code"] == 2 and err["error"]["message"], args
+    r = CliRunner().invoke(saga_cmd.main, ["--json", "step", "x", "--timeout", "soon"], catch_exceptions=False)
+    assert json.loads(r.output)["error"]["message"] == \
+        "Invalid value for '--timeout': 'soon' is not a duration (examples: 30s, 5m, 1h, 7d, 250ms)"
+    r = CliRunner().invoke(saga_cmd.main, ["bogus"], catch_exceptions=False)  # without --json: click's text
+    assert r.exit_code == 2 and "No such command 'bogus'" in r.output and not r.output.startswith("{")
+
+
+def test_refused_values_are_usage_errors(cli_ws, tmp_path):
+    m = cli_ws
+    for args in (["step", "x", "--compensate-retries", "0"], ["step", "x", "--max-files", "0"],
+                 ["begin", "x", "--max-spins", "0"], ["step", "x", "--compensate-timeout", "0s"]):
+        r = CliRunner().invoke(saga_cmd.main, args, catch_exceptions=False)
+        assert r.exit_code == 2, (args, r.output)
+    r = sh(m, "begin", "a/b", check=2)  # refused by the daemon: bad-name
+    assert "invalid saga name 'a/b'" in r.stderr
+    sh(m, "begin", "ok", check=0)
+    r = sh(m, "step", "x/y", check=2)
+    assert "invalid step name 'x/y'" in r.stderr
+    r = sh(m, "step", "x", "--timeout", "0s", check=2)  # refused by the daemon: bad-request
+    assert "timeout must be a positive number" in r.stderr
+    (tmp_path / "mp2").mkdir()
+    r = od(m, "mount", str(tmp_path / "missing"), str(tmp_path / "mp2"), "--name", "nobase", check=2)
+    assert f"base {tmp_path / 'missing'} is not a directory" in r.stderr
+    r = od(m, "mount", str(m.base), str(tmp_path / "missing-mp"), "--name", "nomp", check=2)
+    assert f"create it with: mkdir -p {tmp_path / 'missing-mp'}" in r.stderr
+
+
+def test_status_says_how_long_a_compensation_may_still_take(cli_ws, tmp_path):
+    m = cli_ws
+    flag = tmp_path / "go"
+    sh(m, "begin", "slow", check=0)
+    sh(m, "step", "hangs", "--compensate", f"while [ ! -e {flag} ]; do sleep 0.05; done",
+       "--compensate-timeout", "2m", "--compensate-retries", "2", check=0)
+    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    env = {**m.env, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
+    rollback = subprocess.Popen([sys.executable, "-c", code, "rollback"], cwd=m.mp, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            r = sh(m, "-w", str(m.mp), "status", cwd="/", check=0)
+            if "compensating step" in r.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        line = [x for x in r.stdout.splitlines() if "compensating step" in x][0]
+        assert line.startswith("  compensating step 1 'hangs': attempt 1/2 of: while [")
+        left = re.search(r"at most (\d+)m(\d+)s left", line)
+        assert left and 210 <= int(left[1]) * 60 + int(left[2]) <= 240, line  # 2 x 2m + back-off
+        assert "(each attempt is cut after 2m00s)" in line
+        st = json.loads(sh(m, "-w", str(m.mp), "status", "--json", cwd="/", check=0).stdout)
+        assert st["compensation"]["attempt"] == 1 and st["compensation"]["attempts"] == 2
+    finally:
+        flag.touch()
+        out, err = rollback.communicate(timeout=60)
+    assert rollback.returncode == 0, err
+    assert "compensating" not in sh(m, "status", check=0).stdout
+
+
+def test_status_after_a_saga_budget_cut_says_why(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "small", "--max-files", "1", check=0)
+    sh(m, "step", "writes", check=0)
+    for i in range(3):
+        try:
+            (m.mp / f"f{i}").write_text("x")
+        except OSError:
+            break
+    deadline = time.monotonic() + 30
+    while "no saga is active" not in (r := sh(m, "status", check=0)).stdout:
+        assert time.monotonic() < deadline, r.stdout
+        time.sleep(0.1)
+    assert r.stdout.splitlines()[1:] == [
+        "  the last one: saga 1 'small': aborted",
+        "  step 1 was cut: it changed more than --max-files paths; the whole saga was aborted"]
+    assert json.loads(sh(m, "status", "--json", check=0).stdout)["last"]["cut"]["reason"] == "budget:files"
+
+
+def test_status_of_a_saga_run_stuck_after_its_pivot_says_how_to_resume(cli_ws, tmp_path):
+    m = cli_ws
+    toml = tmp_path / "pivot.toml"
+    toml.write_text('name = "p"\n[[step]]\nname = "publish"\nrun = "true"\ncompensatable = "none"\n'
+                    '[[step]]\nname = "after"\nrun = "false"\n')
+    r = sh(m, "run", str(toml), "-w", str(m.mp), cwd="/", check=4)
+    r = sh(m, "status", check=0)
+    assert "saga 1 'p': active" in r.stdout
+    line = [x for x in r.stdout.splitlines() if x.startswith("  saga run stuck: ")][0]
+    assert f"saga run {toml} -w {m.mp} --resume" in line, r.stdout
