@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 error, 2 usage error, 5 no daemon serves the workspace.
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,8 @@ import click
 from cli.common import Group
 from overlayd import __version__, config
 from overlayd.client import Client, ClientError, NoDaemon
-from overlayd.paths import (UsageError, check_workspace_name, default_name, default_state_dir, mountinfo_path,
-                            overlayd_mounts, socket_path, state_root)
+from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, known_workspaces,
+                            mount_command, mountinfo_path, overlayd_mounts, socket_path, state_root)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
@@ -61,7 +62,9 @@ def main():
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Read base, mountpoint and options from this file (TOML, e.g. /etc/overlayd/NAME.conf); "
                    "the workspace name is the file's stem. Arguments and options given here override it.")
-@click.option("--name", help="Workspace name (default: the mountpoint's last component).")
+@click.option("--name", help="Workspace name (default: the name of the workspace last mounted at MOUNTPOINT, "
+                             "else its last component, or its last two (demo-mnt) when another workspace has that "
+                             "name).")
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Where layers and the journal live (default /var/lib/overlayd/NAME for root, "
                    "else $XDG_STATE_HOME/overlayd/NAME).")
@@ -98,8 +101,8 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
     elif base is None or mountpoint is None:
         raise click.UsageError("give BASE and MOUNTPOINT, or --config FILE")
     log_level, keep_open_step = log_level or "info", bool(keep_open_step)
-    name = name or default_name(mountpoint)
     try:
+        name = name or choose_name(mountpoint)
         check_workspace_name(name)
     except UsageError as exc:
         raise click.UsageError(str(exc))
@@ -185,7 +188,14 @@ def unmount(mountpoint, timeout):
             pid = c.call("status")["pid"]
             c.call("shutdown")
     except NoDaemon as exc:
-        click.echo(f"Error: {exc.message}", err=True)
+        mp = mountinfo_path(mountpoint)
+        if _probe(mp, timeout=2.0) == "dead":
+            hint = (f"its daemon died and left a dead mount; clear it with: overlayd clear-mount {shlex.quote(mp)}"
+                    + "".join(f", then mount it again with: {mount_command(name, w['base'], mp, w['state_dir'])}"
+                              for w in known_workspaces() if w["name"] == name and w.get("mountpoint") == mp))
+        else:
+            hint = "is the daemon run by another user (its control socket is elsewhere)?"
+        click.echo(f"Error: no daemon serves the workspace {name} at {mp} ({exc.message}); {hint}", err=True)
         sys.exit(EXIT_NO_DAEMON)
     except ClientError as exc:
         raise click.ClickException(exc.message)
@@ -197,45 +207,71 @@ def unmount(mountpoint, timeout):
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(as_json):
-    """List the workspaces on this machine, mounted or not: base, mountpoint, active saga, disk use."""
+    """List the workspaces on this machine: mounted, stopped, or dead (the daemon died and left
+    its mount: clear it with overlayd clear-mount). Also those with a --state-dir of their own,
+    and any overlayd mount whose state is elsewhere."""
     from journal import Journal, JournalError
     from overlayd.saga import status_of
 
     rows = []
-    root = state_root()
-    if root.is_dir():
-        for entry in sorted(root.iterdir()):
-            info_path = entry / "workspace.json"
-            if not info_path.is_file():
-                continue
-            info = json.loads(info_path.read_text())
-            row = {**info, "state_dir": str(entry), "mounted": False, "layers": None, "saga": None,
-                   "disk_bytes": _disk_use(entry)}
+    mounts = {name: point for point, name in overlayd_mounts()}
+    for info in known_workspaces():
+        entry = info["state_dir"]
+        row = {**info, "mounted": False, "state": "stopped", "layers": None, "saga": None,
+               "disk_bytes": _disk_use(entry)}
+        saga = _live_status(row)
+        if not row["mounted"]:
+            if info.get("mountpoint") and mounts.get(info["name"]) == mountinfo_path(info["mountpoint"]):
+                row["state"] = {"ok": "mounted", "dead": "dead"}.get(_probe(info["mountpoint"], timeout=2.0), "hung")
             try:
-                with Client(socket_path(info["name"]), timeout=5) as c:
-                    st = c.call("status")
-                    saga = c.call("saga.status")["saga"]
-                row.update(mounted=True, layers=len(st["layers"]), pid=st["pid"])
-            except (ClientError, OSError):
-                try:
-                    with Journal.open(entry, readonly=True) as j:
-                        saga = status_of(j)["saga"]
-                except JournalError:
-                    saga = None
-            if saga:
-                row["saga"] = {"id": saga["id"], "name": saga["name"], "state": saga["state"]}
-            rows.append(row)
+                with Journal.open(entry, readonly=True) as j:
+                    saga = status_of(j)["saga"]
+            except JournalError:
+                saga = None
+        if saga:
+            row["saga"] = {"id": saga["id"], "name": saga["name"], "state": saga["state"]}
+        if info.get("mountpoint") and mounts.get(info["name"]) == mountinfo_path(info["mountpoint"]):
+            del mounts[info["name"]]
+        rows.append(row)
+    for name, point in sorted(mounts.items()):  # mounted, but its state is not known here
+        row = {"name": name, "mountpoint": point, "base": None, "state_dir": None, "mounted": False,
+               "state": "stopped", "layers": None, "saga": None, "disk_bytes": None}
+        saga = _live_status(row)
+        if not row["mounted"]:
+            row["state"] = {"ok": "mounted", "dead": "dead"}.get(_probe(point, timeout=2.0), "hung")
+        if saga:
+            row["saga"] = {"id": saga["id"], "name": saga["name"], "state": saga["state"]}
+        rows.append(row)
     if as_json:
         click.echo(json.dumps({"version": 1, "workspaces": rows}))
         return
     if not rows:
-        click.echo(f"no workspaces under {root}")
+        click.echo(f"no workspaces under {state_root()}")
         return
     click.echo("NAME\tSTATE\tSAGA\tDISK\tBASE\tMOUNTPOINT")
     for r in rows:
         saga = f"{r['saga']['name']} ({r['saga']['state']})" if r["saga"] else "-"
-        click.echo(f"{r['name']}\t{'mounted' if r['mounted'] else 'stopped'}\t{saga}\t{_human(r['disk_bytes'])}"
-                   f"\t{r['base']}\t{r['mountpoint']}")
+        disk = "-" if r["disk_bytes"] is None else _human(r["disk_bytes"])
+        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{r['base'] or '-'}\t{r['mountpoint']}")
+    dead = [r for r in rows if r["state"] == "dead"]
+    for r in dead:
+        click.echo(f"{r['name']}: its daemon died; clear the dead mount with: overlayd clear-mount "
+                   f"{shlex.quote(r['mountpoint'])}", err=True)
+
+
+def _live_status(row):
+    """Ask the daemon of *row*'s workspace; fills in row and returns the active saga, or None."""
+    try:
+        with Client(socket_path(row["name"]), timeout=5) as c:
+            st = c.call("status")
+            saga = c.call("saga.status")["saga"]
+    except (ClientError, OSError):
+        return None
+    if row.get("mountpoint") not in (None, st["mountpoint"]):
+        return None  # a daemon of the same name serving another mountpoint
+    row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"],
+               base=row.get("base") or st["base"], state_dir=row.get("state_dir") or st["state_dir"])
+    return saga
 
 
 def _disk_use(path) -> int:

@@ -11,14 +11,16 @@ import difflib
 import json
 import os
 import re
+import shlex
 import sys
+from pathlib import Path
 
 import click
 
 from cli.common import Group
 from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon
-from overlayd.paths import socket_path, state_root
+from overlayd.paths import known_workspaces, mount_command, overlayd_mounts, socket_path
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 SCHEMA = 1
@@ -29,7 +31,7 @@ JSON_KEYS = {
     "step": ["version", "step", "seconds"],
     "rollback": ["version", "saga", "compensated"],
     "abort": ["version", "saga", "compensated"],
-    "commit": ["version", "saga", "changes", "seconds"],
+    "commit": ["version", "saga", "changes", "count", "seconds"],
     "commit --dry-run": ["version", "saga", "changes", "conflicts", "dry_run"],
     "retry": ["version", "saga", "compensated"],
     "status": ["version", "saga", "steps", "writable", "busy"],
@@ -53,30 +55,8 @@ class SagaError(click.ClickException):
 # ---------------------------------------------------------------------- finding the workspace
 
 
-def _mounts():
-    """(mountpoint, workspace name) of every overlayd mount, from /proc/self/mountinfo."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "fuse.overlayd" and fields[sep + 2].startswith("overlayd:"):
-                mp = re.sub(r"\\(\d{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-                out.append((mp, fields[sep + 2].split(":", 1)[1]))
-    return out
-
-
 def _known_workspaces():
-    root = state_root()
-    out = []
-    if root.is_dir():
-        for entry in root.iterdir():
-            try:
-                info = json.loads((entry / "workspace.json").read_text())
-            except (OSError, ValueError):
-                continue
-            out.append((info["mountpoint"], info["name"], entry))
-    return out
+    return [(w.get("mountpoint"), w["name"], Path(w["state_dir"])) for w in known_workspaces()]
 
 
 class Target:
@@ -87,7 +67,7 @@ class Target:
         self.mounted = False
         self.name = self.mountpoint = self.state_dir = None
         best = None
-        for mp, name in _mounts():
+        for mp, name in overlayd_mounts():
             if path == mp or path.startswith(mp.rstrip("/") + "/"):
                 if best is None or len(mp) > len(best[0]):
                     best = (mp, name)
@@ -101,6 +81,21 @@ class Target:
         if self.name is None:
             raise SagaError(f"{path} is not inside an overlayd workspace; cd into one or pass -w MOUNTPOINT "
                             "(mount one with: overlayd mount BASE MOUNTPOINT)", 5)
+
+    def remount_hint(self) -> str:
+        """How to serve this workspace again: the exact mount command (and clear-mount first
+        when its mount is still there, dead)."""
+        info = {}
+        if self.state_dir is not None:
+            try:
+                info = json.loads((self.state_dir / "workspace.json").read_text())
+            except (OSError, ValueError):
+                pass
+        mount = mount_command(self.name, info.get("base", "BASE"), self.mountpoint, self.state_dir)
+        if self.mounted:
+            return (f"its daemon is gone and the mount is dead: clear it with: overlayd clear-mount "
+                    f"{shlex.quote(self.mountpoint)}, then mount it again with: {mount}")
+        return f"mount it with: {mount}"
 
     def call_with_progress(self, op, label, **args):
         """A long operation; on a terminal, a progress bar fed by polling saga.status."""
@@ -144,7 +139,7 @@ class Target:
                 return c.call(op, **args)
         except NoDaemon:
             raise SagaError(f"no daemon serves the workspace {self.name} ({self.mountpoint}); "
-                            f"mount it with: overlayd mount BASE {self.mountpoint}", 5) from None
+                            f"{self.remount_hint()}", 5) from None
         except ClientError as exc:
             raise SagaError(exc.message, EXIT.get(exc.code, 1), exc.data) from None
         except OSError as exc:
@@ -299,8 +294,6 @@ def _cut_line(cut):
 
 
 def _resume_hint(s, t):
-    import shlex
-
     file = ((s.get("annotations") or {}).get("definition") or {}).get("file") or "FILE"
     return f"continue with: saga run {shlex.quote(file)} -w {shlex.quote(str(t.mountpoint))} --resume"
 
@@ -431,7 +424,7 @@ def commit(ctx, dry_run, workspace, as_json):
             if r["conflicts"]:
                 sys.exit(3)
         else:
-            emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['changes']} change(s) in {r['seconds']:.2f}s")
+            emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['count']} change(s) in {r['seconds']:.2f}s")
 
     try:
         run(ctx, workspace, as_json, go)
@@ -552,17 +545,31 @@ def _unified(old, new, c):
 
 
 @main.command()
-@click.argument("saga_id", required=False, type=int, metavar="[SAGA]")
+@click.argument("saga_ref", required=False, metavar="[SAGA]")
 @click.option("--ops", is_flag=True, help="Also show the audit trail: every change, with pid, uid and process.")
 @common
 @click.pass_context
-def log(ctx, saga_id, ops, workspace, as_json):
-    """Show the journal's events (NDJSON with --json); works while the daemon is down."""
+def log(ctx, saga_ref, ops, workspace, as_json):
+    """Show the journal's events, of every saga or of SAGA (an id, or a name: its latest saga),
+    in time order (NDJSON with --json); works while the daemon is down.
+
+    The audit trail (--ops) is journaled in batches, so an op event's seq may come after the
+    step transition that followed it; it is shown where its time puts it.
+    """
     def go(t):
+        saga_id = None
+        if saga_ref is not None:
+            sagas = t.read("saga.list")["sagas"]
+            ids = [s["id"] for s in sagas if str(s["id"]) == saga_ref] or \
+                [s["id"] for s in sagas if s["name"] == saga_ref]
+            if not ids:
+                raise SagaError(f"no saga {saga_ref!r} in {t.mountpoint} (give an id or a name); see: saga list", 1)
+            saga_id = max(ids)
         r = t.read("saga.log", saga=saga_id, ops=ops)
         import datetime
 
-        for e in r["events"]:
+        events = sorted(r["events"], key=lambda e: e["ts"]) if ops else r["events"]
+        for e in events:
             if ctx.obj["json"]:
                 click.echo(json.dumps({"version": SCHEMA, **e}, default=str))
             else:
@@ -683,7 +690,7 @@ class _RunDisplay:
             self._line(f"compensated step {ev['index']} {ev['step']!r}{why}"
                        + (" - only partially (compensatable = partial)" if ev.get("partial") else ""))
         elif kind == "committed":
-            self._line(f"committed: {ev['changes']} change(s) in {ev['seconds']:.2f}s")
+            self._line(f"committed: {ev['count']} change(s) in {ev['seconds']:.2f}s")
         elif kind == "aborted":
             self._line("the saga is aborted")
         elif kind == "end":

@@ -1295,7 +1295,7 @@ class Coordinator:
             raise _Finish(self._result("conflict", EXIT_CONFLICT,
                                        f"all {n} steps done, but {exc.message} ({paths}). Resolve, then: saga commit "
                                        f"(or {self.resume_hint}); or saga abort")) from None
-        self.emit("committed", changes=r.get("changes"), seconds=r.get("seconds"))
+        self.emit("committed", changes=r.get("changes"), count=r.get("count"), seconds=r.get("seconds"))
         return self._result("committed", EXIT_OK, f"all {n} steps done; saga {self.saga_id} {self.defn.name!r} "
                                                   f"committed: {r.get('changes')} change(s)")
 

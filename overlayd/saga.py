@@ -839,6 +839,7 @@ class SagaEngine:
                         raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
                                                        "nothing was applied and the saga is still active: fix "
                                                        "the cause and commit again") from None
+                    changes = self._annotate(merge.summarize(full), sid)
                     ops = merge.compact(full)
                     layers = [layer.id for layer in self.fs.layers[1:]]
                     plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops,
@@ -872,7 +873,8 @@ class SagaEngine:
             self._known = set()
             self.step_meter = self.saga_meter = None
             self.writers = {}
-            return {"saga": self.ws.journal.saga(sid), "changes": len(full), "seconds": time.perf_counter() - t0}
+            return {"saga": self.ws.journal.saga(sid), "changes": changes, "count": len(full),
+                    "seconds": time.perf_counter() - t0}
 
     async def _execute_plan(self, plan, peer, t0=None, t1=None) -> None:
         """Run a journaled plan to the end, then finalize. On failure before anything was renamed
@@ -954,8 +956,10 @@ class SagaEngine:
         self.touched = {}
         self._known = set()
         self.step_meter = self.saga_meter = None
-        return {"saga": self.ws.journal.saga(saga["id"]), "changes": merge.count_entries(plan["ops"]),
-                "seconds": time.perf_counter() - t0}
+        # the journaled plan lists a directory moved whole, not the entries below it
+        changes = self._annotate(merge.summarize(plan["ops"]), saga["id"])
+        return {"saga": self.ws.journal.saga(saga["id"]), "changes": changes,
+                "count": merge.count_entries(plan["ops"]), "seconds": time.perf_counter() - t0}
 
     def _annotate(self, changes, sid):
         steps = self._layer_steps(sid)

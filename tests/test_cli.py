@@ -174,7 +174,7 @@ def test_overlayd_list(cli_ws):
     r = subprocess.run([sys.executable, "-c", code, "list", "--json"], env=env, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)["workspaces"]
+    rows = [w for w in json.loads(r.stdout)["workspaces"] if w["state_dir"]]  # (other tests' mounts too)
     assert [(w["name"], w["mounted"], w["saga"]["name"]) for w in rows] == [("cliws", True, "listed")]
     assert rows[0]["disk_bytes"] > 0 and rows[0]["base"] == str(m.base)
     m.stop()
@@ -334,3 +334,98 @@ def test_status_of_a_saga_run_stuck_after_its_pivot_says_how_to_resume(cli_ws, t
     assert "saga 1 'p': active" in r.stdout
     line = [x for x in r.stdout.splitlines() if x.startswith("  saga run stuck: ")][0]
     assert f"saga run {toml} -w {m.mp} --resume" in line, r.stdout
+
+
+def test_remount_hint_is_the_exact_command(mount_factory, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    m = mount_factory(base, name="named", start=False)
+    m.state = tmp_path / "elsewhere" / "state"  # a --state-dir of its own
+    m.start()
+    sh(m, "begin", "kept", check=0)
+    mp = str(m.mp)
+    m.stop()
+    r = sh(m, "-w", mp, "step", "x", cwd="/", check=5)
+    assert r.stderr.strip().endswith(
+        f"mount it with: overlayd mount {base} {mp} --name named --state-dir {m.state}"), r.stderr
+    r = sh(m, "-w", mp, "status", cwd="/", check=0)  # found through the daemons' index: the saga is there
+    assert "saga 1 'kept': active" in r.stdout
+    rows = json.loads(od(m, "list", "--json", check=0).stdout)["workspaces"]
+    assert [(w["name"], w["state"], w["state_dir"], w["saga"]) for w in rows if w["name"] == "named"] == \
+        [("named", "stopped", str(m.state), {"id": 1, "name": "kept", "state": "active"})]
+
+
+def test_default_names_do_not_collide(mount_factory, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    m = mount_factory(base, name="unused", start=False)  # only for its environment
+    mps = [tmp_path / "a" / "mnt", tmp_path / "b" / "mnt"]
+    for mp in mps:
+        mp.mkdir(parents=True)
+    try:
+        names = []
+        for mp in mps + [mps[1]]:
+            r = od(m, "mount", str(base), str(mp), check=0)
+            names.append(re.search(r"\(workspace (\S+),", r.stdout)[1])
+            if names[-1] == "b-mnt" and len(names) == 2:
+                od(m, "unmount", str(mp), check=0)  # and again: the same workspace, found by its mountpoint
+        assert names == ["mnt", "b-mnt", "b-mnt"]
+    finally:
+        for mp in mps:
+            if os.path.ismount(mp):
+                od(m, "unmount", str(mp))
+
+
+def test_a_dead_mount_is_called_dead_with_the_remedy(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "crashed", check=0)
+    m.proc.kill()
+    m.proc.wait()
+    m.proc = None
+    try:
+        r = od(m, "unmount", str(m.mp), check=5)
+        assert f"its daemon died and left a dead mount; clear it with: overlayd clear-mount {m.mp}, then mount " \
+               f"it again with: overlayd mount {m.base} {m.mp} --name cliws" in r.stderr
+        r = od(m, "list", check=0)
+        assert f"cliws\tdead\tcrashed (active)" in r.stdout
+        assert f"overlayd clear-mount {m.mp}" in r.stderr
+        r = sh(m, "-w", str(m.mp), "step", "x", cwd="/", check=5)
+        assert f"overlayd clear-mount {m.mp}" in r.stderr
+        od(m, "clear-mount", str(m.mp), check=0)
+        assert "cliws\tstopped" in od(m, "list", check=0).stdout
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(m.mp)], stderr=subprocess.DEVNULL)
+
+
+def test_commit_json_lists_the_changes_as_dry_run_does(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "shape", check=0)
+    sh(m, "step", "edit", check=0)
+    (m.mp / "README").write_text("changed\n")
+    (m.mp / "new").write_text("new\n")
+    dry = json.loads(sh(m, "commit", "--dry-run", "--json", check=0).stdout)
+    done = json.loads(sh(m, "commit", "--json", check=0).stdout)
+    assert done["changes"] == dry["changes"] and done["count"] == 2
+    assert [(c["path"], c["change"], c["step"], c["step_name"]) for c in done["changes"]] == \
+        [("README", "modified", 1, "edit"), ("new", "added", 1, "edit")]
+
+
+def test_log_of_a_saga_by_name_in_time_order(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "first", check=0)
+    sh(m, "abort", check=0)
+    sh(m, "begin", "named", check=0)
+    sh(m, "step", "one", check=0)
+    (m.mp / "f").write_text("x")
+    sh(m, "step", "two", check=0)  # closes step one before its audit batch is journaled
+    by_id = sh(m, "log", "2", "--ops", "--json", check=0).stdout
+    by_name = sh(m, "log", "named", "--ops", "--json", check=0).stdout
+    assert by_id == by_name
+    events = [json.loads(x) for x in by_name.splitlines()]
+    assert {e["saga"] for e in events} == {2}
+    kinds = [(e["kind"], e.get("step")) for e in events]
+    assert kinds.index(("op", 1)) < kinds.index(("step.done", 1)), kinds
+    assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
+    r = sh(m, "log", "nosuch", check=1)
+    assert r.stderr.strip() == f"Error: no saga 'nosuch' in {m.mp} (give an id or a name); see: saga list"
+    sh(m, "log", "99", check=1)
