@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import Group
+from cli.common import Group, json_error
 from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon
 from overlayd.paths import known_workspaces, mount_command, overlayd_mounts, socket_path
@@ -41,6 +41,7 @@ JSON_KEYS = {
     "gc": ["version", "sagas", "events", "bytes_before", "bytes_after"],
     "error": ["version", "error"],
 }
+GC_KEEP = 10  # ended sagas 'saga gc' keeps by default
 #: Exit codes of the daemon's error codes (others exit 1): a value the daemon refuses is a usage error.
 EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5, "bad-request": 2, "bad-name": 2}
 
@@ -593,11 +594,27 @@ def list_(ctx, workspace, as_json):
 
 @main.command()
 @click.option("--older-than", metavar="DUR", help="Remove ended sagas that ended longer ago than this (e.g. 7d).")
-@click.option("--keep", type=int, metavar="N", help="Keep the N most recent ended sagas.")
+@click.option("--keep", type=click.IntRange(min=0), metavar="N",
+              help=f"Keep the N most recent ended sagas (default: {GC_KEEP}, unless --older-than or --all is given).")
+@click.option("--all", "remove_all", is_flag=True, help="Remove every ended saga's records.")
 @common
 @click.pass_context
-def gc(ctx, older_than, keep, workspace, as_json):
-    """Remove ended sagas' journal records, orphaned layers and the trash (never the active saga)."""
+def gc(ctx, older_than, keep, remove_all, workspace, as_json):
+    """Remove ended sagas' journal records, orphaned layers and the trash (never the active saga).
+
+    With no option it keeps the 10 most recent ended sagas.
+
+    \b
+    Example:
+        saga gc --older-than 30d
+    """
+    if remove_all and (keep is not None or older_than):
+        raise click.UsageError("--all removes every ended saga: give it alone, or --keep/--older-than instead")
+    if remove_all:
+        keep = 0
+    elif keep is None and not older_than:
+        keep = GC_KEEP
+
     def go(t):
         r = t.call("saga.gc", older_than=parse_duration(older_than, "'--older-than'"), keep=keep)
         emit(ctx, r, f"removed {len(r['sagas'])} saga(s) and {r['events']} event(s); "
@@ -742,12 +759,19 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
 
     ctx.obj = ctx.obj or {}
     as_json = as_json or ctx.obj.get("json", False)
+
+    def end(status, exit_code, message):
+        """The `end` event, always the last line of --json, also when nothing could run."""
+        click.echo(json.dumps({"version": SCHEMA, "event": "end", "saga": None, "time": round(time_wall(), 3),
+                               "status": status, "exit_code": exit_code, "message": message}))
+
     try:
         definition = load(file)
     except DefinitionError as exc:
         if as_json:
             click.echo(json.dumps({"version": SCHEMA, "error": {
                 "message": exc.text(), "exit_code": 2, "problems": [p.as_dict() for p in exc.problems]}}))
+            end("invalid", 2, exc.text())
         else:
             click.echo(exc.text(), err=True)
         sys.exit(2)
@@ -764,4 +788,11 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
                 _signal.signal(s, h)
         sys.exit(result.exit_code)
 
+    if as_json:
+        try:
+            Target(workspace or ctx.obj.get("workspace"))
+        except SagaError as exc:
+            click.echo(json_error(exc.message, exc.exit_code))
+            end("no-daemon" if exc.exit_code == 5 else "error", exc.exit_code, exc.message)
+            sys.exit(exc.exit_code)
     run(ctx, workspace, as_json, go)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
 DEFAULT_RETRIES = 3
+GC_KEEP = 10  # ended sagas saga.gc keeps when given neither keep nor older_than
 DEFAULT_COMP_TIMEOUT = 60.0  # with 3 attempts, a hung compensation holds the workspace ~3 min
 BACKOFF = float(os.environ.get("OVERLAYD_BACKOFF", "0.5"))
 STDERR_TAIL = 4096
@@ -1036,6 +1037,8 @@ class SagaEngine:
         orphaned layer directories and the trash. Never touches the active saga."""
         older = _number(args, "older_than", None, float, 0, 1e12) if args.get("older_than") is not None else None
         keep = _number(args, "keep", None, int, 0, 1 << 31) if args.get("keep") is not None else None
+        if older is None and keep is None:
+            keep = GC_KEEP  # never every saga's history without being asked
         with self.d.exclusive("collect garbage"):
             await self.flush_audit()  # no batch of an ended saga may be journaled after its removal
             before = await trio.to_thread.run_sync(self.ws.disk_usage)
@@ -1046,7 +1049,7 @@ class SagaEngine:
             for i, s in enumerate(ended):
                 too_old = older is not None and now() - (s.get("ended") or s.get("updated") or 0) > float(older)
                 beyond = keep is not None and i >= int(keep)
-                if too_old or beyond or (older is None and keep is None):
+                if too_old or beyond:
                     victims.append(s["id"])
 
             def delete(txn):

@@ -429,3 +429,28 @@ def test_log_of_a_saga_by_name_in_time_order(cli_ws):
     r = sh(m, "log", "nosuch", check=1)
     assert r.stderr.strip() == f"Error: no saga 'nosuch' in {m.mp} (give an id or a name); see: saga list"
     sh(m, "log", "99", check=1)
+
+
+def test_gc_without_options_keeps_recent_history(cli_ws):
+    m = cli_ws
+    for i in range(12):
+        sh(m, "begin", f"s{i}", check=0)
+        sh(m, "abort", check=0)
+    r = CliRunner().invoke(saga_cmd.main, ["gc", "--help"], catch_exceptions=False)
+    assert "default: 10" in r.output
+    r = sh(m, "gc", "--json", check=0)
+    assert sorted(json.loads(r.stdout)["sagas"]) == [1, 2]
+    assert len(json.loads(sh(m, "list", "--json", check=0).stdout)["sagas"]) == 10
+    sh(m, "gc", "--all", "--keep", "3", check=2)
+    assert sorted(json.loads(sh(m, "gc", "--all", "--json", check=0).stdout)["sagas"]) == list(range(3, 13))
+
+
+def test_saga_run_json_ends_with_end_even_when_nothing_ran(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "ok.toml"
+    toml.write_text('name = "x"\n[[step]]\nname = "a"\nrun = "true"\n')
+    r = CliRunner().invoke(saga_cmd.main, ["run", str(toml), "--json"], catch_exceptions=False)
+    lines = [json.loads(x) for x in r.output.splitlines()]
+    assert r.exit_code == 5 and lines[0]["error"]["exit_code"] == 5
+    assert lines[-1]["event"] == "end" and lines[-1]["exit_code"] == 5 and lines[-1]["status"] == "no-daemon"
+    assert "is not inside an overlayd workspace" in lines[-1]["message"]

@@ -294,8 +294,10 @@ def test_invalid_definition_runs_nothing(mount_factory, project, tmp_path):
     r = saga_run(m, bad, check=2)
     assert f"{bad}:10: step 2 'two': retires: unknown key (did you mean 'retries'?)" in r.stderr
     r = saga_run(m, bad, "--json", check=2)
-    err = json.loads(r.stdout)["error"]
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    err = lines[0]["error"]
     assert err["exit_code"] == 2 and err["problems"][0]["line"] == 10 and err["problems"][0]["key"] == "retires"
+    assert lines[-1]["event"] == "end" and lines[-1]["status"] == "invalid" and lines[-1]["exit_code"] == 2
     bad.write_text('name = "bad"\n[[step]]\nname = "one"\nrun = "touch ONE"\n[[step]]\nname = "one"\nrun = "x"\n')
     r = saga_run(m, bad, check=2)
     assert f"{bad}:6: step 2 'one': name: duplicate step name" in r.stderr

@@ -67,3 +67,18 @@ def test_install_says_which_step_failed(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert f"installing overlayd into {venv} (pip install -e .[test]) failed:" in r.stderr
+
+
+def test_readme_points_at_sections_that_exist():
+    """README's references to docs/ARCHITECTURE.md sections, and the known gaps it promises."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    arch = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    headings = set(re.findall(r"^#+ (.+)$", arch, re.M))
+    refs = re.findall(r'`docs/ARCHITECTURE\.md` \("([^"]+)"\)', readme)
+    assert "Known gaps" in refs
+    assert set(refs) <= headings, set(refs) - headings
+    gaps = arch.split("## Known gaps", 1)[1].split("\n## ", 1)[0]
+    for topic in ("st_nlink", "mknod", "fallocate", "behind the daemon's back"):
+        assert topic in gaps, topic
