@@ -372,6 +372,20 @@ def clear_mount(mountpoint, config_path):
         click.echo(f"{prefix}cleared a dead mount at {mp} (its daemon had died)", err=True)
 
 
+def _closed_ancestor(path: str) -> str | None:
+    """The first directory above *path* that others may not enter (no o+x), or None."""
+    d = os.path.dirname(os.path.abspath(path))
+    while True:
+        try:
+            if not os.stat(d).st_mode & 0o001:
+                return d
+        except OSError:
+            return None
+        if d == "/":
+            return None
+        d = os.path.dirname(d)
+
+
 @main.command("install-service")
 @click.option("--name", help="Also write a sample configuration for this workspace (an existing one is kept).")
 @click.option("--base", type=click.Path(file_okay=False), help="The sample configuration's base (absolute).")
@@ -407,6 +421,12 @@ def install_service(name, base, mountpoint, user, root, executable):
         raise click.ClickException(f"cannot install into {exc.filename or root}: {exc.strerror}"
                                    + ("; run it as root, or use --user" if exc.errno == 13 and not user else ""))
     click.echo(f"{r['unit_action']} {r['unit']} (it runs {r['executable']})")
+    closed = None if user else _closed_ancestor(r["executable"])
+    if closed:
+        click.echo(f"note: {closed} is mode {os.stat(closed).st_mode & 0o777:04o}: other users (and the members of "
+                   f"a workspace's group) cannot run {os.path.dirname(r['executable'])}/saga and get 'Permission "
+                   "denied'; put the checkout where everybody may enter, e.g. /opt/overlayd, then run "
+                   "install-service from there")
     if r["config"]:
         if r["config_action"] == "kept":
             click.echo(f"kept the existing {r['config']}")

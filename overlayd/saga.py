@@ -874,7 +874,7 @@ class SagaEngine:
             self._known = set()
             self.step_meter = self.saga_meter = None
             self.writers = {}
-            return {"saga": self.ws.journal.saga(sid), "changes": changes, "count": len(full),
+            return {"saga": self.ws.journal.saga(sid), "changes": changes, "count": len(changes),
                     "seconds": time.perf_counter() - t0}
 
     async def _execute_plan(self, plan, peer, t0=None, t1=None) -> None:
@@ -958,9 +958,11 @@ class SagaEngine:
         self._known = set()
         self.step_meter = self.saga_meter = None
         # the journaled plan lists a directory moved whole, not the entries below it
-        changes = self._annotate(merge.summarize(plan["ops"]), saga["id"])
-        return {"saga": self.ws.journal.saga(saga["id"]), "changes": changes,
-                "count": merge.count_entries(plan["ops"]), "seconds": time.perf_counter() - t0}
+        ops = plan["ops"]
+        changes = self._annotate(merge.summarize(ops), saga["id"])
+        count = len(changes) + sum(op.get("entries", 0) for op in ops)
+        return {"saga": self.ws.journal.saga(saga["id"]), "changes": changes, "count": count,
+                "seconds": time.perf_counter() - t0}
 
     def _annotate(self, changes, sid):
         steps = self._layer_steps(sid)

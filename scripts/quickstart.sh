@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start: install everything, then mount a workspace.
 # Usage: scripts/quickstart.sh [BASE [MOUNTPOINT]]
-# Without BASE a small demo tree is made in /tmp/overlayd-demo/base. Idempotent: an existing
+# Without BASE a small demo tree is made in /tmp/overlayd-demo/base ($OVERLAYD_DEMO_DIR/base). Idempotent: an existing
 # mount at MOUNTPOINT is reported and left alone (exit 0).
 # Environment: OVERLAYD_VENV=DIR uses the virtualenv DIR instead of .venv;
 # OVERLAYD_SKIP_INSTALL=1 skips scripts/install.sh (packages and venv already there).
@@ -11,8 +11,9 @@ if [ "${OVERLAYD_SKIP_INSTALL:-0}" != 1 ]; then
   scripts/install.sh
 fi
 VENV=$(realpath "${OVERLAYD_VENV:-.venv}")
-BASE=${1:-/tmp/overlayd-demo/base}
-MP=${2:-/tmp/overlayd-demo/mnt}
+DEMO=${OVERLAYD_DEMO_DIR:-/tmp/overlayd-demo}
+BASE=${1:-$DEMO/base}
+MP=${2:-$DEMO/mnt}
 if [ $# -eq 0 ] && [ ! -d "$BASE" ]; then
   mkdir -p "$BASE/src"
   printf 'print("hello from the base")\n' > "$BASE/src/hello.py"

@@ -454,3 +454,17 @@ def test_saga_run_json_ends_with_end_even_when_nothing_ran(tmp_path, monkeypatch
     assert r.exit_code == 5 and lines[0]["error"]["exit_code"] == 5
     assert lines[-1]["event"] == "end" and lines[-1]["exit_code"] == 5 and lines[-1]["status"] == "no-daemon"
     assert "is not inside an overlayd workspace" in lines[-1]["message"]
+
+
+def test_install_service_warns_of_a_checkout_others_cannot_enter(tmp_path):
+    private = tmp_path / "home" / "me"
+    (private / "ov" / ".venv" / "bin").mkdir(parents=True)
+    private.chmod(0o700)
+    exe = private / "ov" / ".venv" / "bin" / "overlayd"
+    r = CliRunner().invoke(overlayd_cmd.main, ["install-service", "--root", str(tmp_path / "root"),
+                                               "--executable", str(exe)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert f"note: {private} is mode 0700: other users" in r.output and "/opt/overlayd" in r.output
+    r = CliRunner().invoke(overlayd_cmd.main, ["install-service", "--root", str(tmp_path / "root"),
+                                               "--executable", "/usr/local/bin/overlayd"], catch_exceptions=False)
+    assert r.exit_code == 0 and "note:" not in r.output

@@ -82,3 +82,24 @@ def test_readme_points_at_sections_that_exist():
     gaps = arch.split("## Known gaps", 1)[1].split("\n## ", 1)[0]
     for topic in ("st_nlink", "mknod", "fallocate", "behind the daemon's back"):
         assert topic in gaps, topic
+
+
+def test_readme_first_saga_runs_as_written(tmp_path):
+    """The README's quick start and first saga, command by command (the demo directory moved
+    to tmp_path): from nothing to a committed saga."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Your first saga, on the demo tree:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    demo = tmp_path / "demo"
+    env = _env(tmp_path, OVERLAYD_SKIP_INSTALL="1", OVERLAYD_VENV=str(VENV), OVERLAYD_DEMO_DIR=str(demo),
+               PATH=f"{VENV}/bin:{os.environ['PATH']}")
+    r = subprocess.run([str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        script = "set -euo pipefail\n" + block.replace("/tmp/overlayd-demo", str(demo))
+        r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert (demo / "base" / "src" / "hello.py").read_text() == 'print("hello from a saga")\n'
+        assert r.stdout.rstrip().endswith(f"unmounted {demo / 'mnt'}")
+    finally:
+        if os.path.ismount(demo / "mnt"):
+            subprocess.run(["fusermount3", "-uz", str(demo / "mnt")])
