@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import click
+import click.shell_completion
 
 from cli.common import Group, json_error
 from overlayd import __version__
@@ -233,6 +234,32 @@ def parse_size(value, option=None):
     return int(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
 
 
+def _complete_target(ctx):
+    workspace = ctx.params.get("workspace") or (ctx.find_root().params or {}).get("workspace")
+    return Target(workspace)
+
+
+def complete_steps(ctx, param, incomplete):
+    """Shell completion: the live steps of the active saga, by name (and index)."""
+    try:
+        steps = _complete_target(ctx).read("saga.status")["steps"]
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    live = [st for st in steps if st["state"] in ("open", "done")]
+    names = [st["name"] for st in live] + [str(st["index"]) for st in live]
+    return [click.shell_completion.CompletionItem(n) for n in dict.fromkeys(names) if n.startswith(incomplete)]
+
+
+def complete_sagas(ctx, param, incomplete):
+    """Shell completion: the workspace's sagas, by name and id."""
+    try:
+        sagas = _complete_target(ctx).read("saga.list")["sagas"]
+    except Exception:
+        return []
+    names = [sg["name"] for sg in sagas] + [str(sg["id"]) for sg in sagas]
+    return [click.shell_completion.CompletionItem(n) for n in dict.fromkeys(names) if n.startswith(incomplete)]
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema version 1).")
 # type=str, not click.Path: Path stat()s its value, which hangs on the mount of a stopped daemon
 ws_option = click.option("-w", "--workspace", "workspace", envvar="SAGA_WORKSPACE", type=str, metavar="MOUNTPOINT",
@@ -385,7 +412,7 @@ def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy
 
 
 @main.command()
-@click.option("--to", "to", metavar="STEP", help="Roll back every step after STEP (a name or 1-based index; 0 keeps none).")
+@click.option("--to", "to", metavar="STEP", shell_complete=complete_steps, help="Roll back every step after STEP (a name or 1-based index; 0 keeps none).")
 @common
 @click.pass_context
 def rollback(ctx, to, workspace, as_json):
@@ -492,7 +519,7 @@ def status(ctx, workspace, as_json):
 
 
 @main.command()
-@click.option("--step", "step_ref", metavar="STEP", help="Only the changes of this step.")
+@click.option("--step", "step_ref", metavar="STEP", shell_complete=complete_steps, help="Only the changes of this step.")
 @click.option("--stat", "stat_only", is_flag=True, help="One line per path with its change.")
 @click.option("--name-only", is_flag=True, help="Only the paths.")
 @common
@@ -546,7 +573,7 @@ def _unified(old, new, c):
 
 
 @main.command()
-@click.argument("saga_ref", required=False, metavar="[SAGA]")
+@click.argument("saga_ref", required=False, metavar="[SAGA]", shell_complete=complete_sagas)
 @click.option("--ops", is_flag=True, help="Also show the audit trail: every change, with pid, uid and process.")
 @common
 @click.pass_context

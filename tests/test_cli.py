@@ -468,3 +468,26 @@ def test_install_service_warns_of_a_checkout_others_cannot_enter(tmp_path):
     r = CliRunner().invoke(overlayd_cmd.main, ["install-service", "--root", str(tmp_path / "root"),
                                                "--executable", "/usr/local/bin/overlayd"], catch_exceptions=False)
     assert r.exit_code == 0 and "note:" not in r.output
+
+
+def test_shell_completion_of_step_and_saga_names(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "completing", check=0)
+    sh(m, "step", "analyse", check=0)
+    sh(m, "step", "migrate", check=0)
+    code = "import sys; from cli.saga_cmd import main; sys.exit(main(prog_name='saga'))"
+
+    def complete(words):
+        env = {**m.env, "_SAGA_COMPLETE": "bash_complete", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        r = subprocess.run([sys.executable, "-c", code], cwd=m.mp, env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        return [line.split(",", 1)[1] for line in r.stdout.splitlines()]
+
+    assert complete("saga rollback --to ") == ["analyse", "migrate", "1", "2"]
+    assert complete("saga diff --step mi") == ["migrate"]
+    assert complete("saga log com") == ["completing"]
+    assert "rollback" in complete("saga roll")
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert '_SAGA_COMPLETE=bash_source saga' in readme
