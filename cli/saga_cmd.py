@@ -537,7 +537,8 @@ def diff(ctx, step_ref, stat_only, name_only, workspace, as_json):
         for c in r["changes"]:
             who = f", by {c['process']['comm']} pid {c['process']['pid']} uid {c['process']['uid']}" \
                 if c.get("process") else ""
-            click.echo(f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']}{who})")
+            click.echo(click.style(f"{c['change']:9} {c['path']}", bold=True)
+                       + f"  (step {c['step']} {c['step_name']}{who})")
             if c.get("kind") == "f" and base:
                 _unified(os.path.join(base, c["path"]), os.path.join(t.mountpoint, c["path"]), c)
     run(ctx, workspace, as_json, go)
@@ -551,25 +552,57 @@ def _base_of(t):
 
 
 def _read_text(path):
+    """The lines of a text file; None for a binary one (a NUL byte or not UTF-8, as git decides);
+    [] when it cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return []
     with os.fdopen(fd, "rb") as f:
         data = f.read(1 << 20)
-    if b"\0" in data:
+    if b"\0" in data[:8000]:
         return None
-    return data.decode("utf-8", "replace").splitlines(keepends=True)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(data) - 4:  # not merely a character cut at the 1 MiB limit
+            return None
+        text = data[:exc.start].decode("utf-8")
+    return text.splitlines(keepends=True)
+
+
+def _mode(path):
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return None
+
+
+DIFF_COLOURS = {"---": dict(bold=True), "+++": dict(bold=True), "@@": dict(fg="cyan"), "-": dict(fg="red"),
+                "+": dict(fg="green")}
+
+
+def _coloured(line):
+    """A diff line in git's colours; click.echo drops them when stdout is not a terminal."""
+    for prefix, style in DIFF_COLOURS.items():
+        if line.startswith(prefix):
+            return click.style(line.rstrip("\n"), **style) + ("\n" if line.endswith("\n") else "")
+    return line
 
 
 def _unified(old, new, c):
+    if c["change"] == "modified":
+        a_mode, b_mode = _mode(old), _mode(new)
+        if a_mode is not None and b_mode is not None and a_mode != b_mode:
+            click.echo(f"old mode {a_mode:o}\nnew mode {b_mode:o}")
     a = [] if c["change"] == "added" else _read_text(old)
     b = [] if c["change"] == "deleted" else _read_text(new)
     if a is None or b is None:
-        click.echo("  (binary)")
+        click.echo(f"Binary files {'/dev/null' if c['change'] == 'added' else 'a/' + c['path']} and "
+                   f"{'/dev/null' if c['change'] == 'deleted' else 'b/' + c['path']} differ")
         return
     for line in difflib.unified_diff(a, b, f"a/{c['path']}", f"b/{c['path']}"):
-        click.echo(line, nl=not line.endswith("\n"))
+        click.echo(_coloured(line), nl=not line.endswith("\n"))
 
 
 @main.command()

@@ -491,3 +491,22 @@ def test_shell_completion_of_step_and_saga_names(cli_ws):
     assert "rollback" in complete("saga roll")
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     assert '_SAGA_COMPLETE=bash_source saga' in readme
+
+
+def test_diff_of_binary_files_and_modes(cli_ws, monkeypatch):
+    m = cli_ws
+    (m.base / "blob").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 10)
+    (m.base / "tool.sh").write_text("echo hi\n")
+    sh(m, "begin", "bin", check=0)
+    sh(m, "step", "edit", check=0)
+    (m.mp / "blob").write_bytes(b"\x89PNG\r\n\x1a\n\xfe\xff" * 10)  # no NUL byte, not UTF-8
+    (m.mp / "tool.sh").chmod(0o755)
+    (m.mp / "README").write_text("changed\n")
+    r = sh(m, "diff", check=0)
+    assert "Binary files a/blob and b/blob differ" in r.stdout and "\ufffd" not in r.stdout
+    assert "modified  tool.sh" in r.stdout and "old mode 100644\nnew mode 100755\n" in r.stdout
+    assert "\x1b[" not in r.stdout  # no colour into a pipe
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(m.run_dir))
+    monkeypatch.setenv("OVERLAYD_STATE_ROOT", str(m.state_root))
+    r = CliRunner().invoke(saga_cmd.main, ["-w", str(m.mp), "diff"], color=True, catch_exceptions=False)
+    assert "\x1b[31m-readme\x1b[0m" in r.output and "\x1b[32m+changed\x1b[0m" in r.output, r.output
