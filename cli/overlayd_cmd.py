@@ -16,7 +16,8 @@ from cli.common import Group
 from overlayd import __version__, config
 from overlayd.client import Client, ClientError, NoDaemon
 from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, known_workspaces,
-                            mount_command, mountinfo_path, overlayd_mounts, socket_path, state_root)
+                            index_dir, mount_command, mountinfo_path, overlayd_mounts, socket_path,
+                            state_root, unregister)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
@@ -125,6 +126,7 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
     if keep_open_step:
         cmd.append("--keep-open-step")
     log_path = os.path.join(state_dir, "daemon.log")
+    fresh = not os.path.exists(state_dir)  # a failed first mount leaves nothing behind
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -142,10 +144,24 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
         click.echo(f"mounted {os.path.abspath(mountpoint)} (workspace {name}, pid {proc.pid}, log {log_path})")
         return
     proc.wait(timeout=30)
+    if fresh and text:  # the reason is in hand: the log and the new state directory can go
+        shutil.rmtree(state_dir, ignore_errors=True)
+        if os.path.realpath(_registered_state_dir(name) or "") == os.path.realpath(state_dir):
+            unregister(name)
     if text.startswith("usage: "):
         raise click.UsageError(text[len("usage: "):])
     reason = text[len("error: "):] if text.startswith("error: ") else (text or f"the daemon exited with {proc.returncode}; see {log_path}")
     raise click.ClickException(reason)
+
+
+def _registered_state_dir(name):
+    for w in known_workspaces():
+        if w["name"] == name:
+            return w["state_dir"]
+    try:
+        return json.loads((index_dir() / f"{name}.json").read_text())["state_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _workspace_for_mountpoint(mountpoint: str) -> str:
@@ -272,6 +288,77 @@ def _live_status(row):
     row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"],
                base=row.get("base") or st["base"], state_dir=row.get("state_dir") or st["state_dir"])
     return saga
+
+
+@main.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also when a saga is active (its work is lost).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def forget(name, force, yes):
+    """Remove workspace NAME: its state directory (layers, journal, log), its registration and
+    its leftovers (control socket, saga run lock). The base is never touched.
+
+    Refused while the workspace is mounted (unmount it first) and while a saga is active
+    (commit or abort it, or give --force). Asks for confirmation on a terminal.
+
+    \b
+    Example:
+        overlayd unmount /mnt/ws && overlayd forget ws
+    """
+    import fcntl
+
+    from journal import Journal, JournalError
+    from overlayd.saga import status_of
+
+    try:
+        check_workspace_name(name)
+    except UsageError as exc:
+        raise click.UsageError(str(exc))
+    matches = [w for w in known_workspaces() if w["name"] == name]
+    if not matches:
+        raise click.ClickException(f"no workspace named {name!r} here; see: overlayd list")
+    w = matches[0]
+    state_dir = w["state_dir"]
+    mounted = [point for point, n in overlayd_mounts() if n == name]
+    try:
+        with Client(socket_path(name), timeout=5) as c:
+            mounted.append(c.call("status")["mountpoint"])
+    except (ClientError, OSError):
+        pass
+    if mounted:
+        raise click.ClickException(f"workspace {name} is mounted at {mounted[0]}: unmount it first (overlayd "
+                                   f"unmount {shlex.quote(mounted[0])}; overlayd clear-mount if its daemon died)")
+    fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no daemon may start on it meanwhile
+        except BlockingIOError:
+            raise click.ClickException(f"workspace {name} is in use by a daemon (its state {state_dir} is locked); "
+                                       "unmount it first") from None
+        try:
+            with Journal.open(state_dir, readonly=True) as j:
+                saga = status_of(j)["saga"]
+        except JournalError:
+            saga = None
+        if saga and not force:
+            raise click.ClickException(f"saga {saga['id']} {saga['name']!r} is {saga['state']} in workspace {name}: "
+                                       "commit or abort it first (mount it, then saga commit / saga abort), or "
+                                       "lose its work with --force")
+        if not yes and sys.stdin.isatty():
+            click.confirm(f"remove workspace {name} ({_human(_disk_use(state_dir))} in {state_dir}; the base "
+                          f"{w.get('base')} is kept)?", abort=True)
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", state_dir], check=False)
+    finally:
+        os.close(fd)
+    if os.path.exists(state_dir):
+        raise click.ClickException(f"could not remove all of {state_dir}; remove it by hand")
+    unregister(name)
+    for leftover in (socket_path(name), f"{socket_path(name)}.run.lock"):
+        try:
+            os.unlink(leftover)
+        except OSError:
+            pass
+    click.echo(f"forgot workspace {name} (removed {state_dir})")
 
 
 def _disk_use(path) -> int:

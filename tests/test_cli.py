@@ -510,3 +510,39 @@ def test_diff_of_binary_files_and_modes(cli_ws, monkeypatch):
     monkeypatch.setenv("OVERLAYD_STATE_ROOT", str(m.state_root))
     r = CliRunner().invoke(saga_cmd.main, ["-w", str(m.mp), "diff"], color=True, catch_exceptions=False)
     assert "\x1b[31m-readme\x1b[0m" in r.output and "\x1b[32m+changed\x1b[0m" in r.output, r.output
+
+
+def test_forget_a_workspace(cli_ws, tmp_path):
+    m = cli_ws
+    sh(m, "begin", "unfinished", check=0)
+    r = od(m, "forget", "cliws", check=1)
+    assert f"workspace cliws is mounted at {m.mp}: unmount it first" in r.stderr
+    m.stop()
+    (m.run_dir / "cliws.sock.run.lock").write_text("")  # as an old saga run left it
+    r = od(m, "forget", "cliws", check=1)
+    assert "saga 1 'unfinished' is active in workspace cliws: commit or abort it first" in r.stderr
+    assert (m.state / "journal").is_dir()
+    r = od(m, "forget", "cliws", "--force", check=0)
+    assert r.stdout.strip() == f"forgot workspace cliws (removed {m.state})"
+    assert not m.state.exists() and not (m.run_dir / "cliws.sock.run.lock").exists()
+    assert not (m.state_root / ".index" / "cliws.json").exists()
+    assert "cliws" not in od(m, "list", check=0).stdout
+    assert (m.base / "README").read_text() == "readme\n"
+    od(m, "forget", "cliws", check=1)
+
+
+def test_a_failed_first_mount_leaves_no_state(cli_ws, tmp_path):
+    m = cli_ws
+    (tmp_path / "mp2").mkdir()
+    od(m, "mount", str(tmp_path / "missing"), str(tmp_path / "mp2"), "--name", "failed", check=2)
+    assert not (m.state_root / "failed").exists()
+    assert "\nfailed\t" not in od(m, "list", check=0).stdout
+
+
+def test_saga_run_removes_its_lock_file(cli_ws, tmp_path):
+    m = cli_ws
+    toml = tmp_path / "one.toml"
+    toml.write_text('name = "one"\n[[step]]\nname = "a"\nrun = "touch a"\n')
+    sh(m, "run", str(toml), "-w", str(m.mp), cwd="/", check=0)
+    assert (m.base / "a").exists()
+    assert not (m.run_dir / "cliws.sock.run.lock").exists()
