@@ -1318,7 +1318,7 @@ class Coordinator:
                                        f"(or {self.resume_hint}); or saga abort")) from None
         self.emit("committed", changes=r.get("changes"), count=r.get("count"), seconds=r.get("seconds"))
         return self._result("committed", EXIT_OK, f"all {n} steps done; saga {self.saga_id} {self.defn.name!r} "
-                                                  f"committed: {r.get('changes')} change(s)")
+                                                  f"committed: {r.get('count')} change(s)")
 
 
 def run_definition(socket_path, definition, *, commit=True, resume=False, on_event=None, attach=False) -> RunResult:

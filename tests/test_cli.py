@@ -543,6 +543,6 @@ def test_saga_run_removes_its_lock_file(cli_ws, tmp_path):
     m = cli_ws
     toml = tmp_path / "one.toml"
     toml.write_text('name = "one"\n[[step]]\nname = "a"\nrun = "touch a"\n')
-    sh(m, "run", str(toml), "-w", str(m.mp), cwd="/", check=0)
-    assert (m.base / "a").exists()
+    r = sh(m, "run", str(toml), "-w", str(m.mp), cwd="/", check=0)
+    assert "all 1 steps done; saga 1 'one' committed: 1 change(s)" in r.stdout and (m.base / "a").exists()
     assert not (m.run_dir / "cliws.sock.run.lock").exists()
