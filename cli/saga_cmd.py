@@ -355,6 +355,10 @@ def with_budgets(fn):
 
 
 def budget_args(timeout, max_bytes, max_files, max_spins):
+    for flag, value in (("--timeout", parse_duration(timeout, "'--timeout'")),
+                        ("--max-bytes", parse_size(max_bytes, "'--max-bytes'"))):
+        if value is not None and value <= 0:
+            raise click.BadParameter("must be more than 0", param_hint=f"'{flag}'")
     return {k: v for k, v in dict(timeout=parse_duration(timeout, "'--timeout'"),
                                   max_bytes=parse_size(max_bytes, "'--max-bytes'"),
                                   max_files=max_files, max_spins=max_spins).items() if v is not None}
@@ -400,8 +404,8 @@ def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy
     --compensate-retries x --compensate-timeout (3 minutes by default).
     """
     comp_timeout = parse_duration(compensate_timeout, "'--compensate-timeout'")
-    if comp_timeout <= 0:
-        raise click.BadParameter("must be longer than 0", param_hint="'--compensate-timeout'")
+    if not 0 < comp_timeout <= 7 * 86400:
+        raise click.BadParameter("must be more than 0 and at most 7d", param_hint="'--compensate-timeout'")
     args = dict(name=name, compensate=compensate, retries=old_retries or retries, compensate_timeout=comp_timeout,
                 policy=policy, **budget_args(timeout, max_bytes, max_files, max_spins))
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import docs, overlayd_cmd, saga_cmd
-from overlayd.client import ConflictError, Workspace
+from overlayd.client import ClientError, ConflictError, Workspace
 
 
 def test_cli_docs_are_current():
@@ -265,8 +265,15 @@ def test_refused_values_are_usage_errors(cli_ws, tmp_path):
     sh(m, "begin", "ok", check=0)
     r = sh(m, "step", "x/y", check=2)
     assert "invalid step name 'x/y'" in r.stderr
-    r = sh(m, "step", "x", "--timeout", "0s", check=2)  # refused by the daemon: bad-request
-    assert "timeout must be a positive number" in r.stderr
+    r = sh(m, "step", "x", "--timeout", "0s", check=2)  # named by its flag, not by its API name
+    assert "Invalid value for '--timeout': must be more than 0" in r.stderr
+    r = sh(m, "step", "x", "--max-bytes", "0", check=2)
+    assert "Invalid value for '--max-bytes': must be more than 0" in r.stderr
+    r = sh(m, "step", "x", "--compensate-timeout", "30d", check=2)
+    assert "Invalid value for '--compensate-timeout'" in r.stderr and "compensate_timeout" not in r.stderr
+    with pytest.raises(ClientError) as ei:  # the daemon refuses it too (bad-request: exit 2 for the CLI)
+        m.call("saga.step", name="x", timeout=0)
+    assert ei.value.code == "bad-request"
     (tmp_path / "mp2").mkdir()
     r = od(m, "mount", str(tmp_path / "missing"), str(tmp_path / "mp2"), "--name", "nobase", check=2)
     assert f"base {tmp_path / 'missing'} is not a directory" in r.stderr
