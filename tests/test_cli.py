@@ -305,6 +305,8 @@ def test_status_says_how_long_a_compensation_may_still_take(cli_ws, tmp_path):
         assert "(each attempt is cut after 2m00s)" in line
         st = json.loads(sh(m, "-w", str(m.mp), "status", "--json", cwd="/", check=0).stdout)
         assert st["compensation"]["attempt"] == 1 and st["compensation"]["attempts"] == 2
+        r = sh(m, "commit", check=1)
+        assert "cannot commit while another operation (roll back) is in progress" in r.stderr
     finally:
         flag.touch()
         out, err = rollback.communicate(timeout=60)
