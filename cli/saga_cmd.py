@@ -416,7 +416,8 @@ def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy
 
 
 @main.command()
-@click.option("--to", "to", metavar="STEP", shell_complete=complete_steps, help="Roll back every step after STEP (a name or 1-based index; 0 keeps none).")
+@click.option("--to", "to", metavar="STEP", shell_complete=complete_steps,
+              help="Roll back every step after STEP (a name or 1-based index; 0 keeps none).")
 @common
 @click.pass_context
 def rollback(ctx, to, workspace, as_json):
@@ -523,7 +524,8 @@ def status(ctx, workspace, as_json):
 
 
 @main.command()
-@click.option("--step", "step_ref", metavar="STEP", shell_complete=complete_steps, help="Only the changes of this step.")
+@click.option("--step", "step_ref", metavar="STEP", shell_complete=complete_steps,
+              help="Only the changes of this step.")
 @click.option("--stat", "stat_only", is_flag=True, help="One line per path with its change.")
 @click.option("--name-only", is_flag=True, help="Only the paths.")
 @common

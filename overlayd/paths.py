@@ -183,7 +183,8 @@ def overlayd_mounts() -> list[tuple[str, str]]:
                 sep = fields.index(b"-")
             except ValueError:
                 continue
-            if len(fields) > sep + 2 and fields[sep + 1] == b"fuse.overlayd" and fields[sep + 2].startswith(b"overlayd:"):
+            if len(fields) > sep + 2 and fields[sep + 1] == b"fuse.overlayd" \
+                    and fields[sep + 2].startswith(b"overlayd:"):
                 out.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(fields[sep + 2]).split(":", 1)[1]))
     return out
 
