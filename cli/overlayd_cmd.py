@@ -5,16 +5,19 @@ Exit codes: 0 ok, 1 error, 2 usage error, 5 no daemon serves the workspace.
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
-import time
 
 import click
 
+from cli.common import Group
 from overlayd import __version__, config
 from overlayd.client import Client, ClientError, NoDaemon
-from overlayd.paths import UsageError, check_workspace_name, default_name, default_state_dir, socket_path, state_root
+from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, known_workspaces,
+                            index_dir, mount_command, mountinfo_path, overlayd_mounts, socket_path,
+                            state_root, unregister)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
@@ -42,7 +45,7 @@ class ServiceError(click.ClickException):
         click.echo(f"{prefix}Error: {self.format_message()}", err=True)
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="overlayd")
 def main():
     """A copy-on-write overlay of a working tree, with sagas: every change lands in a layer.
@@ -60,7 +63,9 @@ def main():
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Read base, mountpoint and options from this file (TOML, e.g. /etc/overlayd/NAME.conf); "
                    "the workspace name is the file's stem. Arguments and options given here override it.")
-@click.option("--name", help="Workspace name (default: the mountpoint's last component).")
+@click.option("--name", help="Workspace name (default: the name of the workspace last mounted at MOUNTPOINT, "
+                             "else its last component, or its last two (demo-mnt) when another workspace has that "
+                             "name).")
 @click.option("--state-dir", type=click.Path(file_okay=False),
               help="Where layers and the journal live (default /var/lib/overlayd/NAME for root, "
                    "else $XDG_STATE_HOME/overlayd/NAME).")
@@ -97,8 +102,8 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
     elif base is None or mountpoint is None:
         raise click.UsageError("give BASE and MOUNTPOINT, or --config FILE")
     log_level, keep_open_step = log_level or "info", bool(keep_open_step)
-    name = name or default_name(mountpoint)
     try:
+        name = name or choose_name(mountpoint)
         check_workspace_name(name)
     except UsageError as exc:
         raise click.UsageError(str(exc))
@@ -121,6 +126,7 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
     if keep_open_step:
         cmd.append("--keep-open-step")
     log_path = os.path.join(state_dir, "daemon.log")
+    fresh = not os.path.exists(state_dir)  # a failed first mount leaves nothing behind
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -138,19 +144,53 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
         click.echo(f"mounted {os.path.abspath(mountpoint)} (workspace {name}, pid {proc.pid}, log {log_path})")
         return
     proc.wait(timeout=30)
+    if fresh and text:  # the reason is in hand: the log and the new state directory can go
+        shutil.rmtree(state_dir, ignore_errors=True)
+        if os.path.realpath(_registered_state_dir(name) or "") == os.path.realpath(state_dir):
+            unregister(name)
+    if text.startswith("usage: "):
+        raise click.UsageError(text[len("usage: "):])
     reason = text[len("error: "):] if text.startswith("error: ") else (text or f"the daemon exited with {proc.returncode}; see {log_path}")
     raise click.ClickException(reason)
 
 
+def _registered_state_dir(name):
+    for w in known_workspaces():
+        if w["name"] == name:
+            return w["state_dir"]
+    try:
+        return json.loads((index_dir() / f"{name}.json").read_text())["state_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _workspace_for_mountpoint(mountpoint: str) -> str:
-    mp = os.path.abspath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[4] == mp and fields[sep + 1] == "fuse.overlayd":
-                return fields[sep + 2].split(":", 1)[1]
+    mp = mountinfo_path(mountpoint)
+    for point, name in overlayd_mounts():
+        if point == mp:
+            return name
     raise click.ClickException(f"{mp} is not an overlayd mount")
+
+
+def wait_exited(pid: int, timeout: float) -> bool:
+    """Wait until process *pid* has exited; False after *timeout* seconds.
+
+    A pidfd turns readable the moment the process exits. Polling ``kill(pid, 0)`` instead
+    waits for the zombie to be reaped, and the daemon is not our child: its reaper is PID 1,
+    which may take seconds (this was most of the 2 s an ``overlayd unmount`` took).
+    """
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout) * 1000))
+    finally:
+        os.close(fd)
 
 
 @main.command()
@@ -164,18 +204,18 @@ def unmount(mountpoint, timeout):
             pid = c.call("status")["pid"]
             c.call("shutdown")
     except NoDaemon as exc:
-        click.echo(f"Error: {exc.message}", err=True)
+        mp = mountinfo_path(mountpoint)
+        if _probe(mp, timeout=2.0) == "dead":
+            hint = (f"its daemon died and left a dead mount; clear it with: overlayd clear-mount {shlex.quote(mp)}"
+                    + "".join(f", then mount it again with: {mount_command(name, w['base'], mp, w['state_dir'])}"
+                              for w in known_workspaces() if w["name"] == name and w.get("mountpoint") == mp))
+        else:
+            hint = "is the daemon run by another user (its control socket is elsewhere)?"
+        click.echo(f"Error: no daemon serves the workspace {name} at {mp} ({exc.message}); {hint}", err=True)
         sys.exit(EXIT_NO_DAEMON)
     except ClientError as exc:
         raise click.ClickException(exc.message)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
+    if not wait_exited(pid, timeout):
         raise click.ClickException(f"the daemon (pid {pid}) did not exit within {timeout} s")
     click.echo(f"unmounted {os.path.abspath(mountpoint)}")
 
@@ -183,45 +223,142 @@ def unmount(mountpoint, timeout):
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_(as_json):
-    """List the workspaces on this machine, mounted or not: base, mountpoint, active saga, disk use."""
+    """List the workspaces on this machine: mounted, stopped, or dead (the daemon died and left
+    its mount: clear it with overlayd clear-mount). Also those with a --state-dir of their own,
+    and any overlayd mount whose state is elsewhere."""
     from journal import Journal, JournalError
     from overlayd.saga import status_of
 
     rows = []
-    root = state_root()
-    if root.is_dir():
-        for entry in sorted(root.iterdir()):
-            info_path = entry / "workspace.json"
-            if not info_path.is_file():
-                continue
-            info = json.loads(info_path.read_text())
-            row = {**info, "state_dir": str(entry), "mounted": False, "layers": None, "saga": None,
-                   "disk_bytes": _disk_use(entry)}
+    mounts = {name: point for point, name in overlayd_mounts()}
+    for info in known_workspaces():
+        entry = info["state_dir"]
+        row = {**info, "mounted": False, "state": "stopped", "layers": None, "saga": None,
+               "disk_bytes": _disk_use(entry)}
+        saga = _live_status(row)
+        if not row["mounted"]:
+            if info.get("mountpoint") and mounts.get(info["name"]) == mountinfo_path(info["mountpoint"]):
+                row["state"] = {"ok": "mounted", "dead": "dead"}.get(_probe(info["mountpoint"], timeout=2.0), "hung")
             try:
-                with Client(socket_path(info["name"]), timeout=5) as c:
-                    st = c.call("status")
-                    saga = c.call("saga.status")["saga"]
-                row.update(mounted=True, layers=len(st["layers"]), pid=st["pid"])
-            except (ClientError, OSError):
-                try:
-                    with Journal.open(entry, readonly=True) as j:
-                        saga = status_of(j)["saga"]
-                except JournalError:
-                    saga = None
-            if saga:
-                row["saga"] = {"id": saga["id"], "name": saga["name"], "state": saga["state"]}
-            rows.append(row)
+                with Journal.open(entry, readonly=True) as j:
+                    saga = status_of(j)["saga"]
+            except JournalError:
+                saga = None
+        if saga:
+            row["saga"] = {"id": saga["id"], "name": saga["name"], "state": saga["state"]}
+        if info.get("mountpoint") and mounts.get(info["name"]) == mountinfo_path(info["mountpoint"]):
+            del mounts[info["name"]]
+        rows.append(row)
+    for name, point in sorted(mounts.items()):  # mounted, but its state is not known here
+        row = {"name": name, "mountpoint": point, "base": None, "state_dir": None, "mounted": False,
+               "state": "stopped", "layers": None, "saga": None, "disk_bytes": None}
+        saga = _live_status(row)
+        if not row["mounted"]:
+            row["state"] = {"ok": "mounted", "dead": "dead"}.get(_probe(point, timeout=2.0), "hung")
+        if saga:
+            row["saga"] = {"id": saga["id"], "name": saga["name"], "state": saga["state"]}
+        rows.append(row)
     if as_json:
         click.echo(json.dumps({"version": 1, "workspaces": rows}))
         return
     if not rows:
-        click.echo(f"no workspaces under {root}")
+        click.echo(f"no workspaces under {state_root()}")
         return
     click.echo("NAME\tSTATE\tSAGA\tDISK\tBASE\tMOUNTPOINT")
     for r in rows:
         saga = f"{r['saga']['name']} ({r['saga']['state']})" if r["saga"] else "-"
-        click.echo(f"{r['name']}\t{'mounted' if r['mounted'] else 'stopped'}\t{saga}\t{_human(r['disk_bytes'])}"
-                   f"\t{r['base']}\t{r['mountpoint']}")
+        disk = "-" if r["disk_bytes"] is None else _human(r["disk_bytes"])
+        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{r['base'] or '-'}\t{r['mountpoint']}")
+    dead = [r for r in rows if r["state"] == "dead"]
+    for r in dead:
+        click.echo(f"{r['name']}: its daemon died; clear the dead mount with: overlayd clear-mount "
+                   f"{shlex.quote(r['mountpoint'])}", err=True)
+
+
+def _live_status(row):
+    """Ask the daemon of *row*'s workspace; fills in row and returns the active saga, or None."""
+    try:
+        with Client(socket_path(row["name"]), timeout=5) as c:
+            st = c.call("status")
+            saga = c.call("saga.status")["saga"]
+    except (ClientError, OSError):
+        return None
+    if row.get("mountpoint") not in (None, st["mountpoint"]):
+        return None  # a daemon of the same name serving another mountpoint
+    row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"],
+               base=row.get("base") or st["base"], state_dir=row.get("state_dir") or st["state_dir"])
+    return saga
+
+
+@main.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also when a saga is active (its work is lost).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def forget(name, force, yes):
+    """Remove workspace NAME: its state directory (layers, journal, log), its registration and
+    its leftovers (control socket, saga run lock). The base is never touched.
+
+    Refused while the workspace is mounted (unmount it first) and while a saga is active
+    (commit or abort it, or give --force). Asks for confirmation on a terminal.
+
+    \b
+    Example:
+        overlayd unmount /mnt/ws && overlayd forget ws
+    """
+    import fcntl
+
+    from journal import Journal, JournalError
+    from overlayd.saga import status_of
+
+    try:
+        check_workspace_name(name)
+    except UsageError as exc:
+        raise click.UsageError(str(exc))
+    matches = [w for w in known_workspaces() if w["name"] == name]
+    if not matches:
+        raise click.ClickException(f"no workspace named {name!r} here; see: overlayd list")
+    w = matches[0]
+    state_dir = w["state_dir"]
+    mounted = [point for point, n in overlayd_mounts() if n == name]
+    try:
+        with Client(socket_path(name), timeout=5) as c:
+            mounted.append(c.call("status")["mountpoint"])
+    except (ClientError, OSError):
+        pass
+    if mounted:
+        raise click.ClickException(f"workspace {name} is mounted at {mounted[0]}: unmount it first (overlayd "
+                                   f"unmount {shlex.quote(mounted[0])}; overlayd clear-mount if its daemon died)")
+    fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no daemon may start on it meanwhile
+        except BlockingIOError:
+            raise click.ClickException(f"workspace {name} is in use by a daemon (its state {state_dir} is locked); "
+                                       "unmount it first") from None
+        try:
+            with Journal.open(state_dir, readonly=True) as j:
+                saga = status_of(j)["saga"]
+        except JournalError:
+            saga = None
+        if saga and not force:
+            raise click.ClickException(f"saga {saga['id']} {saga['name']!r} is {saga['state']} in workspace {name}: "
+                                       "commit or abort it first (mount it, then saga commit / saga abort), or "
+                                       "lose its work with --force")
+        if not yes and sys.stdin.isatty():
+            click.confirm(f"remove workspace {name} ({_human(_disk_use(state_dir))} in {state_dir}; the base "
+                          f"{w.get('base')} is kept)?", abort=True)
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", state_dir], check=False)
+    finally:
+        os.close(fd)
+    if os.path.exists(state_dir):
+        raise click.ClickException(f"could not remove all of {state_dir}; remove it by hand")
+    unregister(name)
+    for leftover in (socket_path(name), f"{socket_path(name)}.run.lock"):
+        try:
+            os.unlink(leftover)
+        except OSError:
+            pass
+    click.echo(f"forgot workspace {name} (removed {state_dir})")
 
 
 def _disk_use(path) -> int:
@@ -322,6 +459,20 @@ def clear_mount(mountpoint, config_path):
         click.echo(f"{prefix}cleared a dead mount at {mp} (its daemon had died)", err=True)
 
 
+def _closed_ancestor(path: str) -> str | None:
+    """The first directory above *path* that others may not enter (no o+x), or None."""
+    d = os.path.dirname(os.path.abspath(path))
+    while True:
+        try:
+            if not os.stat(d).st_mode & 0o001:
+                return d
+        except OSError:
+            return None
+        if d == "/":
+            return None
+        d = os.path.dirname(d)
+
+
 @main.command("install-service")
 @click.option("--name", help="Also write a sample configuration for this workspace (an existing one is kept).")
 @click.option("--base", type=click.Path(file_okay=False), help="The sample configuration's base (absolute).")
@@ -357,6 +508,12 @@ def install_service(name, base, mountpoint, user, root, executable):
         raise click.ClickException(f"cannot install into {exc.filename or root}: {exc.strerror}"
                                    + ("; run it as root, or use --user" if exc.errno == 13 and not user else ""))
     click.echo(f"{r['unit_action']} {r['unit']} (it runs {r['executable']})")
+    closed = None if user else _closed_ancestor(r["executable"])
+    if closed:
+        click.echo(f"note: {closed} is mode {os.stat(closed).st_mode & 0o777:04o}: other users (and the members of "
+                   f"a workspace's group) cannot run {os.path.dirname(r['executable'])}/saga and get 'Permission "
+                   "denied'; put the checkout where everybody may enter, e.g. /opt/overlayd, then run "
+                   "install-service from there")
     if r["config"]:
         if r["config_action"] == "kept":
             click.echo(f"kept the existing {r['config']}")

@@ -11,13 +11,17 @@ import difflib
 import json
 import os
 import re
+import shlex
 import sys
+from pathlib import Path
 
 import click
+import click.shell_completion
 
+from cli.common import Group, json_error
 from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon
-from overlayd.paths import socket_path, state_root
+from overlayd.paths import known_workspaces, mount_command, overlayd_mounts, socket_path
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 SCHEMA = 1
@@ -28,7 +32,7 @@ JSON_KEYS = {
     "step": ["version", "step", "seconds"],
     "rollback": ["version", "saga", "compensated"],
     "abort": ["version", "saga", "compensated"],
-    "commit": ["version", "saga", "changes", "seconds"],
+    "commit": ["version", "saga", "changes", "count", "seconds"],
     "commit --dry-run": ["version", "saga", "changes", "conflicts", "dry_run"],
     "retry": ["version", "saga", "compensated"],
     "status": ["version", "saga", "steps", "writable", "busy"],
@@ -38,7 +42,9 @@ JSON_KEYS = {
     "gc": ["version", "sagas", "events", "bytes_before", "bytes_after"],
     "error": ["version", "error"],
 }
-EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5}
+GC_KEEP = 10  # ended sagas 'saga gc' keeps by default
+#: Exit codes of the daemon's error codes (others exit 1): a value the daemon refuses is a usage error.
+EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5, "bad-request": 2, "bad-name": 2}
 
 
 class SagaError(click.ClickException):
@@ -51,30 +57,8 @@ class SagaError(click.ClickException):
 # ---------------------------------------------------------------------- finding the workspace
 
 
-def _mounts():
-    """(mountpoint, workspace name) of every overlayd mount, from /proc/self/mountinfo."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "fuse.overlayd" and fields[sep + 2].startswith("overlayd:"):
-                mp = re.sub(r"\\(\d{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-                out.append((mp, fields[sep + 2].split(":", 1)[1]))
-    return out
-
-
 def _known_workspaces():
-    root = state_root()
-    out = []
-    if root.is_dir():
-        for entry in root.iterdir():
-            try:
-                info = json.loads((entry / "workspace.json").read_text())
-            except (OSError, ValueError):
-                continue
-            out.append((info["mountpoint"], info["name"], entry))
-    return out
+    return [(w.get("mountpoint"), w["name"], Path(w["state_dir"])) for w in known_workspaces()]
 
 
 class Target:
@@ -85,7 +69,7 @@ class Target:
         self.mounted = False
         self.name = self.mountpoint = self.state_dir = None
         best = None
-        for mp, name in _mounts():
+        for mp, name in overlayd_mounts():
             if path == mp or path.startswith(mp.rstrip("/") + "/"):
                 if best is None or len(mp) > len(best[0]):
                     best = (mp, name)
@@ -99,6 +83,21 @@ class Target:
         if self.name is None:
             raise SagaError(f"{path} is not inside an overlayd workspace; cd into one or pass -w MOUNTPOINT "
                             "(mount one with: overlayd mount BASE MOUNTPOINT)", 5)
+
+    def remount_hint(self) -> str:
+        """How to serve this workspace again: the exact mount command (and clear-mount first
+        when its mount is still there, dead)."""
+        info = {}
+        if self.state_dir is not None:
+            try:
+                info = json.loads((self.state_dir / "workspace.json").read_text())
+            except (OSError, ValueError):
+                pass
+        mount = mount_command(self.name, info.get("base", "BASE"), self.mountpoint, self.state_dir)
+        if self.mounted:
+            return (f"its daemon is gone and the mount is dead: clear it with: overlayd clear-mount "
+                    f"{shlex.quote(self.mountpoint)}, then mount it again with: {mount}")
+        return f"mount it with: {mount}"
 
     def call_with_progress(self, op, label, **args):
         """A long operation; on a terminal, a progress bar fed by polling saga.status."""
@@ -142,7 +141,7 @@ class Target:
                 return c.call(op, **args)
         except NoDaemon:
             raise SagaError(f"no daemon serves the workspace {self.name} ({self.mountpoint}); "
-                            f"mount it with: overlayd mount BASE {self.mountpoint}", 5) from None
+                            f"{self.remount_hint()}", 5) from None
         except ClientError as exc:
             raise SagaError(exc.message, EXIT.get(exc.code, 1), exc.data) from None
         except OSError as exc:
@@ -214,24 +213,51 @@ def emit(ctx, data, text):
         click.echo(text)
 
 
-def parse_duration(value):
+def parse_duration(value, option=None):
     if value is None:
         return None
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
     if not m:
-        raise click.BadParameter(f"{value!r} is not a duration (examples: 30s, 5m, 1h, 7d, 250ms)")
+        raise click.BadParameter(f"{value!r} is not a duration (examples: 30s, 5m, 1h, 7d, 250ms)",
+                                 param_hint=option)
     n, unit = float(m.group(1)), m.group(2) or "s"
     return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
-def parse_size(value):
+def parse_size(value, option=None):
     if value is None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", value)
     if not m:
-        raise click.BadParameter(f"{value!r} is not a size (examples: 100M, 2G, 4096)")
+        raise click.BadParameter(f"{value!r} is not a size (examples: 100M, 2G, 4096)", param_hint=option)
     unit = (m.group(2) or "b")[0].lower()
     return int(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+
+
+def _complete_target(ctx):
+    workspace = ctx.params.get("workspace") or (ctx.find_root().params or {}).get("workspace")
+    return Target(workspace)
+
+
+def complete_steps(ctx, param, incomplete):
+    """Shell completion: the live steps of the active saga, by name (and index)."""
+    try:
+        steps = _complete_target(ctx).read("saga.status")["steps"]
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    live = [st for st in steps if st["state"] in ("open", "done")]
+    names = [st["name"] for st in live] + [str(st["index"]) for st in live]
+    return [click.shell_completion.CompletionItem(n) for n in dict.fromkeys(names) if n.startswith(incomplete)]
+
+
+def complete_sagas(ctx, param, incomplete):
+    """Shell completion: the workspace's sagas, by name and id."""
+    try:
+        sagas = _complete_target(ctx).read("saga.list")["sagas"]
+    except Exception:
+        return []
+    names = [sg["name"] for sg in sagas] + [str(sg["id"]) for sg in sagas]
+    return [click.shell_completion.CompletionItem(n) for n in dict.fromkeys(names) if n.startswith(incomplete)]
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output (schema version 1).")
@@ -261,7 +287,7 @@ def run(ctx, workspace, as_json, fn):
         raise
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="saga")
 @click.option("-w", "--workspace", envvar="SAGA_WORKSPACE", type=str, metavar="MOUNTPOINT",
               help="The workspace's mountpoint.")
@@ -286,11 +312,38 @@ def _saga_line(s):
     return f"saga {s['id']} {s['name']!r}: {s['state']}"
 
 
+def _cut_line(cut):
+    what = {"budget:timeout": "its time budget (--timeout) ran out", "budget:saga-timeout":
+            "the saga's time budget (saga begin --timeout) ran out", "budget:bytes": "it wrote more than --max-bytes",
+            "budget:files": "it changed more than --max-files paths", "budget:spinning":
+            "it rewrote one file with the same content --max-spins times"}.get(cut["reason"], cut["reason"])
+    undone = "the whole saga was aborted" if cut.get("policy") == "saga" else "the step was rolled back"
+    return f"step {cut['step']} was cut: {what}; {undone}"
+
+
+def _resume_hint(s, t):
+    file = ((s.get("annotations") or {}).get("definition") or {}).get("file") or "FILE"
+    return f"continue with: saga run {shlex.quote(file)} -w {shlex.quote(str(t.mountpoint))} --resume"
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def time_wall():
+    import time
+
+    return time.time()
+
+
 budget_options = [
     click.option("--timeout", metavar="DUR", help="Wall-time budget (e.g. 10m)."),
     click.option("--max-bytes", metavar="SIZE", help="Budget of bytes written (e.g. 500M)."),
-    click.option("--max-files", type=int, metavar="N", help="Budget of paths changed."),
-    click.option("--max-spins", type=int, metavar="N",
+    click.option("--max-files", type=click.IntRange(min=1), metavar="N", help="Budget of paths changed."),
+    click.option("--max-spins", type=click.IntRange(min=1), metavar="N",
                  help="Cut when one file is rewritten with identical content N times in a row."),
 ]
 
@@ -302,7 +355,12 @@ def with_budgets(fn):
 
 
 def budget_args(timeout, max_bytes, max_files, max_spins):
-    return {k: v for k, v in dict(timeout=parse_duration(timeout), max_bytes=parse_size(max_bytes),
+    for flag, value in (("--timeout", parse_duration(timeout, "'--timeout'")),
+                        ("--max-bytes", parse_size(max_bytes, "'--max-bytes'"))):
+        if value is not None and value <= 0:
+            raise click.BadParameter("must be more than 0", param_hint=f"'{flag}'")
+    return {k: v for k, v in dict(timeout=parse_duration(timeout, "'--timeout'"),
+                                  max_bytes=parse_size(max_bytes, "'--max-bytes'"),
                                   max_files=max_files, max_spins=max_spins).items() if v is not None}
 
 
@@ -328,19 +386,27 @@ def begin(ctx, name, timeout, max_bytes, max_files, max_spins, workspace, as_jso
 @with_budgets
 @click.option("--on-budget", "policy", type=click.Choice(["step", "saga"]), default="step", show_default=True,
               help="What a budget cut rolls back: this step, or the whole saga.")
-@click.option("--retries", type=int, default=3, show_default=True, help="Attempts of the compensation command.")
-@click.option("--compensate-timeout", metavar="DUR", default="5m", show_default=True,
-              help="Time limit of one compensation attempt.")
+@click.option("--compensate-retries", "retries", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Attempts of the compensation command before the saga is stuck (as compensate_retries in "
+                   "a definition).")
+@click.option("--retries", "old_retries", type=click.IntRange(1, 100), hidden=True)  # the old name
+@click.option("--compensate-timeout", metavar="DUR", default="1m", show_default=True,
+              help="Time limit of one compensation attempt (a failed attempt is retried after 0.5 s, then 1 s).")
 @common
 @click.pass_context
-def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy, retries, compensate_timeout,
-         workspace, as_json):
+def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy, retries, old_retries,
+         compensate_timeout, workspace, as_json):
     """Finish the open step and open a new step NAME, with a fresh layer.
 
     When a budget is exceeded the daemon rolls the step back by itself (or aborts the saga with
     --on-budget saga); writes then fail with EROFS until the next step, and `saga status` says why.
+    A compensation command that hangs holds the workspace for at most about
+    --compensate-retries x --compensate-timeout (3 minutes by default).
     """
-    args = dict(name=name, compensate=compensate, retries=retries, compensate_timeout=parse_duration(compensate_timeout),
+    comp_timeout = parse_duration(compensate_timeout, "'--compensate-timeout'")
+    if not 0 < comp_timeout <= 7 * 86400:
+        raise click.BadParameter("must be more than 0 and at most 7d", param_hint="'--compensate-timeout'")
+    args = dict(name=name, compensate=compensate, retries=old_retries or retries, compensate_timeout=comp_timeout,
                 policy=policy, **budget_args(timeout, max_bytes, max_files, max_spins))
 
     def go(t):
@@ -350,7 +416,8 @@ def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy
 
 
 @main.command()
-@click.option("--to", "to", metavar="STEP", help="Roll back every step after STEP (a name or 1-based index; 0 keeps none).")
+@click.option("--to", "to", metavar="STEP", shell_complete=complete_steps,
+              help="Roll back every step after STEP (a name or 1-based index; 0 keeps none).")
 @common
 @click.pass_context
 def rollback(ctx, to, workspace, as_json):
@@ -390,7 +457,7 @@ def commit(ctx, dry_run, workspace, as_json):
             if r["conflicts"]:
                 sys.exit(3)
         else:
-            emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['changes']} change(s) in {r['seconds']:.2f}s")
+            emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['count']} change(s) in {r['seconds']:.2f}s")
 
     try:
         run(ctx, workspace, as_json, go)
@@ -422,11 +489,24 @@ def status(ctx, workspace, as_json):
         s = r["saga"]
         if s is None:
             text = f"no saga is active in {t.mountpoint}"
+            last = r.get("last")
+            if last:
+                text += f"\n  the last one: {_saga_line(last)}"
+                if last.get("cut"):
+                    text += f"\n  {_cut_line(last['cut'])}"
         else:
             lines = [_saga_line(s)]
             if s.get("cut"):
-                c = s["cut"]
-                lines.append(f"  step {c['step']} was cut: {c['reason']} (rolled back the {c['policy']})")
+                lines.append(f"  {_cut_line(s['cut'])}")
+            comp = r.get("compensation")
+            if comp:
+                left = max(0, comp["deadline"] - time_wall())
+                lines.append(f"  compensating step {comp['step']} {comp['name']!r}: attempt {comp['attempt']}/"
+                             f"{comp['attempts']} of: {comp['command']}; at most {_duration(left)} left "
+                             f"(each attempt is cut after {_duration(comp['timeout'])})")
+            runner = (s.get("annotations") or {}).get("runner") or {}
+            if s["state"] == "active" and runner.get("phase") in ("stopped", "stuck", "interrupted"):
+                lines.append(f"  saga run {runner['phase']}: " + (runner.get("message") or _resume_hint(s, t)))
             if s.get("error"):
                 lines.append(f"  error: {s['error']}")
                 if s.get("stderr_tail"):
@@ -444,7 +524,8 @@ def status(ctx, workspace, as_json):
 
 
 @main.command()
-@click.option("--step", "step_ref", metavar="STEP", help="Only the changes of this step.")
+@click.option("--step", "step_ref", metavar="STEP", shell_complete=complete_steps,
+              help="Only the changes of this step.")
 @click.option("--stat", "stat_only", is_flag=True, help="One line per path with its change.")
 @click.option("--name-only", is_flag=True, help="Only the paths.")
 @common
@@ -462,7 +543,8 @@ def diff(ctx, step_ref, stat_only, name_only, workspace, as_json):
         for c in r["changes"]:
             who = f", by {c['process']['comm']} pid {c['process']['pid']} uid {c['process']['uid']}" \
                 if c.get("process") else ""
-            click.echo(f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']}{who})")
+            click.echo(click.style(f"{c['change']:9} {c['path']}", bold=True)
+                       + f"  (step {c['step']} {c['step_name']}{who})")
             if c.get("kind") == "f" and base:
                 _unified(os.path.join(base, c["path"]), os.path.join(t.mountpoint, c["path"]), c)
     run(ctx, workspace, as_json, go)
@@ -476,39 +558,85 @@ def _base_of(t):
 
 
 def _read_text(path):
+    """The lines of a text file; None for a binary one (a NUL byte or not UTF-8, as git decides);
+    [] when it cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return []
     with os.fdopen(fd, "rb") as f:
         data = f.read(1 << 20)
-    if b"\0" in data:
+    if b"\0" in data[:8000]:
         return None
-    return data.decode("utf-8", "replace").splitlines(keepends=True)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(data) - 4:  # not merely a character cut at the 1 MiB limit
+            return None
+        text = data[:exc.start].decode("utf-8")
+    return text.splitlines(keepends=True)
+
+
+def _mode(path):
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return None
+
+
+DIFF_COLOURS = {"---": dict(bold=True), "+++": dict(bold=True), "@@": dict(fg="cyan"), "-": dict(fg="red"),
+                "+": dict(fg="green")}
+
+
+def _coloured(line):
+    """A diff line in git's colours; click.echo drops them when stdout is not a terminal."""
+    for prefix, style in DIFF_COLOURS.items():
+        if line.startswith(prefix):
+            return click.style(line.rstrip("\n"), **style) + ("\n" if line.endswith("\n") else "")
+    return line
 
 
 def _unified(old, new, c):
+    if c["change"] == "modified":
+        a_mode, b_mode = _mode(old), _mode(new)
+        if a_mode is not None and b_mode is not None and a_mode != b_mode:
+            click.echo(f"old mode {a_mode:o}\nnew mode {b_mode:o}")
     a = [] if c["change"] == "added" else _read_text(old)
     b = [] if c["change"] == "deleted" else _read_text(new)
     if a is None or b is None:
-        click.echo("  (binary)")
+        click.echo(f"Binary files {'/dev/null' if c['change'] == 'added' else 'a/' + c['path']} and "
+                   f"{'/dev/null' if c['change'] == 'deleted' else 'b/' + c['path']} differ")
         return
     for line in difflib.unified_diff(a, b, f"a/{c['path']}", f"b/{c['path']}"):
-        click.echo(line, nl=not line.endswith("\n"))
+        click.echo(_coloured(line), nl=not line.endswith("\n"))
 
 
 @main.command()
-@click.argument("saga_id", required=False, type=int, metavar="[SAGA]")
+@click.argument("saga_ref", required=False, metavar="[SAGA]", shell_complete=complete_sagas)
 @click.option("--ops", is_flag=True, help="Also show the audit trail: every change, with pid, uid and process.")
 @common
 @click.pass_context
-def log(ctx, saga_id, ops, workspace, as_json):
-    """Show the journal's events (NDJSON with --json); works while the daemon is down."""
+def log(ctx, saga_ref, ops, workspace, as_json):
+    """Show the journal's events, of every saga or of SAGA (an id, or a name: its latest saga),
+    in time order (NDJSON with --json); works while the daemon is down.
+
+    The audit trail (--ops) is journaled in batches, so an op event's seq may come after the
+    step transition that followed it; it is shown where its time puts it.
+    """
     def go(t):
+        saga_id = None
+        if saga_ref is not None:
+            sagas = t.read("saga.list")["sagas"]
+            ids = [s["id"] for s in sagas if str(s["id"]) == saga_ref] or \
+                [s["id"] for s in sagas if s["name"] == saga_ref]
+            if not ids:
+                raise SagaError(f"no saga {saga_ref!r} in {t.mountpoint} (give an id or a name); see: saga list", 1)
+            saga_id = max(ids)
         r = t.read("saga.log", saga=saga_id, ops=ops)
         import datetime
 
-        for e in r["events"]:
+        events = sorted(r["events"], key=lambda e: e["ts"]) if ops else r["events"]
+        for e in events:
             if ctx.obj["json"]:
                 click.echo(json.dumps({"version": SCHEMA, **e}, default=str))
             else:
@@ -532,13 +660,29 @@ def list_(ctx, workspace, as_json):
 
 @main.command()
 @click.option("--older-than", metavar="DUR", help="Remove ended sagas that ended longer ago than this (e.g. 7d).")
-@click.option("--keep", type=int, metavar="N", help="Keep the N most recent ended sagas.")
+@click.option("--keep", type=click.IntRange(min=0), metavar="N",
+              help=f"Keep the N most recent ended sagas (default: {GC_KEEP}, unless --older-than or --all is given).")
+@click.option("--all", "remove_all", is_flag=True, help="Remove every ended saga's records.")
 @common
 @click.pass_context
-def gc(ctx, older_than, keep, workspace, as_json):
-    """Remove ended sagas' journal records, orphaned layers and the trash (never the active saga)."""
+def gc(ctx, older_than, keep, remove_all, workspace, as_json):
+    """Remove ended sagas' journal records, orphaned layers and the trash (never the active saga).
+
+    With no option it keeps the 10 most recent ended sagas.
+
+    \b
+    Example:
+        saga gc --older-than 30d
+    """
+    if remove_all and (keep is not None or older_than):
+        raise click.UsageError("--all removes every ended saga: give it alone, or --keep/--older-than instead")
+    if remove_all:
+        keep = 0
+    elif keep is None and not older_than:
+        keep = GC_KEEP
+
     def go(t):
-        r = t.call("saga.gc", older_than=parse_duration(older_than), keep=keep)
+        r = t.call("saga.gc", older_than=parse_duration(older_than, "'--older-than'"), keep=keep)
         emit(ctx, r, f"removed {len(r['sagas'])} saga(s) and {r['events']} event(s); "
                      f"state {r['bytes_before']} -> {r['bytes_after']} bytes")
     run(ctx, workspace, as_json, go)
@@ -629,7 +773,7 @@ class _RunDisplay:
             self._line(f"compensated step {ev['index']} {ev['step']!r}{why}"
                        + (" - only partially (compensatable = partial)" if ev.get("partial") else ""))
         elif kind == "committed":
-            self._line(f"committed: {ev['changes']} change(s) in {ev['seconds']:.2f}s")
+            self._line(f"committed: {ev['count']} change(s) in {ev['seconds']:.2f}s")
         elif kind == "aborted":
             self._line("the saga is aborted")
         elif kind == "end":
@@ -681,12 +825,19 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
 
     ctx.obj = ctx.obj or {}
     as_json = as_json or ctx.obj.get("json", False)
+
+    def end(status, exit_code, message):
+        """The `end` event, always the last line of --json, also when nothing could run."""
+        click.echo(json.dumps({"version": SCHEMA, "event": "end", "saga": None, "time": round(time_wall(), 3),
+                               "status": status, "exit_code": exit_code, "message": message}))
+
     try:
         definition = load(file)
     except DefinitionError as exc:
         if as_json:
             click.echo(json.dumps({"version": SCHEMA, "error": {
                 "message": exc.text(), "exit_code": 2, "problems": [p.as_dict() for p in exc.problems]}}))
+            end("invalid", 2, exc.text())
         else:
             click.echo(exc.text(), err=True)
         sys.exit(2)
@@ -703,4 +854,11 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
                 _signal.signal(s, h)
         sys.exit(result.exit_code)
 
+    if as_json:
+        try:
+            Target(workspace or ctx.obj.get("workspace"))
+        except SagaError as exc:
+            click.echo(json_error(exc.message, exc.exit_code))
+            end("no-daemon" if exc.exit_code == 5 else "error", exc.exit_code, exc.message)
+            sys.exit(exc.exit_code)
     run(ctx, workspace, as_json, go)

@@ -139,7 +139,7 @@ class Daemon:
                 if daemon.stopping:
                     raise OpError("stopping", "the daemon is stopping; run this again once it is back")
                 if daemon.busy is not None:
-                    raise OpError("busy", f"cannot {name} while {daemon.busy} is in progress; "
+                    raise OpError("busy", f"cannot {name} while another operation ({daemon.busy}) is in progress; "
                                           "wait for it to finish and try again")
                 daemon.busy = name
 
@@ -268,6 +268,12 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         if is_mounted(str(ws.mountpoint)):
             raise UsageError(f"{ws.mountpoint} is already a mount point; unmount it first "
                              f"(overlayd unmount {ws.mountpoint})")
+        try:
+            ws.check_paths()
+        except UsageError as exc:  # a bad argument: exit 2, which systemd does not restart
+            log.error("%s", exc)
+            report(f"usage: {exc}\n")
+            return 2
         from .saga import recover_commit
 
         ws.open(recover=recover_commit)

@@ -712,24 +712,45 @@ class Coordinator:
             rec["tail"] = rec["tail"][-(TAIL_ANNOTATED if rec.get("status") == "ok" else TAIL_BYTES):]
         self._annotate(outcomes=self.outcomes)
 
+    def _lock_path(self):
+        return self.socket_path + ".run.lock"
+
     def _lock(self):
-        path = self.socket_path + ".run.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return None  # no lock where we may not write: the daemon still refuses a second saga
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        """flock the runner's lock file, which the holder removes when it is done: a file
+        locked but no longer at the path (removed, or replaced, by a runner that ended
+        meanwhile) does not count, so take the one that is there."""
+        path = self._lock_path()
+        while True:
             try:
-                other = os.pread(fd, 32, 0).decode().strip()
-            finally:
-                os.close(fd)
-            raise _Finish(RunResult("error", EXIT_FAILED, f"another 'saga run' (pid {other or '?'}) is driving this "
-                                                          "workspace; wait for it to end or stop it first"))
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except OSError:
+                return None  # no lock where we may not write: the daemon still refuses a second saga
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    other = os.pread(fd, 32, 0).decode().strip()
+                finally:
+                    os.close(fd)
+                raise _Finish(RunResult("error", EXIT_FAILED, f"another 'saga run' (pid {other or '?'}) is driving "
+                                                              "this workspace; wait for it to end or stop it first"))
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
+
+    def _unlock(self, fd):
+        try:
+            os.unlink(self._lock_path())  # still ours: we hold the lock on the file at the path
+        except OSError:
+            pass
+        os.close(fd)
 
     def _result(self, status, code, message) -> RunResult:
         return RunResult(status, code, message, self.saga_id, json.loads(json.dumps(self.outcomes)))
@@ -767,7 +788,7 @@ class Coordinator:
                 result = self._result("error", code, exc.message)
         finally:
             if lock is not None:
-                os.close(lock)
+                self._unlock(lock)
         self.emit("end", status=result.status, exit_code=result.exit_code, message=result.message)
         return result
 
@@ -1295,9 +1316,9 @@ class Coordinator:
             raise _Finish(self._result("conflict", EXIT_CONFLICT,
                                        f"all {n} steps done, but {exc.message} ({paths}). Resolve, then: saga commit "
                                        f"(or {self.resume_hint}); or saga abort")) from None
-        self.emit("committed", changes=r.get("changes"), seconds=r.get("seconds"))
+        self.emit("committed", changes=r.get("changes"), count=r.get("count"), seconds=r.get("seconds"))
         return self._result("committed", EXIT_OK, f"all {n} steps done; saga {self.saga_id} {self.defn.name!r} "
-                                                  f"committed: {r.get('changes')} change(s)")
+                                                  f"committed: {r.get('count')} change(s)")
 
 
 def run_definition(socket_path, definition, *, commit=True, resume=False, on_event=None, attach=False) -> RunResult:

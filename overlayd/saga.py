@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
 DEFAULT_RETRIES = 3
-DEFAULT_COMP_TIMEOUT = 300.0
+GC_KEEP = 10  # ended sagas saga.gc keeps when given neither keep nor older_than
+DEFAULT_COMP_TIMEOUT = 60.0  # with 3 attempts, a hung compensation holds the workspace ~3 min
 BACKOFF = float(os.environ.get("OVERLAYD_BACKOFF", "0.5"))
 STDERR_TAIL = 4096
 AUDIT = os.environ.get("OVERLAYD_AUDIT", "1") != "0"  # 0: no audit trail (to measure its cost)
@@ -259,6 +260,7 @@ class SagaEngine:
         self._flushing = trio.Lock()
         self.writers = {}  # path -> {"pid", "uid", "comm"} of the last change, active saga
         self.progress = None  # {"op", "done", "total"} of a long operation, for progress bars
+        self.compensation = None  # the compensation command running now: step, attempt, deadline
         self._comms = {}
         daemon.ops.update({
             "saga.begin": self.op_begin, "saga.step": self.op_step, "saga.rollback": self.op_rollback,
@@ -714,16 +716,28 @@ class SagaEngine:
             return True, 0, ""
         saga = self.ws.journal.saga(sid)
         retries = max(1, int(step.get("retries") or DEFAULT_RETRIES))
+        timeout = float(step.get("compensate_timeout") or DEFAULT_COMP_TIMEOUT)
+        try:
+            return await self._compensation_attempts(sid, step, saga, cmd, retries, timeout)
+        finally:
+            self.compensation = None
+
+    async def _compensation_attempts(self, sid, step, saga, cmd, retries, timeout) -> tuple[bool, int, str]:
         status, tail = 0, ""
         for attempt in range(1, retries + 1):
+            start = now()
+            # the latest moment this compensation can end: what 'saga status' shows as time left
+            worst = start + timeout * (retries - attempt + 1) + sum(BACKOFF * 2 ** (a - 1)
+                                                                    for a in range(attempt, retries))
+            self.compensation = {"step": step["index"], "name": step["name"], "command": cmd, "attempt": attempt,
+                                 "attempts": retries, "timeout": timeout, "started": start, "deadline": worst}
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/"),
                    "SAGA_ID": str(sid), "SAGA_NAME": saga["name"], "STEP_NAME": step["name"],
                    "STEP_INDEX": str(step["index"]), "ATTEMPT": str(attempt), "WORKSPACE": str(self.ws.mountpoint)}
             uid = step.get("uid") if step.get("uid") is not None else os.getuid()
             gid = step.get("gid") if step.get("gid") is not None else os.getgid()
             status, tail = await trio.to_thread.run_sync(
-                run_compensation, cmd, env, str(self.ws.mountpoint), uid, gid,
-                float(step.get("compensate_timeout") or DEFAULT_COMP_TIMEOUT), str(self.ws.state_dir))
+                run_compensation, cmd, env, str(self.ws.mountpoint), uid, gid, timeout, str(self.ws.state_dir))
 
             def record(txn, attempt=attempt, status=status, tail=tail):
                 txn.event("compensate.attempt", saga=sid, step=step["index"], attempt=attempt, status=status,
@@ -826,6 +840,7 @@ class SagaEngine:
                         raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
                                                        "nothing was applied and the saga is still active: fix "
                                                        "the cause and commit again") from None
+                    changes = self._annotate(merge.summarize(full), sid)
                     ops = merge.compact(full)
                     layers = [layer.id for layer in self.fs.layers[1:]]
                     plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops,
@@ -859,7 +874,8 @@ class SagaEngine:
             self._known = set()
             self.step_meter = self.saga_meter = None
             self.writers = {}
-            return {"saga": self.ws.journal.saga(sid), "changes": len(full), "seconds": time.perf_counter() - t0}
+            return {"saga": self.ws.journal.saga(sid), "changes": changes, "count": len(changes),
+                    "seconds": time.perf_counter() - t0}
 
     async def _execute_plan(self, plan, peer, t0=None, t1=None) -> None:
         """Run a journaled plan to the end, then finalize. On failure before anything was renamed
@@ -941,7 +957,11 @@ class SagaEngine:
         self.touched = {}
         self._known = set()
         self.step_meter = self.saga_meter = None
-        return {"saga": self.ws.journal.saga(saga["id"]), "changes": merge.count_entries(plan["ops"]),
+        # the journaled plan lists a directory moved whole, not the entries below it
+        ops = plan["ops"]
+        changes = self._annotate(merge.summarize(ops), saga["id"])
+        count = len(changes) + sum(op.get("entries", 0) for op in ops)
+        return {"saga": self.ws.journal.saga(saga["id"]), "changes": changes, "count": count,
                 "seconds": time.perf_counter() - t0}
 
     def _annotate(self, changes, sid):
@@ -988,6 +1008,7 @@ class SagaEngine:
     async def op_status(self, args, peer):
         out = status_of(self.ws.journal, self.fs.writable(), self.d.busy)
         out["progress"] = self.progress if self.d.busy else None
+        out["compensation"] = self.compensation
         return out
 
     async def op_diff(self, args, peer):
@@ -1018,6 +1039,8 @@ class SagaEngine:
         orphaned layer directories and the trash. Never touches the active saga."""
         older = _number(args, "older_than", None, float, 0, 1e12) if args.get("older_than") is not None else None
         keep = _number(args, "keep", None, int, 0, 1 << 31) if args.get("keep") is not None else None
+        if older is None and keep is None:
+            keep = GC_KEEP  # never every saga's history without being asked
         with self.d.exclusive("collect garbage"):
             await self.flush_audit()  # no batch of an ended saga may be journaled after its removal
             before = await trio.to_thread.run_sync(self.ws.disk_usage)
@@ -1028,7 +1051,7 @@ class SagaEngine:
             for i, s in enumerate(ended):
                 too_old = older is not None and now() - (s.get("ended") or s.get("updated") or 0) > float(older)
                 beyond = keep is not None and i >= int(keep)
-                if too_old or beyond or (older is None and keep is None):
+                if too_old or beyond:
                     victims.append(s["id"])
 
             def delete(txn):
@@ -1072,8 +1095,13 @@ class SagaEngine:
 
 
 def status_of(journal, writable=None, busy=None) -> dict:
+    """The active saga and its steps; with none active, ``last``: the saga that ended last (a
+    budget cut that aborted it is in its ``cut``)."""
     sid = journal.meta("active_saga")
     saga = journal.saga(sid) if sid else None
     steps = journal.steps(sid) if sid else []
-    return {"saga": saga, "steps": steps,
+    last = None
+    if saga is None and journal.meta("last_saga_id"):
+        last = journal.saga(journal.meta("last_saga_id"))
+    return {"saga": saga, "steps": steps, "last": last,
             "writable": writable, "busy": busy}

@@ -29,7 +29,7 @@ import trio
 from journal import Journal
 
 from .fs import OverlayFS
-from .paths import UsageError, is_within
+from .paths import UsageError, index_dir, is_within, register
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,10 @@ class Workspace:
         tmp = self.state_dir / "workspace.json.tmp"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self.state_dir / "workspace.json")
+        try:
+            register(self.name, self.state_dir)  # so that 'overlayd list' finds it wherever it lives
+        except OSError as exc:
+            log.warning("cannot register the workspace in %s: %s", index_dir(), exc)
         if recover is not None:
             recover(self)
         stack = self.stack()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what overlayd needs on Debian 12 (as root): FUSE 3, a venv at .venv, the package.
 # Idempotent. Usage: scripts/install.sh [--test]   (--test adds the test dependencies)
+# OVERLAYD_VENV=DIR: the virtualenv to use or create (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -18,10 +19,21 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-if [ "${1:-}" = "--test" ]; then
-  .venv/bin/pip install -q -e '.[test]'
-else
-  .venv/bin/pip install -q -e .
+VENV=${OVERLAYD_VENV:-.venv}
+fail() {
+  echo "scripts/install.sh: $1 failed:" >&2
+  sed 's/^/  /' "$2" >&2
+  echo "  ${3:-}" >&2
+  exit 1
+}
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV" >"$out" 2>&1 || fail "creating the virtualenv $VENV ($PY -m venv)" "$out" \
+    "is python3-venv installed? (apt-get install python3-venv)"
 fi
+hint="can pip reach the package index? (check the network, a proxy: https_proxy, or PIP_INDEX_URL)"
+"$VENV/bin/pip" install -q --upgrade pip >"$out" 2>&1 || fail "upgrading pip in $VENV" "$out" "$hint"
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+"$VENV/bin/pip" install -q -e ".$extra" >"$out" 2>&1 || fail "installing overlayd into $VENV (pip install -e .$extra)" "$out" "$hint"

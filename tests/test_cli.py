@@ -2,14 +2,16 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from cli import docs, overlayd_cmd, saga_cmd
-from overlayd.client import ConflictError, Workspace
+from overlayd.client import ClientError, ConflictError, Workspace
 
 
 def test_cli_docs_are_current():
@@ -172,7 +174,7 @@ def test_overlayd_list(cli_ws):
     r = subprocess.run([sys.executable, "-c", code, "list", "--json"], env=env, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)["workspaces"]
+    rows = [w for w in json.loads(r.stdout)["workspaces"] if w["state_dir"]]  # (other tests' mounts too)
     assert [(w["name"], w["mounted"], w["saga"]["name"]) for w in rows] == [("cliws", True, "listed")]
     assert rows[0]["disk_bytes"] > 0 and rows[0]["base"] == str(m.base)
     m.stop()
@@ -209,3 +211,347 @@ def test_json_schema_of_every_command(cli_ws, tmp_path):
     sh(m, "begin", "aborted", check=0)
     has("abort", js("abort")[0])
     has("gc", js("gc", "--keep", "1")[0])
+
+
+def od(m, *args, check=None, cwd="/", timeout=120):
+    """Run the overlayd command against *m*'s runtime and state directories."""
+    code = "import sys; from cli.overlayd_cmd import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=m.env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check is not None:
+        assert r.returncode == check, (args, r.stdout, r.stderr)
+    return r
+
+
+def test_unmount_returns_when_the_daemon_exits_not_when_it_is_reaped(cli_ws):
+    """The daemon is this test's child and stays a zombie until proc.wait(): unmount must not
+    wait for the reaping (PID 1 reaps an 'overlayd mount' daemon, seconds later)."""
+    m = cli_ws
+    t0 = time.monotonic()
+    r = od(m, "unmount", str(m.mp), "--timeout", "10", check=0)
+    assert time.monotonic() - t0 < 5, r.stdout
+    assert r.stdout.strip() == f"unmounted {m.mp}"
+    assert m.proc.wait(timeout=5) == 0
+    m.proc = None
+    assert not os.path.ismount(m.mp)
+
+
+def test_usage_errors_with_json_are_json():
+    """Errors click finds itself (missing argument, unknown command or option, bad value) print
+    the JSON error object when --json is given, like every other error."""
+    for group, args in ((saga_cmd.main, ["step", "--json"]), (saga_cmd.main, ["--json", "bogus"]),
+                        (saga_cmd.main, ["--json", "step", "x", "--timeout", "soon"]),
+                        (saga_cmd.main, ["step", "x", "--retries", "0", "--json"]),
+                        (overlayd_cmd.main, ["list", "--json", "--bogus"])):
+        r = CliRunner().invoke(group, args, catch_exceptions=False)
+        assert r.exit_code == 2, (args, r.output)
+        err = json.loads(r.output)
+        assert err["version"] == 1 and err["error"]["exit_code"] == 2 and err["error"]["message"], args
+    r = CliRunner().invoke(saga_cmd.main, ["--json", "step", "x", "--timeout", "soon"], catch_exceptions=False)
+    assert json.loads(r.output)["error"]["message"] == \
+        "Invalid value for '--timeout': 'soon' is not a duration (examples: 30s, 5m, 1h, 7d, 250ms)"
+    r = CliRunner().invoke(saga_cmd.main, ["bogus"], catch_exceptions=False)  # without --json: click's text
+    assert r.exit_code == 2 and "No such command 'bogus'" in r.output and not r.output.startswith("{")
+
+
+def test_refused_values_are_usage_errors(cli_ws, tmp_path):
+    m = cli_ws
+    for args in (["step", "x", "--compensate-retries", "0"], ["step", "x", "--max-files", "0"],
+                 ["begin", "x", "--max-spins", "0"], ["step", "x", "--compensate-timeout", "0s"]):
+        r = CliRunner().invoke(saga_cmd.main, args, catch_exceptions=False)
+        assert r.exit_code == 2, (args, r.output)
+    r = sh(m, "begin", "a/b", check=2)  # refused by the daemon: bad-name
+    assert "invalid saga name 'a/b'" in r.stderr
+    sh(m, "begin", "ok", check=0)
+    r = sh(m, "step", "x/y", check=2)
+    assert "invalid step name 'x/y'" in r.stderr
+    r = sh(m, "step", "x", "--timeout", "0s", check=2)  # named by its flag, not by its API name
+    assert "Invalid value for '--timeout': must be more than 0" in r.stderr
+    r = sh(m, "step", "x", "--max-bytes", "0", check=2)
+    assert "Invalid value for '--max-bytes': must be more than 0" in r.stderr
+    r = sh(m, "step", "x", "--compensate-timeout", "30d", check=2)
+    assert "Invalid value for '--compensate-timeout'" in r.stderr and "compensate_timeout" not in r.stderr
+    with pytest.raises(ClientError) as ei:  # the daemon refuses it too (bad-request: exit 2 for the CLI)
+        m.call("saga.step", name="x", timeout=0)
+    assert ei.value.code == "bad-request"
+    (tmp_path / "mp2").mkdir()
+    r = od(m, "mount", str(tmp_path / "missing"), str(tmp_path / "mp2"), "--name", "nobase", check=2)
+    assert f"base {tmp_path / 'missing'} is not a directory" in r.stderr
+    r = od(m, "mount", str(m.base), str(tmp_path / "missing-mp"), "--name", "nomp", check=2)
+    assert f"create it with: mkdir -p {tmp_path / 'missing-mp'}" in r.stderr
+
+
+def test_status_says_how_long_a_compensation_may_still_take(cli_ws, tmp_path):
+    m = cli_ws
+    flag = tmp_path / "go"
+    sh(m, "begin", "slow", check=0)
+    sh(m, "step", "hangs", "--compensate", f"while [ ! -e {flag} ]; do sleep 0.05; done",
+       "--compensate-timeout", "2m", "--compensate-retries", "2", check=0)
+    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    env = {**m.env, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
+    rollback = subprocess.Popen([sys.executable, "-c", code, "rollback"], cwd=m.mp, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            r = sh(m, "-w", str(m.mp), "status", cwd="/", check=0)
+            if "compensating step" in r.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        line = [x for x in r.stdout.splitlines() if "compensating step" in x][0]
+        assert line.startswith("  compensating step 1 'hangs': attempt 1/2 of: while [")
+        left = re.search(r"at most (\d+)m(\d+)s left", line)
+        assert left and 210 <= int(left[1]) * 60 + int(left[2]) <= 240, line  # 2 x 2m + back-off
+        assert "(each attempt is cut after 2m00s)" in line
+        st = json.loads(sh(m, "-w", str(m.mp), "status", "--json", cwd="/", check=0).stdout)
+        assert st["compensation"]["attempt"] == 1 and st["compensation"]["attempts"] == 2
+        r = sh(m, "commit", check=1)
+        assert "cannot commit while another operation (roll back) is in progress" in r.stderr
+    finally:
+        flag.touch()
+        out, err = rollback.communicate(timeout=60)
+    assert rollback.returncode == 0, err
+    assert "compensating" not in sh(m, "status", check=0).stdout
+
+
+def test_status_after_a_saga_budget_cut_says_why(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "small", "--max-files", "1", check=0)
+    sh(m, "step", "writes", check=0)
+    for i in range(3):
+        try:
+            (m.mp / f"f{i}").write_text("x")
+        except OSError:
+            break
+    deadline = time.monotonic() + 30
+    while "no saga is active" not in (r := sh(m, "status", check=0)).stdout:
+        assert time.monotonic() < deadline, r.stdout
+        time.sleep(0.1)
+    assert r.stdout.splitlines()[1:] == [
+        "  the last one: saga 1 'small': aborted",
+        "  step 1 was cut: it changed more than --max-files paths; the whole saga was aborted"]
+    assert json.loads(sh(m, "status", "--json", check=0).stdout)["last"]["cut"]["reason"] == "budget:files"
+
+
+def test_status_of_a_saga_run_stuck_after_its_pivot_says_how_to_resume(cli_ws, tmp_path):
+    m = cli_ws
+    toml = tmp_path / "pivot.toml"
+    toml.write_text('name = "p"\n[[step]]\nname = "publish"\nrun = "true"\ncompensatable = "none"\n'
+                    '[[step]]\nname = "after"\nrun = "false"\n')
+    r = sh(m, "run", str(toml), "-w", str(m.mp), cwd="/", check=4)
+    r = sh(m, "status", check=0)
+    assert "saga 1 'p': active" in r.stdout
+    line = [x for x in r.stdout.splitlines() if x.startswith("  saga run stuck: ")][0]
+    assert f"saga run {toml} -w {m.mp} --resume" in line, r.stdout
+
+
+def test_remount_hint_is_the_exact_command(mount_factory, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    m = mount_factory(base, name="named", start=False)
+    m.state = tmp_path / "elsewhere" / "state"  # a --state-dir of its own
+    m.start()
+    sh(m, "begin", "kept", check=0)
+    mp = str(m.mp)
+    m.stop()
+    r = sh(m, "-w", mp, "step", "x", cwd="/", check=5)
+    assert r.stderr.strip().endswith(
+        f"mount it with: overlayd mount {base} {mp} --name named --state-dir {m.state}"), r.stderr
+    r = sh(m, "-w", mp, "status", cwd="/", check=0)  # found through the daemons' index: the saga is there
+    assert "saga 1 'kept': active" in r.stdout
+    rows = json.loads(od(m, "list", "--json", check=0).stdout)["workspaces"]
+    assert [(w["name"], w["state"], w["state_dir"], w["saga"]) for w in rows if w["name"] == "named"] == \
+        [("named", "stopped", str(m.state), {"id": 1, "name": "kept", "state": "active"})]
+
+
+def test_default_names_do_not_collide(mount_factory, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    m = mount_factory(base, name="unused", start=False)  # only for its environment
+    mps = [tmp_path / "a" / "mnt", tmp_path / "b" / "mnt"]
+    for mp in mps:
+        mp.mkdir(parents=True)
+    try:
+        names = []
+        for mp in mps + [mps[1]]:
+            r = od(m, "mount", str(base), str(mp), check=0)
+            names.append(re.search(r"\(workspace (\S+),", r.stdout)[1])
+            if names[-1] == "b-mnt" and len(names) == 2:
+                od(m, "unmount", str(mp), check=0)  # and again: the same workspace, found by its mountpoint
+        assert names == ["mnt", "b-mnt", "b-mnt"]
+    finally:
+        for mp in mps:
+            if os.path.ismount(mp):
+                od(m, "unmount", str(mp))
+
+
+def test_a_dead_mount_is_called_dead_with_the_remedy(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "crashed", check=0)
+    m.proc.kill()
+    m.proc.wait()
+    m.proc = None
+    try:
+        r = od(m, "unmount", str(m.mp), check=5)
+        assert f"its daemon died and left a dead mount; clear it with: overlayd clear-mount {m.mp}, then mount " \
+               f"it again with: overlayd mount {m.base} {m.mp} --name cliws" in r.stderr
+        r = od(m, "list", check=0)
+        assert f"cliws\tdead\tcrashed (active)" in r.stdout
+        assert f"overlayd clear-mount {m.mp}" in r.stderr
+        r = sh(m, "-w", str(m.mp), "step", "x", cwd="/", check=5)
+        assert f"overlayd clear-mount {m.mp}" in r.stderr
+        od(m, "clear-mount", str(m.mp), check=0)
+        assert "cliws\tstopped" in od(m, "list", check=0).stdout
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(m.mp)], stderr=subprocess.DEVNULL)
+
+
+def test_commit_json_lists_the_changes_as_dry_run_does(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "shape", check=0)
+    sh(m, "step", "edit", check=0)
+    (m.mp / "README").write_text("changed\n")
+    (m.mp / "new").write_text("new\n")
+    dry = json.loads(sh(m, "commit", "--dry-run", "--json", check=0).stdout)
+    done = json.loads(sh(m, "commit", "--json", check=0).stdout)
+    assert done["changes"] == dry["changes"] and done["count"] == 2
+    assert [(c["path"], c["change"], c["step"], c["step_name"]) for c in done["changes"]] == \
+        [("README", "modified", 1, "edit"), ("new", "added", 1, "edit")]
+
+
+def test_log_of_a_saga_by_name_in_time_order(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "first", check=0)
+    sh(m, "abort", check=0)
+    sh(m, "begin", "named", check=0)
+    sh(m, "step", "one", check=0)
+    (m.mp / "f").write_text("x")
+    sh(m, "step", "two", check=0)  # closes step one before its audit batch is journaled
+    by_id = sh(m, "log", "2", "--ops", "--json", check=0).stdout
+    by_name = sh(m, "log", "named", "--ops", "--json", check=0).stdout
+    assert by_id == by_name
+    events = [json.loads(x) for x in by_name.splitlines()]
+    assert {e["saga"] for e in events} == {2}
+    kinds = [(e["kind"], e.get("step")) for e in events]
+    assert kinds.index(("op", 1)) < kinds.index(("step.done", 1)), kinds
+    assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
+    r = sh(m, "log", "nosuch", check=1)
+    assert r.stderr.strip() == f"Error: no saga 'nosuch' in {m.mp} (give an id or a name); see: saga list"
+    sh(m, "log", "99", check=1)
+
+
+def test_gc_without_options_keeps_recent_history(cli_ws):
+    m = cli_ws
+    for i in range(12):
+        sh(m, "begin", f"s{i}", check=0)
+        sh(m, "abort", check=0)
+    r = CliRunner().invoke(saga_cmd.main, ["gc", "--help"], catch_exceptions=False)
+    assert "default: 10" in r.output
+    r = sh(m, "gc", "--json", check=0)
+    assert sorted(json.loads(r.stdout)["sagas"]) == [1, 2]
+    assert len(json.loads(sh(m, "list", "--json", check=0).stdout)["sagas"]) == 10
+    sh(m, "gc", "--all", "--keep", "3", check=2)
+    assert sorted(json.loads(sh(m, "gc", "--all", "--json", check=0).stdout)["sagas"]) == list(range(3, 13))
+
+
+def test_saga_run_json_ends_with_end_even_when_nothing_ran(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "ok.toml"
+    toml.write_text('name = "x"\n[[step]]\nname = "a"\nrun = "true"\n')
+    r = CliRunner().invoke(saga_cmd.main, ["run", str(toml), "--json"], catch_exceptions=False)
+    lines = [json.loads(x) for x in r.output.splitlines()]
+    assert r.exit_code == 5 and lines[0]["error"]["exit_code"] == 5
+    assert lines[-1]["event"] == "end" and lines[-1]["exit_code"] == 5 and lines[-1]["status"] == "no-daemon"
+    assert "is not inside an overlayd workspace" in lines[-1]["message"]
+
+
+def test_install_service_warns_of_a_checkout_others_cannot_enter(tmp_path):
+    private = tmp_path / "home" / "me"
+    (private / "ov" / ".venv" / "bin").mkdir(parents=True)
+    private.chmod(0o700)
+    exe = private / "ov" / ".venv" / "bin" / "overlayd"
+    r = CliRunner().invoke(overlayd_cmd.main, ["install-service", "--root", str(tmp_path / "root"),
+                                               "--executable", str(exe)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert f"note: {private} is mode 0700: other users" in r.output and "/opt/overlayd" in r.output
+    r = CliRunner().invoke(overlayd_cmd.main, ["install-service", "--root", str(tmp_path / "root"),
+                                               "--executable", "/usr/local/bin/overlayd"], catch_exceptions=False)
+    assert r.exit_code == 0 and "note:" not in r.output
+
+
+def test_shell_completion_of_step_and_saga_names(cli_ws):
+    m = cli_ws
+    sh(m, "begin", "completing", check=0)
+    sh(m, "step", "analyse", check=0)
+    sh(m, "step", "migrate", check=0)
+    code = "import sys; from cli.saga_cmd import main; sys.exit(main(prog_name='saga'))"
+
+    def complete(words):
+        env = {**m.env, "_SAGA_COMPLETE": "bash_complete", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        r = subprocess.run([sys.executable, "-c", code], cwd=m.mp, env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        return [line.split(",", 1)[1] for line in r.stdout.splitlines()]
+
+    assert complete("saga rollback --to ") == ["analyse", "migrate", "1", "2"]
+    assert complete("saga diff --step mi") == ["migrate"]
+    assert complete("saga log com") == ["completing"]
+    assert "rollback" in complete("saga roll")
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert '_SAGA_COMPLETE=bash_source saga' in readme
+
+
+def test_diff_of_binary_files_and_modes(cli_ws, monkeypatch):
+    m = cli_ws
+    (m.base / "blob").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 10)
+    (m.base / "tool.sh").write_text("echo hi\n")
+    sh(m, "begin", "bin", check=0)
+    sh(m, "step", "edit", check=0)
+    (m.mp / "blob").write_bytes(b"\x89PNG\r\n\x1a\n\xfe\xff" * 10)  # no NUL byte, not UTF-8
+    (m.mp / "tool.sh").chmod(0o755)
+    (m.mp / "README").write_text("changed\n")
+    r = sh(m, "diff", check=0)
+    assert "Binary files a/blob and b/blob differ" in r.stdout and "\ufffd" not in r.stdout
+    assert "modified  tool.sh" in r.stdout and "old mode 100644\nnew mode 100755\n" in r.stdout
+    assert "\x1b[" not in r.stdout  # no colour into a pipe
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(m.run_dir))
+    monkeypatch.setenv("OVERLAYD_STATE_ROOT", str(m.state_root))
+    r = CliRunner().invoke(saga_cmd.main, ["-w", str(m.mp), "diff"], color=True, catch_exceptions=False)
+    assert "\x1b[31m-readme\x1b[0m" in r.output and "\x1b[32m+changed\x1b[0m" in r.output, r.output
+
+
+def test_forget_a_workspace(cli_ws, tmp_path):
+    m = cli_ws
+    sh(m, "begin", "unfinished", check=0)
+    r = od(m, "forget", "cliws", check=1)
+    assert f"workspace cliws is mounted at {m.mp}: unmount it first" in r.stderr
+    m.stop()
+    (m.run_dir / "cliws.sock.run.lock").write_text("")  # as an old saga run left it
+    r = od(m, "forget", "cliws", check=1)
+    assert "saga 1 'unfinished' is active in workspace cliws: commit or abort it first" in r.stderr
+    assert (m.state / "journal").is_dir()
+    r = od(m, "forget", "cliws", "--force", check=0)
+    assert r.stdout.strip() == f"forgot workspace cliws (removed {m.state})"
+    assert not m.state.exists() and not (m.run_dir / "cliws.sock.run.lock").exists()
+    assert not (m.state_root / ".index" / "cliws.json").exists()
+    assert "cliws" not in od(m, "list", check=0).stdout
+    assert (m.base / "README").read_text() == "readme\n"
+    od(m, "forget", "cliws", check=1)
+
+
+def test_a_failed_first_mount_leaves_no_state(cli_ws, tmp_path):
+    m = cli_ws
+    (tmp_path / "mp2").mkdir()
+    od(m, "mount", str(tmp_path / "missing"), str(tmp_path / "mp2"), "--name", "failed", check=2)
+    assert not (m.state_root / "failed").exists()
+    assert "\nfailed\t" not in od(m, "list", check=0).stdout
+
+
+def test_saga_run_removes_its_lock_file(cli_ws, tmp_path):
+    m = cli_ws
+    toml = tmp_path / "one.toml"
+    toml.write_text('name = "one"\n[[step]]\nname = "a"\nrun = "touch a"\n')
+    r = sh(m, "run", str(toml), "-w", str(m.mp), cwd="/", check=0)
+    assert "all 1 steps done; saga 1 'one' committed: 1 change(s)" in r.stdout and (m.base / "a").exists()
+    assert not (m.run_dir / "cliws.sock.run.lock").exists()

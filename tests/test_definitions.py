@@ -294,8 +294,10 @@ def test_invalid_definition_runs_nothing(mount_factory, project, tmp_path):
     r = saga_run(m, bad, check=2)
     assert f"{bad}:10: step 2 'two': retires: unknown key (did you mean 'retries'?)" in r.stderr
     r = saga_run(m, bad, "--json", check=2)
-    err = json.loads(r.stdout)["error"]
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    err = lines[0]["error"]
     assert err["exit_code"] == 2 and err["problems"][0]["line"] == 10 and err["problems"][0]["key"] == "retires"
+    assert lines[-1]["event"] == "end" and lines[-1]["status"] == "invalid" and lines[-1]["exit_code"] == 2
     bad.write_text('name = "bad"\n[[step]]\nname = "one"\nrun = "touch ONE"\n[[step]]\nname = "one"\nrun = "x"\n')
     r = saga_run(m, bad, check=2)
     assert f"{bad}:6: step 2 'one': name: duplicate step name" in r.stderr
@@ -718,16 +720,25 @@ def test_examples_as_documented(mount_factory, tmp_path):
     shutil.copytree(EXAMPLES / "calc", base)
     digest = tree_digest(base)
     m = mount_factory(base, name="calc")
-    fails_log = Path("/tmp/refactor-fails.log")
-    fails_log.unlink(missing_ok=True)
+    fails_log = Path(f"{m.mp}.refactor-fails.log")  # next to this workspace's mountpoint, nowhere shared
     r = saga_run(m, EXAMPLES / "refactor-fails.toml", check=1)
     assert tree_digest(base) == digest
     assert log_lines(fails_log) == ["undo update-imports", "undo migrate-functions", "undo create-structure",
                                     "undo analyse"]
-    fails_log.unlink()
     r = saga_run(m, EXAMPLES / "refactor.toml", check=0)
-    assert "[5/5] run-tests: ok" in r.stdout
+    assert "[5/6] run-tests: ok" in r.stdout and "[6/6] tidy: ok" in r.stdout
     assert (base / "calc" / "ops" / "arith.py").exists()
     assert "from calc.ops.arith import add, div, mul, sub" in (base / "calc" / "cli.py").read_text()
+    assert not (base / ".refactor").exists()  # the scratch plan is not committed
     subprocess.run([sys.executable, "-B", "-m", "unittest", "discover", "-s", "tests", "-t", ".", "-q"],
                    cwd=base, check=True, capture_output=True)
+    # the pivot, as its header says; then a second time, which works the same
+    out = Path(f"{m.mp}.pivot-example")
+    for run in (1, 2):
+        r = saga_run(m, EXAMPLES / "pivot.toml", check=4)
+        assert "after the pivot step 2 'publish'" in r.stderr
+        (out / "allow-notify").touch()
+        r = saga_run(m, EXAMPLES / "pivot.toml", "--resume", check=0)
+        assert (base / "NOTIFIED").exists() and (out / "registry" / "release.tar.gz").exists()
+        (out / "allow-notify").unlink()
+    assert log_lines(out / "log") == ["notify undone", "notify undone"]

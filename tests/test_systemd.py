@@ -112,6 +112,18 @@ def test_system_unit_settings():
         assert not hidden, f"{unit}: {hidden} would run the daemon in a mount namespace and hide the mount"
 
 
+def test_start_limits_leave_room_for_restarts_by_hand():
+    """A crash loop is stopped, but a person restarting a workspace by hand a few times while
+    fixing something is not; README says what to do when the limit is hit anyway."""
+    for unit in (config.SYSTEM_UNIT, config.USER_UNIT):
+        u = parse_unit(UNITS / unit)
+        burst, interval = int(u["StartLimitBurst"][0]), int(u["StartLimitIntervalSec"][0])
+        assert burst >= 10, unit
+        assert burst * int(u["RestartSec"][0]) < interval, f"{unit}: a crash loop would never hit the limit"
+    readme = (UNITS.parent / "README.md").read_text()
+    assert "systemctl reset-failed overlayd@NAME" in readme
+
+
 # ---------------------------------------------------------------------------------- configuration files
 
 
