@@ -392,16 +392,21 @@ def test_full_state_filesystem_step_rollback_commit(loopfs, mount_factory, tmp_p
     assert restart_and_compare(m)["saga"] is None
 
 
-@pytest.mark.parametrize("transition", ["begin", "step", "rollback", "abort", "commit"])
-def test_transitions_on_a_full_state_filesystem(loopfs, mount_factory, tmp_path, transition):
-    """The state filesystem filled from outside (no room for the journal to grow into but the
-    room it keeps in data.mdb): each journaled transition works (begin, rollback, abort, commit:
-    they finish or free) or is refused cleanly (step); memory and journal agree; once the space
-    is back nothing is lost and the saga commits."""
+TRANSITIONS = {"begin": ("saga.begin", {"name": "s"}), "step": ("saga.step", {"name": "c"}),
+               "rollback": ("saga.rollback", {}), "abort": ("saga.abort", {}), "commit": ("saga.commit", {})}
+# what the base holds at the end: the transition, then a step 'last' and a commit
+BASE_AFTER = {"begin": ["last.txt", "old.txt"], "step": ["a.txt", "b.txt", "last.txt", "old.txt"],
+              "rollback": ["a.txt", "last.txt", "old.txt"], "abort": ["last.txt", "old.txt"],
+              "commit": ["a.txt", "b.txt", "last.txt", "old.txt"]}
+
+
+def _full_ws(loopfs, mount_factory, tmp_path, name, transition):
+    """A workspace on a 64 MiB ext4 (a saga with steps a done and b open, unless the transition is
+    begin), then filled from outside; returns (mount, base, filler)."""
     base = tmp_path / "base"
     base.mkdir()
     put(base / "old.txt", "old\n")
-    m = mount_factory(base, name=f"full-{transition}", start=False)
+    m = mount_factory(base, name=name, start=False)
     fs = loopfs(m.state_root)
     m.start()
     if transition != "begin":
@@ -410,41 +415,77 @@ def test_transitions_on_a_full_state_filesystem(loopfs, mount_factory, tmp_path,
         put(m.mp / "a.txt", "a\n")
         m.call("saga.step", name="b")
         put(m.mp / "b.txt", "b\n")
-    filler = fill_outside(fs)
+    return m, base, fill_outside(fs)
 
-    if transition == "begin":
-        m.call("saga.begin", name="s")
-        expected = []
-    elif transition == "step":
-        expect_no_space(m, "saga.step", name="c")
-        expected = [("a", "done"), ("b", "open")]
-    elif transition == "rollback":
-        m.call("saga.rollback")
-        expected = [("a", "done"), ("b", "compensated")]
-    elif transition == "abort":
-        m.call("saga.abort")
-        expected = None
-    else:
-        m.call("saga.commit")
-        expected = None
-        assert read(base / "a.txt") == b"a\n" and read(base / "b.txt") == b"b\n"
-    st = restart_and_compare(m)
-    if expected is None:
-        assert st["saga"] is None
-    else:
-        assert [(s["name"], s["state"]) for s in st["steps"]] == expected, st["steps"]
 
-    os.unlink(filler)
-    if st["saga"] is None:
+def _finish(m, base, transition):
+    """Space is back: a step 'last', a write, a commit; the base holds what it should."""
+    if m.call("saga.status")["saga"] is None:
         m.call("saga.begin", name="t")
     m.call("saga.step", name="last")
     put(m.mp / "last.txt", "last\n")
     m.call("saga.commit")
     assert read(base / "last.txt") == b"last\n"
-    want = {"begin": ["last.txt", "old.txt"], "step": ["a.txt", "b.txt", "last.txt", "old.txt"],
-            "rollback": ["a.txt", "last.txt", "old.txt"], "abort": ["last.txt", "old.txt"],
-            "commit": ["a.txt", "b.txt", "last.txt", "old.txt"]}[transition]
-    assert sorted(os.listdir(base)) == want
+    assert sorted(os.listdir(base)) == BASE_AFTER[transition]
+
+
+@pytest.mark.parametrize("transition", list(TRANSITIONS))
+def test_transitions_on_a_full_state_filesystem(loopfs, mount_factory, tmp_path, transition):
+    """The state filesystem filled from outside (no room for the journal to grow into but the
+    room it keeps in data.mdb): each journaled transition works (begin, rollback, abort, commit:
+    they finish or free) or is refused cleanly (step); memory and journal agree, across a restart
+    on the full disk; once the space is back nothing is lost and the saga commits."""
+    m, base, filler = _full_ws(loopfs, mount_factory, tmp_path, f"full-{transition}", transition)
+    op, args = TRANSITIONS[transition]
+    if transition == "step":
+        expect_no_space(m, op, **args)
+    else:
+        m.call(op, **args)
+    st = restart_and_compare(m)
+    expected = {"begin": [], "step": [("a", "done"), ("b", "open")],
+                "rollback": [("a", "done"), ("b", "compensated")]}.get(transition)
+    if expected is None:
+        assert st["saga"] is None
+    else:
+        assert [(s["name"], s["state"]) for s in st["steps"]] == expected, st["steps"]
+    os.unlink(filler)
+    if transition == "step":
+        m.call(op, **args)
+    _finish(m, base, transition)
+
+
+@pytest.mark.parametrize("transition", list(TRANSITIONS))
+def test_transitions_without_the_journal_reserve(loopfs, mount_factory, tmp_path, monkeypatch, transition):
+    """The same with no room kept in data.mdb (OVERLAYD_JOURNAL_RESERVE=0): a journal write may
+    now really fail inside LMDB. Whatever happens is clean: the transition works, or it is
+    refused as 'no-space' with the saga as before or stopped in a state the journal names
+    (compensating, committing); the daemon's status is the journal's; once the space is back
+    'saga retry' or 'saga commit' finishes what was started, and nothing is lost."""
+    monkeypatch.setenv("OVERLAYD_JOURNAL_RESERVE", "0")
+    m, base, filler = _full_ws(loopfs, mount_factory, tmp_path, f"noreserve-{transition}", transition)
+    op, args = TRANSITIONS[transition]
+    before = online_status(m)
+    try:
+        m.call(op, **args)
+        done = True
+    except ClientError as exc:
+        assert exc.code == "no-space", (exc.code, exc.message)
+        done = False
+    assert m.proc.poll() is None, f"the daemon died\n{m.log()}"
+    st = online_status(m)
+    assert offline_status(m) == st, "the daemon's saga status is not the journal's"
+    if not done and st != before:
+        assert st["saga"]["state"] in ("compensating", "committing"), st["saga"]
+    os.unlink(filler)
+    state = (st["saga"] or {}).get("state")
+    if state == "compensating":
+        m.call("saga.retry")
+    elif state == "committing":
+        m.call("saga.commit")
+    elif not done:
+        m.call(op, **args)
+    restart_and_compare(m)
+    _finish(m, base, transition)
 
 
 def test_journal_enospc_is_a_clean_refusal(loopfs, mount_factory, tmp_path, monkeypatch):
@@ -494,3 +535,19 @@ def test_probe_catches_damage_past_the_meta_pages(tmp_path):
     data.write_bytes(original)
     with Journal.open(tmp_path, readonly=True) as j:
         assert len(j.events()) == 200
+
+
+def test_a_map_that_cannot_grow_is_a_clean_refusal(tmp_path, monkeypatch):
+    """A full map that may not grow further is the same kind of case as a full disk: JournalFull,
+    nothing written, and the journal takes the next (smaller) transaction."""
+    import journal.store
+    from journal import Journal, JournalFull
+
+    monkeypatch.setattr(journal.store, "MAX_MAP_SIZE", 1 << 20)
+    with Journal.open(tmp_path, map_size=256 << 10) as j:
+        j.transact(lambda txn: txn.set_meta("before", 1))
+        with pytest.raises(JournalFull):
+            j.transact(lambda txn: (txn.set_meta("big", "x" * (2 << 20)), txn.set_meta("before", 2)))
+        assert j.meta("before") == 1 and j.meta("big") is None
+        j.transact(lambda txn: txn.set_meta("after", 3))
+        assert j.meta("after") == 3
