@@ -1110,10 +1110,10 @@ class SagaEngine:
                 jbefore, jafter = self.ws.journal.compact()
             stack = self.ws.stack()
             self.ws.finish_drops()
-            await trio.to_thread.run_sync(self.ws.collect_orphans, stack)
+            quarantined = await trio.to_thread.run_sync(self.ws.collect_orphans, stack)
             after = await trio.to_thread.run_sync(self.ws.disk_usage)
             return {"sagas": victims, "events": events, "bytes_before": before, "bytes_after": after,
-                    "journal_before": jbefore, "journal_after": jafter}
+                    "journal_before": jbefore, "journal_after": jafter, "quarantined": quarantined}
 
     async def op_annotate(self, args, peer):
         """Merge client data (e.g. a saga definition and its steps' outcomes) into the active

@@ -245,6 +245,11 @@ def test_unknown_layer_is_quarantined_and_a_dropped_one_is_trashed(mount_factory
 
     m.call("saga.gc")  # gc sweeps the same way: the quarantine stays
     assert read(kept / "precious.txt") == b"do not delete me\n"
+    other = m.state / "layers" / "00000000000000bb"  # one that appears while the daemon runs
+    other.mkdir()
+    put(other / "f", "f\n")
+    assert m.call("saga.gc")["quarantined"] == [str(m.state / "quarantine" / "00000000000000bb")]
+    assert read(m.state / "quarantine" / "00000000000000bb" / "f") == b"f\n"
     m.call("saga.commit")
     assert read(base / "y") == b"y\n" and not os.path.lexists(base / "x")
 
