@@ -35,6 +35,8 @@ _META = struct.Struct("=IIQQ" + "IHHQQQQQ" * 2 + "QQ")
 _P_META = 0x08
 _MDB_MAGIC = 0xBEEFC0DE
 _MDB_DATA_VERSION = 1
+# the layout above is LMDB 0.9's on a 64-bit machine; elsewhere only the probe checks the file
+_KNOWN_LAYOUT = lmdb.version()[0] == 0 and struct.calcsize("P") == 8
 PROBE_TIMEOUT = 120.0  # seconds a child process may take to read a whole journal
 
 # Room kept ahead of the journal's last page: data.mdb is extended with fallocate so that the
@@ -279,6 +281,8 @@ def check_file(data) -> dict:
         size = st.st_size
         if size == 0:
             raise JournalDamaged(data, "it is empty (0 bytes)")
+        if not _KNOWN_LAYOUT:
+            return {"page_size": None, "last_page": None, "txnid": None, "size": size}
         try:
             psize, last0, txn0 = _read_meta_page(fd, data, 0, 0)
             if size < 2 * psize:
