@@ -171,6 +171,8 @@ class Target:
                 return {"sagas": j.sagas()}
             if op == "saga.diff":
                 return _offline_diff(j, self.state_dir, args.get("step"))
+        except JournalError as e:
+            raise SagaError(str(e), 1) from None
         finally:
             j.close()
         raise SagaError(f"{op} needs the daemon", 5)

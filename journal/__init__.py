@@ -3,10 +3,13 @@
 from journal.store import (
     SCHEMA_VERSION,
     Journal,
+    JournalDamaged,
     JournalError,
+    JournalFull,
     SchemaError,
     WriteTxn,
     encode_event,
 )
 
-__all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "SchemaError", "WriteTxn", "encode_event"]
+__all__ = ["SCHEMA_VERSION", "Journal", "JournalDamaged", "JournalError", "JournalFull", "SchemaError", "WriteTxn",
+           "encode_event"]

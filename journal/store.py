@@ -1,8 +1,14 @@
 """Durable LMDB journal: sagas, their steps, an event log and metadata."""
 
+import errno
 import json
 import logging
+import os
+import signal
+import stat
 import struct
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -20,6 +26,24 @@ _U64 = struct.Struct(">Q")
 _STEP = struct.Struct(">QI")
 _HWM_KEY = "last_saga_id"  # meta: highest saga id ever handed out
 
+# data.mdb's two meta pages (LMDB 0.9, 64-bit): page header (pgno, pad, flags, lower, upper), then
+# magic, version, address, map size, two MDB_db records (the first one's md_pad is the page
+# size), the last page number in use and the transaction id. LMDB uses the page with the higher
+# transaction id.
+_PAGE_HEAD = struct.Struct("=QHHHH")
+_META = struct.Struct("=IIQQ" + "IHHQQQQQ" * 2 + "QQ")
+_P_META = 0x08
+_MDB_MAGIC = 0xBEEFC0DE
+_MDB_DATA_VERSION = 1
+# the layout above is LMDB 0.9's on a 64-bit machine; elsewhere only the probe checks the file
+_KNOWN_LAYOUT = lmdb.version()[0] == 0 and struct.calcsize("P") == 8
+PROBE_TIMEOUT = 120.0  # seconds a child process may take to read a whole journal
+
+# Room kept ahead of the journal's last page: data.mdb is extended with fallocate so that the
+# transactions that free space (a rollback, an abort, the end of a commit) find their pages
+# already allocated on a full state filesystem. At most 1/64 of the filesystem, at least 64 KiB.
+RESERVE = int(os.environ.get("OVERLAYD_JOURNAL_RESERVE", str(4 << 20)))
+
 
 class JournalError(Exception):
     """The journal could not be opened, read or written."""
@@ -27,6 +51,27 @@ class JournalError(Exception):
 
 class SchemaError(JournalError):
     """The journal was written with a schema this program does not support."""
+
+
+class JournalDamaged(JournalError):
+    """data.mdb is not a readable LMDB environment (empty, truncated, overwritten): the caller
+    must refuse to go on, never start a fresh journal over it."""
+
+    def __init__(self, data, reason):
+        self.data = Path(data)
+        self.reason = reason
+        state = self.data.parent.parent
+        super().__init__(
+            f"the journal {self.data} cannot be read: {reason}. Nothing was changed. Restore it "
+            f"from a backup (while no daemon runs); or, to start over without its sagas, move it "
+            f"and the layers aside: mv {self.data.parent} {self.data.parent}.damaged && mv "
+            f"{state / 'layers'} {state / 'layers'}.saved (the sagas' changes stay there, one "
+            "directory per step)")
+
+
+class JournalFull(JournalError):
+    """The state filesystem has no room for a journal write (ENOSPC, or a map that cannot
+    grow). Nothing was written: the caller's state is as before the call."""
 
 
 def _dump(obj):
@@ -194,6 +239,121 @@ def encode_event(kind, saga=None, step=None, ts=None, **details):
     return _dump(rec)
 
 
+def _read_meta_page(fd, data, index, offset):
+    raw = os.pread(fd, _PAGE_HEAD.size + _META.size, offset)
+    if len(raw) < _PAGE_HEAD.size + _META.size:
+        raise JournalDamaged(data, f"meta page {index} is cut short")
+    pgno, _pad, flags, _lower, _upper = _PAGE_HEAD.unpack_from(raw)
+    m = _META.unpack_from(raw, _PAGE_HEAD.size)
+    magic, version, psize, last_pg, txnid = m[0], m[1], m[4], m[-2], m[-1]
+    if pgno != index or not flags & _P_META or magic != _MDB_MAGIC:
+        raise JournalDamaged(data, f"meta page {index} is not an LMDB meta page (overwritten or "
+                                   "zeroed, or not an LMDB file)")
+    if version != _MDB_DATA_VERSION:
+        raise JournalDamaged(data, f"meta page {index} has LMDB data version {version}, this "
+                                   f"program reads version {_MDB_DATA_VERSION}")
+    if psize < 512 or psize > 65536 or psize & (psize - 1):
+        raise JournalDamaged(data, f"meta page {index} gives an impossible page size {psize}")
+    return psize, last_pg, txnid
+
+
+def check_file(data) -> dict:
+    """Check data.mdb against its own meta pages without mapping it; raise JournalDamaged.
+
+    LMDB maps the file and trusts its meta pages: a file shorter than the pages its last
+    transaction uses is read past its end, and the process dies by SIGBUS; an empty file is
+    taken for a new environment. Both meta pages must be valid (LMDB refuses otherwise), and
+    the file at least as long as the newer meta page's last page in use (pages past it are
+    never read before they are written). Returns {page_size, last_page, txnid, size}.
+    """
+    data = Path(data)
+    try:
+        fd = os.open(data, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise JournalDamaged(data, "it is a symbolic link") from None
+        raise JournalError(f"cannot open the journal {data}: {e.strerror}; check the state "
+                           "directory's permissions") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise JournalDamaged(data, "it is not a regular file")
+        size = st.st_size
+        if size == 0:
+            raise JournalDamaged(data, "it is empty (0 bytes)")
+        if not _KNOWN_LAYOUT:
+            return {"page_size": None, "last_page": None, "txnid": None, "size": size}
+        try:
+            psize, last0, txn0 = _read_meta_page(fd, data, 0, 0)
+            if size < 2 * psize:
+                raise JournalDamaged(data, f"it is {size} bytes, shorter than its two {psize}-byte "
+                                           "meta pages")
+            _, last1, txn1 = _read_meta_page(fd, data, 1, psize)
+        except OSError as e:
+            raise JournalDamaged(data, f"reading its meta pages failed: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    # (a size that is not a whole number of pages is what a short write on a full disk leaves
+    # past the last committed page, and a failed fallocate: harmless while no page in use is cut)
+    last, txnid = (last1, txn1) if txn1 > txn0 else (last0, txn0)
+    need = (last + 1) * psize
+    if size < need:
+        raise JournalDamaged(data, f"it is {size} bytes but its last transaction ({txnid}) uses "
+                                   f"{need}: it was cut short")
+    return {"page_size": psize, "last_page": last, "txnid": txnid, "size": size}
+
+
+_PROBE = """
+import os, sys
+import lmdb
+try:
+    env = lmdb.open(sys.argv[1], subdir=True, readonly=True, lock=sys.argv[2] == "1",
+                    create=False, max_dbs=16)
+    fd = os.open(os.devnull, os.O_WRONLY)
+    env.copyfd(fd, compact=True)  # walks every tree, page and overflow page in use
+    env.close()
+except lmdb.Error as e:
+    sys.stderr.write(type(e).__name__ + ": " + str(e))
+    # not the file's fault: permissions, memory, descriptors, the reader table
+    sys.exit(4 if isinstance(e, lmdb.ReadersFullError) or any(
+        w in str(e) for w in ("Permission denied", "Operation not permitted", "Cannot allocate memory",
+                              "Too many open files", "Resource temporarily unavailable")) else 3)
+"""
+
+
+def probe(path, lock=True, timeout=PROBE_TIMEOUT) -> None:
+    """Read every page the journal at *path* uses, in a child process; raise JournalDamaged.
+
+    A damaged page deep in a B-tree can make LMDB read through a wild pointer and crash the
+    process that maps it (SIGSEGV, SIGBUS, an assertion): the child dies, not the caller. The
+    child makes a compacting copy to /dev/null, which walks every database of the environment
+    (not the free-page list). About 40 ms for a small journal, mostly the interpreter's start.
+    """
+    data = Path(path) / "data.mdb"
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), "1" if lock else "0"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise JournalDamaged(data, f"reading it took more than {timeout:.0f} s") from None
+    except OSError as e:
+        raise JournalError(f"cannot start a process to check the journal {data}: {e}") from None
+    if proc.returncode == 0:
+        return
+    err = proc.stderr.decode("utf-8", "replace").strip()[-500:]
+    if proc.returncode < 0:
+        try:
+            signame = signal.Signals(-proc.returncode).name
+        except ValueError:
+            signame = f"signal {-proc.returncode}"
+        raise JournalDamaged(data, f"reading it crashed the reading process ({signame})"
+                             + (f": {err}" if err else ""))
+    if proc.returncode == 4:
+        raise JournalError(f"cannot read the journal {data}: {err}; check the permissions of the "
+                           "state directory and that no other program holds the journal")
+    raise JournalDamaged(data, f"LMDB cannot read it: {err or f'exit status {proc.returncode}'}")
+
+
 class WriteTxn:
     """The write transaction handed to the function given to Journal.transact."""
 
@@ -317,14 +477,32 @@ class Journal:
         self._gate = _Gate()
         self._write_lock = threading.Lock()
         self._writer = None
+        self._create = True
+        self._psize = 4096
+        self._file_size = 0  # data.mdb's size as last extended or seen
+        self._reserve = RESERVE  # bytes kept past the last page (keep_reserve)
+        self.low_space = False  # the reserve could not be kept: the state filesystem is full
 
     @classmethod
-    def open(cls, state_dir, *, readonly=False, map_size=64 * 1024 * 1024):
-        """Open (or, unless readonly, create) the journal under state_dir."""
+    def open(cls, state_dir, *, readonly=False, map_size=64 * 1024 * 1024, create=True, verify=True):
+        """Open (or, unless readonly, create) the journal under state_dir.
+
+        An existing data.mdb is checked before LMDB maps it (check_file; then probe, in a child
+        process, when *verify*): a damaged one raises JournalDamaged and is left as it is, never
+        replaced by a fresh journal. *create*=False: a missing journal, or one created but never
+        initialised, raises JournalError instead of being set up.
+        """
         path = Path(state_dir) / "journal"
-        if readonly and not (path / "data.mdb").is_file():
+        data = path / "data.mdb"
+        if os.path.lexists(data):
+            check_file(data)
+            if verify:
+                probe(path)
+        elif readonly:
             raise JournalError(f"no journal at {path}; start overlayd once to "
                                "create it, or check the state directory")
+        elif not create:
+            raise JournalError(f"no journal at {path} (no data.mdb)")
         try:
             if not readonly:
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -336,6 +514,7 @@ class Journal:
             raise JournalError(f"cannot open journal at {path}: {e}; "
                                f"{_hint(e)}") from e
         self = cls(path, env, readonly)
+        self._create = create
         try:
             stale = self.reader_check()
             if stale:
@@ -345,7 +524,10 @@ class Journal:
                 self._read(lambda txn: self._check_schema(txn, self._dbs))
                 self._dbs = self._open_dbs(None)
             else:
+                self._psize = env.stat()["psize"]
+                self._reserve = self._reserve_size()
                 self._dbs = self._write(lambda txn: (self._setup(txn), False))
+                self.keep_reserve()
         except BaseException:
             env.close()
             raise
@@ -367,6 +549,9 @@ class Journal:
         """Create the sub-databases and stamp or check the schema, in txn."""
         dbs = self._open_dbs(txn)
         found = _read_meta(txn, dbs, "schema_version", None)
+        if found is None and not self._create:
+            raise JournalDamaged(self.path / "data.mdb", "it holds no records (it was created but "
+                                                         "never initialised)")
         if found is None:
             txn.put(b"schema_version", _dump(SCHEMA_VERSION), db=dbs["meta"])
         elif found == 1:
@@ -435,13 +620,14 @@ class Journal:
             old = env.info()["map_size"]
             new = old * 2 if grow else 0
             if new > MAX_MAP_SIZE:
-                raise JournalError(f"journal at {self.path} would exceed "
-                                   f"{MAX_MAP_SIZE} bytes; one transaction "
-                                   "is writing too much")
+                raise JournalFull(f"journal at {self.path} would exceed "
+                                  f"{MAX_MAP_SIZE} bytes; one transaction "
+                                  "is writing too much")
             try:
                 env.set_mapsize(new)
             except lmdb.Error as e:
-                raise self._wrap("resizing the map", e) from e
+                raise JournalFull(f"the journal at {self.path} is full and its map cannot grow "
+                                  f"from {old} to {new} bytes: {e}; nothing was written") from e
             if grow:
                 log.info("journal %s: map full, grew map from %d to %d bytes",
                          self.path, old, new)
@@ -476,11 +662,12 @@ class Journal:
                         if not full:
                             txn.commit()
                             committed = True
+                            self.keep_reserve()
                             return result
                     except lmdb.MapFullError:
                         full = True
                     except lmdb.Error as e:
-                        raise self._wrap("writing", e) from e
+                        raise self._write_failed(e) from e
                     finally:
                         if not committed:
                             with self._quiesced():
@@ -489,14 +676,86 @@ class Journal:
             finally:
                 self._writer = None
 
-    def transact(self, fn):
+    def _free_bytes(self):
+        try:
+            sv = os.statvfs(self.path)
+        except OSError:
+            return None
+        return (sv.f_bfree if os.geteuid() == 0 else sv.f_bavail) * sv.f_frsize
+
+    def _write_failed(self, exc):
+        """The error for a failed write: JournalFull when the filesystem is (nearly) full.
+        LMDB reports a short write as EIO, so the free space decides."""
+        free = self._free_bytes()
+        if free is not None and free < 2 * max(self._reserve, 1 << 20):
+            return JournalFull(f"the state filesystem of the journal {self.path} is full "
+                               f"({free // 1024} KiB free; LMDB: {exc}); nothing was written")
+        return self._wrap("writing", exc)
+
+    def _reserve_size(self):
+        if RESERVE <= 0:
+            return 0
+        try:
+            sv = os.statvfs(self.path)
+        except OSError:
+            return RESERVE
+        return -(-max(64 << 10, min(RESERVE, sv.f_blocks * sv.f_frsize // 64)) // self._psize) * self._psize
+
+    def keep_reserve(self):
+        """Keep the reserve allocated in data.mdb past its last page in use (fallocate), so
+        that a write that frees space finds room on a full filesystem. Never raises: when the
+        room cannot be kept, ``low_space`` is set and transact() keeps what is left for the
+        essential writes."""
+        env = self._env
+        if self.readonly or self._reserve <= 0 or env is None:
+            return
+        used = (env.info()["last_pgno"] + 1) * self._psize
+        if used + self._reserve // 2 <= self._file_size:
+            return
+        want = used + self._reserve
+        try:
+            fd = os.open(self.path / "data.mdb", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("journal %s: cannot open data.mdb to keep room in it: %s", self.path, e)
+            return
+        try:
+            self._file_size = os.fstat(fd).st_size
+            if self._file_size < want:
+                os.posix_fallocate(fd, 0, want)
+                self._file_size = want
+        except OSError as e:
+            try:
+                self._file_size = os.fstat(fd).st_size
+            except OSError:
+                pass
+            if not self.low_space:
+                log.warning("journal %s: cannot keep %d bytes of room past its last page (%s): the "
+                            "state filesystem is full; only writes that free space are taken now",
+                            self.path, self._reserve, e.strerror)
+            self.low_space = True
+            return
+        finally:
+            os.close(fd)
+        if self.low_space:
+            log.info("journal %s: room kept again (%d bytes past its last page)", self.path,
+                     self._file_size - used)
+        self.low_space = False
+
+    def transact(self, fn, essential=True):
         """Call fn(WriteTxn) in one write transaction and return its result.
 
         On a full map the transaction is aborted, the map doubled and fn
-        called again from scratch.
+        called again from scratch. A write that is not *essential* (it neither frees space nor
+        finishes what the journal has started) is refused with JournalFull while the journal's
+        room is low on a full filesystem.
         """
         if self.readonly:
             raise JournalError(f"journal at {self.path} is open readonly")
+        free = self._free_bytes() if not essential and self.low_space else None
+        if free is not None and free < 2 * self._reserve:  # (once there is room, the next write keeps it)
+            raise JournalFull(f"the state filesystem of the journal {self.path} is full "
+                              f"({free // 1024} KiB free); the room left in the journal is "
+                              "kept for rollbacks; nothing was written")
         dbs = self._dbs
 
         def attempt(txn):
@@ -566,6 +825,25 @@ class Journal:
     def meta(self, key, default=None):
         return self._read(lambda txn: _read_meta(txn, self._dbs, key, default))
 
+    def gone_layers(self):
+        """{layer id: why} of every layer the journal positively says has left the stack: the
+        layer of a step compensated or committed, the layers of the last drop
+        (``meta/dropped_layers``), a layer reserved but never pushed (``meta/pending_layer``).
+        Only these may be deleted; a layer directory the journal does not know is kept."""
+        def scan(txn):
+            out = {}
+            for _key, raw in txn.cursor(db=self._dbs["steps"]):
+                rec = _load(raw)
+                if rec.get("layer") and rec.get("state") in ("compensated", "committed"):
+                    out[rec["layer"]] = f"its step was {rec['state']}"
+            for lid in _read_meta(txn, self._dbs, "dropped_layers", None) or ():
+                out[lid] = "it was dropped"
+            pending = _read_meta(txn, self._dbs, "pending_layer", None)
+            if pending:
+                out[pending] = "it was never pushed"
+            return out
+        return self._read(scan)
+
     def stats(self):
         """Map size, bytes in use and entries per sub-database."""
         def collect(txn):
@@ -587,10 +865,10 @@ class Journal:
 
         A compacting copy is made; if it is smaller than *threshold* times the current file,
         it replaces data.mdb (fsynced, then renamed, then the directory fsynced) and the
-        environment is reopened. Returns (bytes before, bytes after). Holds the writer lock
+        environment is reopened. Returns (bytes before, bytes after): the pages in use (the
+        room kept past them, see keep_reserve, is not counted). Holds the writer lock
         and the gate throughout: no transaction of this process runs meanwhile.
         """
-        import os
         import shutil
 
         if self.readonly:
@@ -601,8 +879,8 @@ class Journal:
         tmp.mkdir(mode=0o700)
         try:
             with self._write_lock, self._gate.exclusive():
-                before = data.stat().st_size
                 env = self._live_env()
+                before = (env.info()["last_pgno"] + 1) * self._psize
                 env.copy(str(tmp), compact=True)
                 after = (tmp / "data.mdb").stat().st_size
                 if after >= before * threshold:
@@ -626,6 +904,8 @@ class Journal:
                 with self._env.begin(write=True) as txn:
                     self._dbs = {name: self._env.open_db(name.encode(), txn=txn, create=False)
                                  for name in DB_NAMES}
+                self._file_size = 0
+                self.keep_reserve()
                 log.info("journal %s compacted: %d -> %d bytes", self.path, before, after)
                 return before, after
         finally:

@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from . import osutil
-from journal import JournalError
+from journal import JournalError, JournalFull
 
 from .control import Authorizer, ControlServer, OpError
 from .paths import UsageError, socket_path
@@ -103,6 +103,17 @@ def is_mounted(mountpoint: str) -> bool:
     return False
 
 
+def no_space_message(ws: Workspace, exc) -> str:
+    """What a refusal for lack of room on the state filesystem says."""
+    try:
+        sv = os.statvfs(ws.state_dir)
+        free = f"{(sv.f_bfree if os.geteuid() == 0 else sv.f_bavail) * sv.f_frsize // 1024} KiB free"
+    except OSError:
+        free = "free space unknown"
+    return (f"the state file system is full: {ws.state_dir} has {free} ({exc}); "
+            "roll back a step (saga rollback) or free space on it, then try again")
+
+
 class Daemon:
     def __init__(self, ws: Workspace, *, allow_other: bool, group: str | None = None, crashed: bool = False):
         self.ws = ws
@@ -128,7 +139,14 @@ class Daemon:
         fn = self.ops.get(op)
         if fn is None:
             raise OpError("unknown-op", f"unknown operation {op!r}")
-        return await fn(args, peer)
+        try:
+            return await fn(args, peer)
+        except JournalFull as exc:
+            raise OpError("no-space", no_space_message(self.ws, exc)) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OpError("no-space", no_space_message(self.ws, exc)) from None
 
     def exclusive(self, name: str):
         """A context for stack-changing operations: a second one racing the first is refused."""
@@ -155,6 +173,7 @@ class Daemon:
             "state_dir": str(self.ws.state_dir), "pid": os.getpid(),
             "layers": [layer.id for layer in fs.layers[1:]], "writable": fs.writable(),
             "busy": self.busy, "uptime": time.time() - self.started,
+            "quarantined": self.ws.quarantined(),
         }
 
     async def op_push(self, args, peer):
@@ -191,7 +210,7 @@ class Daemon:
             await trio.sleep(0.1)
         if self.saga is not None:
             try:
-                await self.saga.flush_audit()
+                await self.saga.flush_audit(essential=True)
             except Exception:
                 log.exception("could not journal the audit trail")
         pyfuse3.terminate()

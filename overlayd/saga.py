@@ -13,6 +13,7 @@ Each live step owns exactly one layer: the stack above the base is the live step
 in order.
 """
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -26,7 +27,7 @@ import time
 
 import trio
 
-from journal import encode_event
+from journal import JournalError, JournalFull, encode_event
 
 from . import budgets, merge, osutil
 from .control import OpError
@@ -39,6 +40,8 @@ GC_KEEP = 10  # ended sagas saga.gc keeps when given neither keep nor older_than
 DEFAULT_COMP_TIMEOUT = 60.0  # with 3 attempts, a hung compensation holds the workspace ~3 min
 BACKOFF = float(os.environ.get("OVERLAYD_BACKOFF", "0.5"))
 STDERR_TAIL = 4096
+MIN_STEP_FREE = 1 << 20  # a step is refused with less room than this on the state filesystem (plus
+# what ext4 keeps for itself out of the free blocks: 2 % of the filesystem, at most 16 MiB)
 AUDIT = os.environ.get("OVERLAYD_AUDIT", "1") != "0"  # 0: no audit trail (to measure its cost)
 CRASH_AT = os.environ.get("OVERLAYD_CRASH_AT", "")  # fault injection: "label" or "label:n"
 _crash_counts = {}
@@ -218,7 +221,11 @@ def run_compensation(cmd: str, env: dict, cwd: str, uid: int, gid: int, timeout:
     kwargs = {}
     if os.geteuid() == 0 and (uid, gid) != (0, 0):
         kwargs = dict(user=uid, group=gid, extra_groups=[])
-    with tempfile.TemporaryFile(dir=state_dir) as out:
+    try:
+        out = tempfile.TemporaryFile(dir=state_dir)
+    except OSError:  # a full state filesystem: the rollback that frees it must still run
+        out = tempfile.TemporaryFile()
+    with out:
         proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out, start_new_session=True, **kwargs)
         try:
@@ -357,7 +364,7 @@ class SagaEngine:
         live = self.live_steps(sid)
         self.audit_sealed.append((sid, live[-1]["index"] if live else None, batch))
 
-    async def flush_audit(self) -> None:
+    async def flush_audit(self, essential: bool = False) -> None:
         """Journal the buffered changes in one transaction (every second, before reading the
         log, at shutdown). They are encoded first, on a worker thread but outside the journal's
         write lock: a step transition waits at most for their puts (5 ms for 10,000), not for
@@ -372,13 +379,23 @@ class SagaEngine:
                 return [encode_event("op", sid, step, **rec) for sid, step, batch in batches for rec in batch]
 
             values = await trio.to_thread.run_sync(encode)
-            await self.ws.transact(lambda txn: txn.append_events(values))
+            try:
+                await self.ws.transact(lambda txn: txn.append_events(values), essential)
+            except BaseException:
+                self.audit_sealed[:0] = batches  # journaled by a later flush, in order
+                raise
 
     async def audit_loop(self) -> None:
+        full = False
         while True:
             await trio.sleep(1.0)
             try:
                 await self.flush_audit()
+                full = False
+            except JournalFull as exc:
+                if not full:
+                    log.warning("the audit trail waits in memory: %s", exc)
+                full = True
             except Exception:
                 log.exception("could not journal the audit trail")
 
@@ -445,6 +462,8 @@ class SagaEngine:
                     await self._compensate(sid, index - 1, "active", None)
         except OpError as exc:
             log.error("cutting step %d: %s", index, exc.message)
+        except JournalError as exc:  # (a background task: an exception here would end the daemon)
+            log.error("cutting step %d: %s; the step stays sealed: roll it back with: saga rollback", index, exc)
         finally:
             self.cutting = None
 
@@ -529,6 +548,7 @@ class SagaEngine:
         comp_timeout = _number(args, "compensate_timeout", DEFAULT_COMP_TIMEOUT, float, 0.001, 86400 * 7)
         with self.d.exclusive("begin a step"):
             saga = self.require_active()
+            await self._check_room()
             sid = saga["id"]
             steps = self.steps(sid)
             index = (steps[-1]["index"] if steps else 0) + 1
@@ -556,7 +576,12 @@ class SagaEngine:
 
             self._seal_audit()
             t0 = time.perf_counter()
-            await self.ws.push_layer(txn_extra=extra)
+            try:
+                await self.ws.push_layer(txn_extra=extra)
+            except (JournalFull, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise OpError("no-space", self._no_room(exc) + "; the saga is unchanged") from None
             if prev is not None:
                 self._known.update(paths)
             self.touched = {}
@@ -569,6 +594,26 @@ class SagaEngine:
             if prev is not None:
                 await self._sync_layer(prev)
             return {"step": rec, "seconds": elapsed}
+
+    def _no_room(self, why) -> str:
+        from .daemon import no_space_message
+
+        return no_space_message(self.ws, why)
+
+    async def _check_room(self) -> None:
+        """Refuse a step on a full state filesystem (its layer could hold nothing), after giving
+        the reaper a moment to delete the layers a rollback just dropped."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            free, size = self.ws.free_bytes(True)  # (one statvfs: no thread hop on a step's latency)
+            need = MIN_STEP_FREE + min(size // 50, 16 << 20)
+            if free is None or free >= need:
+                return
+            if not self.ws.trash_pending() or time.monotonic() > deadline:
+                raise OpError("no-space", self._no_room(f"a step needs {need // 1024} KiB") +
+                              "; the saga is unchanged")
+            self.ws.wake_reaper()
+            await trio.sleep(0.05)
 
     async def _sync_layer(self, step) -> None:
         """Flush a finished step's layer to disk, then journal that it is durable."""
@@ -585,7 +630,11 @@ class SagaEngine:
                     rec["synced"] = True
                     txn.put_step(step["saga"], rec["index"], rec)
 
-        await self.ws.transact(mark)
+        try:
+            await self.ws.transact(mark)
+        except JournalError as exc:  # the step has begun; "synced" is only a note
+            log.warning("saga %d step %d: could not journal that its layer is synced: %s", step["saga"],
+                        step["index"], exc)
 
     # ------------------------------------------------------------------ rollback / abort / retry
 
@@ -635,9 +684,13 @@ class SagaEngine:
             return await self._compensate(saga["id"], saga["target"], saga["final"], peer)
 
     async def _compensate(self, sid: int, target: int, final: str, peer):
-        """Compensate and drop every live step above *target*, newest first."""
+        """Compensate and drop every live step above *target*, newest first.
+
+        Every journal write here is essential (Journal.transact): it finds room on a full state
+        filesystem, since the rollback is what frees it. If one fails all the same, the saga
+        stays ``compensating`` in the journal and in the view (sealed), and 'saga retry' or a
+        restart finishes it."""
         self._seal_audit()
-        self.step_meter = None
 
         def start(txn):
             s = txn.saga(sid)
@@ -646,8 +699,18 @@ class SagaEngine:
             txn.event("saga.compensating", saga=sid, target=target, final=final, **self._event_details(peer))
 
         await self.ws.transact(start)
+        self.step_meter = None
         crash_point("rollback.start")
         self.fs.seal_top()
+        try:
+            return await self._compensate_steps(sid, target, final)
+        except JournalError as exc:
+            raise OpError("no-space" if isinstance(exc, JournalFull) else "journal",
+                          f"the rollback stopped: {exc}; the saga is still compensating and the workspace "
+                          "read-only: free space on the state filesystem if it is full, then run: saga retry "
+                          "(a restart of the daemon finishes it too)", saga=sid) from None
+
+    async def _compensate_steps(self, sid: int, target: int, final: str):
         done = []
         t0 = time.perf_counter()
         todo = [st for st in self.live_steps(sid) if st["index"] > target]
@@ -1024,7 +1087,10 @@ class SagaEngine:
         return {"saga": saga, "changes": changes}
 
     async def op_log(self, args, peer):
-        await self.flush_audit()
+        try:
+            await self.flush_audit()
+        except JournalFull as exc:  # the log is read all the same; the batch waits in memory
+            log.warning("saga log: the audit trail of the last second is not journaled yet: %s", exc)
         since = _number(args, "since", 0, int, 0, 1 << 63)
         saga = args.get("saga")
         if saga is not None and (isinstance(saga, bool) or not isinstance(saga, int)):
@@ -1042,7 +1108,7 @@ class SagaEngine:
         if older is None and keep is None:
             keep = GC_KEEP  # never every saga's history without being asked
         with self.d.exclusive("collect garbage"):
-            await self.flush_audit()  # no batch of an ended saga may be journaled after its removal
+            await self.flush_audit(essential=True)  # no batch of an ended saga may be journaled after its removal
             before = await trio.to_thread.run_sync(self.ws.disk_usage)
             active = self.active_id()
             ended = [s for s in self.ws.journal.sagas() if s["id"] != active and s["state"] in ("committed", "aborted")]
@@ -1067,10 +1133,10 @@ class SagaEngine:
                 jbefore, jafter = self.ws.journal.compact()
             stack = self.ws.stack()
             self.ws.finish_drops()
-            await trio.to_thread.run_sync(self.ws.collect_orphans, stack)
+            quarantined = await trio.to_thread.run_sync(self.ws.collect_orphans, stack)
             after = await trio.to_thread.run_sync(self.ws.disk_usage)
             return {"sagas": victims, "events": events, "bytes_before": before, "bytes_after": after,
-                    "journal_before": jbefore, "journal_after": jafter}
+                    "journal_before": jbefore, "journal_after": jafter, "quarantined": quarantined}
 
     async def op_annotate(self, args, peer):
         """Merge client data (e.g. a saga definition and its steps' outcomes) into the active
@@ -1088,7 +1154,7 @@ class SagaEngine:
             txn.event("saga.annotate", saga=saga["id"], keys=sorted(fields), **self._event_details(peer))
             return s
 
-        return {"saga": await self.ws.transact(put)}
+        return {"saga": await self.ws.transact(put, essential=False)}
 
     async def op_list(self, args, peer):
         return {"sagas": self.ws.journal.sagas()}

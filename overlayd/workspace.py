@@ -5,13 +5,17 @@ On-disk layout of the state directory::
     journal/        LMDB environment (see journal/)
     layers/ID/      one directory per layer of the stack (ID: 16 hex digits)
     trash/ID/       dropped layers, deleted in the background
+    quarantine/ID/  layer directories the journal does not know: kept, never deleted by overlayd
     lock            flock()ed by the daemon that serves the workspace
     workspace.json  name, base, mountpoint (for 'overlayd list')
 
 The stack (the layer IDs, bottom to top, and whether the top is sealed) is the journal's
 ``meta/stack`` record; the view is rebuilt from it at start. A layer directory that the
-stack does not name is an orphan (a crash between mkdir and the journal, or a drop between
-the journal and the rename to trash) and goes to the trash at start.
+stack does not name goes to the trash only when the journal positively says it is gone (its
+step compensated or committed, the last drop, a push that never happened: a crash between
+mkdir and the journal, or between a drop's journal and its rename to the trash); any other
+goes to the quarantine. A journal that cannot be read, or a missing one while layers exist,
+is a refusal to start, never a fresh journal (Journal.open, Workspace._open_journal).
 """
 
 import fcntl
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from journal import Journal
+from journal import Journal, JournalDamaged
 
 from .fs import OverlayFS
 from .paths import UsageError, index_dir, is_within, register
@@ -74,6 +78,7 @@ class Workspace:
         self.state_dir = Path(os.path.abspath(state_dir))
         self.layers_dir = self.state_dir / "layers"
         self.trash_dir = self.state_dir / "trash"
+        self.quarantine_dir = self.state_dir / "quarantine"
         self.work_dir = self.state_dir / "work"  # the shared whiteout (fs.OverlayFS._whiteout)
         self.journal = None
         self.fs = None
@@ -113,11 +118,8 @@ class Workspace:
             os.close(self._lockfd)
             raise UsageError(f"workspace state {self.state_dir} is in use by another daemon; "
                              "unmount it first (overlayd unmount MOUNTPOINT)") from None
-        self.journal = Journal.open(self.state_dir)
-        info = {"name": self.name, "base": str(self.base), "mountpoint": str(self.mountpoint)}
-        tmp = self.state_dir / "workspace.json.tmp"
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, self.state_dir / "workspace.json")
+        self.journal = self._open_journal()
+        self._write_info()
         try:
             register(self.name, self.state_dir)  # so that 'overlayd list' finds it wherever it lives
         except OSError as exc:
@@ -125,7 +127,8 @@ class Workspace:
         if recover is not None:
             recover(self)
         stack = self.stack()
-        self._trash_orphans(stack)
+        self.sweep_layers(stack)
+        self._check_stack(stack)
         self.fs = OverlayFS(str(self.base), [(lid, str(self.layers_dir / lid), sealed)
                                              for lid, sealed in self._stack_entries(stack)],
                              workdir=str(self.work_dir))
@@ -138,15 +141,88 @@ class Workspace:
         ids = stack["layers"]
         return [(lid, True if i < len(ids) - 1 else stack["sealed"]) for i, lid in enumerate(ids)]
 
-    def _trash_orphans(self, stack) -> None:
+    def _open_journal(self) -> Journal:
+        """Open the journal; a new one only for a state directory without layers.
+
+        A journal that cannot be read is never replaced (Journal.open raises JournalDamaged),
+        and a missing or empty one is refused while layers exist: a new journal would not know
+        them, and the saga they hold would be lost."""
+        layers = sorted(os.listdir(self.layers_dir))
+        data = self.state_dir / "journal" / "data.mdb"
+        if layers and not os.path.lexists(data):
+            raise UsageError(
+                f"the state directory {self.state_dir} holds {len(layers)} layer(s) "
+                f"({', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}) but no journal ({data} is "
+                f"missing): a new journal would not know them. Restore {data} from a backup, or, to "
+                f"start a new journal, move the layers aside (mv {self.layers_dir} {self.layers_dir}.saved): "
+                "the saga's changes stay there, one directory per step")
+        return Journal.open(self.state_dir, create=not layers)
+
+    def _write_info(self) -> None:
+        """workspace.json (for 'overlayd list'), rewritten only when it changes: a start on a full
+        state filesystem must not fail on it."""
+        info = json.dumps({"name": self.name, "base": str(self.base), "mountpoint": str(self.mountpoint)})
+        path = self.state_dir / "workspace.json"
+        try:
+            if path.read_text() == info:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+        tmp = self.state_dir / "workspace.json.tmp"
+        try:
+            tmp.write_text(info)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc)
+
+    def sweep_layers(self, stack) -> list:
+        """Layer directories the stack does not name: to the trash when the journal says they are
+        gone (Journal.gone_layers), else to the quarantine, kept. Returns the quarantined paths."""
         keep = set(stack["layers"])
-        for entry in os.listdir(self.layers_dir):
-            if entry not in keep:
-                log.warning("layer %s is not in the journal: moving it to the trash", entry)
+        strays = sorted(e for e in os.listdir(self.layers_dir) if e not in keep)
+        if not strays:
+            return []
+        gone = self.journal.gone_layers()
+        moved = []
+        for entry in strays:
+            if entry in gone:
+                log.info("layer %s is not in the stack and %s: moving it to the trash", entry, gone[entry])
                 os.rename(self.layers_dir / entry, self.trash_dir / entry)
-        for lid in keep:
+            else:
+                moved.append(self._quarantine(entry))
+        return moved
+
+    def _quarantine(self, entry: str) -> str:
+        self.quarantine_dir.mkdir(mode=0o700, exist_ok=True)
+        dst = self.quarantine_dir / entry
+        n = 1
+        while os.path.lexists(dst):
+            dst = self.quarantine_dir / f"{entry}.{n}"
+            n += 1
+        os.rename(self.layers_dir / entry, dst)
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(self.layers_dir)
+        log.warning("layer %s is not in the journal's stack and the journal does not say it was dropped: "
+                    "moved to %s and kept (overlayd never deletes it); look at it, and delete it by hand "
+                    "once it is not needed", entry, dst)
+        try:
+            self.journal.transact(lambda txn: txn.event("layer.quarantined", layer=entry, path=str(dst)))
+        except Exception as exc:  # the move is what matters; the event is a courtesy
+            log.warning("could not journal the quarantine of layer %s: %s", entry, exc)
+        return str(dst)
+
+    def quarantined(self) -> list:
+        try:
+            return sorted(os.listdir(self.quarantine_dir))
+        except FileNotFoundError:
+            return []
+
+    def _check_stack(self, stack) -> None:
+        for lid in stack["layers"]:
             if not (self.layers_dir / lid).is_dir():
-                raise RuntimeError(f"journal names layer {lid} but {self.layers_dir / lid} is missing")
+                raise UsageError(f"the journal's stack names layer {lid} but {self.layers_dir / lid} is "
+                                 "missing: the state directory was changed by hand or restored partly; "
+                                 f"restore {self.layers_dir / lid}, or the state directory whole, from a backup")
 
     def close(self) -> None:
         if self.fs is not None:
@@ -160,15 +236,22 @@ class Workspace:
 
     # ------------------------------------------------------------------ journal access
 
-    async def transact(self, fn):
-        """One journal write transaction, on a worker thread (one transaction per thread hop)."""
-        return await trio.to_thread.run_sync(self.journal.transact, fn, limiter=self.jlimiter)
+    async def transact(self, fn, essential=True):
+        """One journal write transaction, on a worker thread (one transaction per thread hop).
+        *essential*=False: refused while the state filesystem is full (Journal.transact)."""
+        return await trio.to_thread.run_sync(self.journal.transact, fn, essential, limiter=self.jlimiter)
 
     # ------------------------------------------------------------------ stack changes
 
     def _new_layer_dir(self, txn) -> str:
+        """Reserve the next layer id (journaled as ``meta/pending_layer`` until the push is
+        journaled, so that a crash in between leaves a directory the sweep may delete). An id
+        whose directory exists anyway (quarantined, say) is skipped."""
         n = txn.get_meta("next_layer", 1)
+        while any(os.path.lexists(d / f"{n:016x}") for d in (self.layers_dir, self.trash_dir, self.quarantine_dir)):
+            n += 1
         txn.set_meta("next_layer", n + 1)
+        txn.set_meta("pending_layer", f"{n:016x}")
         return f"{n:016x}"
 
     async def push_layer(self, txn_extra=None) -> str:
@@ -176,29 +259,38 @@ class Workspace:
         def reserve(txn):
             return self._new_layer_dir(txn)
 
-        layer_id = await self.transact(reserve)
+        layer_id = await self.transact(reserve, essential=False)
         path = self.layers_dir / layer_id
-        os.mkdir(path, 0o700)
-        # the root directory is in every layer: the new one starts as the view's root is now
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            src = self.fs.layers[-1].fd
-            self.fs.copy_meta(src, fd, os.fstat(src))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(self.layers_dir)
 
         def commit(txn):
             stack = txn.get_meta("stack", {"layers": [], "sealed": True})
             stack = {"layers": stack["layers"] + [layer_id], "sealed": False}
             txn.set_meta("stack", stack)
+            txn.set_meta("pending_layer", None)
             if txn_extra is not None:
                 txn_extra(txn, layer_id)
             else:
                 txn.event("layer.push", layer=layer_id)
 
-        await self.transact(commit)
+        os.mkdir(path, 0o700)
+        try:
+            # the root directory is in every layer: the new one starts as the view's root is now
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                src = self.fs.layers[-1].fd
+                self.fs.copy_meta(src, fd, os.fstat(src))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(self.layers_dir)
+            await self.transact(commit, essential=False)
+        except BaseException:
+            # not journaled: nothing names the directory, and nothing was written in it
+            try:
+                os.rmdir(path)
+            except OSError as exc:
+                log.warning("could not remove %s after a failed push: %s", path, exc)
+            raise
         self.fs.push_layer(layer_id, str(path))
         return layer_id
 
@@ -240,6 +332,7 @@ class Workspace:
             if stack["layers"][-count:] != ids:
                 raise RuntimeError(f"journal stack {stack['layers']} disagrees with the view {ids}")
             txn.set_meta("stack", {"layers": stack["layers"][:-count], "sealed": not reopen})
+            txn.set_meta("dropped_layers", ids)
             if txn_extra is not None:
                 txn_extra(txn)
             else:
@@ -258,7 +351,10 @@ class Workspace:
             self.fs.unseal_top()
         for layer in dropped:
             os.close(layer.fd)
-            os.rename(self.layers_dir / layer.id, self.trash_dir / layer.id)
+            try:
+                os.rename(self.layers_dir / layer.id, self.trash_dir / layer.id)
+            except OSError as exc:  # the journal says it is gone: the next sweep trashes it
+                log.warning("could not move dropped layer %s to the trash: %s", layer.id, exc)
         self._reaper_wake.set()
         self._purge_wake.set()  # their identities are forgotten off the drop's latency
         if on_view is not None:
@@ -289,6 +385,25 @@ class Workspace:
             while self.fs is not None and self.fs.purge_dropped(budget=1000):
                 await trio.sleep(0)
 
+    def free_bytes(self, with_size: bool = False):
+        """Room left on the state filesystem for the daemon (root may use the reserved blocks);
+        *with_size*: (room, size of the filesystem). None when unknown."""
+        try:
+            sv = os.statvfs(self.state_dir)
+        except OSError:
+            return (None, 0) if with_size else None
+        free = (sv.f_bfree if os.geteuid() == 0 else sv.f_bavail) * sv.f_frsize
+        return (free, sv.f_blocks * sv.f_frsize) if with_size else free
+
+    def trash_pending(self) -> bool:
+        try:
+            return bool(os.listdir(self.trash_dir))
+        except OSError:
+            return False
+
+    def wake_reaper(self) -> None:
+        self._reaper_wake.set()
+
     def reap_trash(self) -> int:
         n = 0
         for entry in os.listdir(self.trash_dir):
@@ -296,15 +411,14 @@ class Workspace:
             n += 1
         return n
 
-    def collect_orphans(self, stack) -> None:
-        """Trash layer directories the journal does not name, and empty the trash (sync; may
-        run on a worker thread: a drop moves its layers to the trash in the turn it drops them)."""
-        keep = set(stack["layers"])
-        for entry in os.listdir(self.layers_dir):
-            if entry not in keep:
-                log.warning("layer %s is not in the journal: removing it", entry)
-                os.rename(self.layers_dir / entry, self.trash_dir / entry)
+    def collect_orphans(self, stack) -> list:
+        """Sweep layer directories the stack does not name (sweep_layers: the journal's dropped
+        ones to the trash, unknown ones to the quarantine) and empty the trash (sync; may run on
+        a worker thread: a drop moves its layers to the trash in the turn it drops them).
+        Returns the quarantined paths."""
+        moved = self.sweep_layers(stack)
         self.reap_trash()
+        return moved
 
     def reaper_loop(self, stop: threading.Event) -> None:
         """Runs in its own thread: delete dropped layers whenever woken."""
