@@ -19,7 +19,11 @@ Caveats (knowingly not done):
 - ``st_nlink`` of a merged directory is 1 (as for many FUSE filesystems);
 - renaming a directory that has entries in lower layers copies its whole subtree up (its
   files as metacopies: metadata only);
-- character and block devices cannot be created in the view (EPERM).
+- a character device 0/0 cannot be created in the view (EPERM, as in kernel overlayfs): in a
+  layer it is a whiteout; other devices can, by root only (the mount is ``nodev``: they cannot
+  be opened through it);
+- ``fallocate(2)`` is not supported (EOPNOTSUPP): pyfuse3 (3.5.0) has no handler for it, so
+  libfuse answers ENOSYS and the kernel stops asking (``posix_fallocate`` falls back to writes).
 """
 
 import errno
@@ -1017,7 +1021,7 @@ class OverlayFS(pyfuse3.Operations):
                     os.close(dst)
             finally:
                 os.close(src)
-        else:  # fifo, socket
+        else:  # fifo, socket, device
             self._clear_whiteout(first_parent, first_name)
             os.mknod(first_name, st.st_mode, st.st_rdev, dir_fd=dpfd)
             if self.is_root:
@@ -1362,10 +1366,13 @@ class OverlayFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        device = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        if device and (not self.is_root or ctx.uid != 0 or (stat.S_ISCHR(mode) and rdev == 0)):
+            # root only (the kernel has checked CAP_MKNOD too); a character device 0/0 is a
+            # whiteout in a layer, and anyone may create one: refused, as kernel overlayfs does
             raise FUSEError(errno.EPERM)
         parent, pfd = self._prepare_create(parent_inode, name)
-        os.mknod(name, stat.S_IFMT(mode) | 0o600, 0, dir_fd=pfd)
+        os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev if device else 0, dir_fd=pfd)
         node, st = self._finish_create(parent, pfd, name, ctx, mode, K_OTHER if not stat.S_ISREG(mode) else K_FILE)
         return self._attrs(node, st)
 
