@@ -16,7 +16,6 @@ invalidation after a stack change.
 Caveats (knowingly not done):
 - changes made to the base behind the daemon's back are not noticed until the directory
   listing cache is refreshed (after a layer drop);
-- ``st_nlink`` of a merged directory is 1 (as for many FUSE filesystems);
 - renaming a directory that has entries in lower layers copies its whole subtree up (its
   files as metacopies: metadata only);
 - a character device 0/0 cannot be created in the view (EPERM, as in kernel overlayfs): in a
@@ -86,7 +85,7 @@ class Node:
     """A view inode. Directories have one (parent, name); files may have several."""
 
     __slots__ = ("ino", "is_dir", "parent", "name", "links", "lookups", "idents", "epoch",
-                 "li", "loc", "dlayers", "merged", "opens", "dead", "st", "mc")
+                 "li", "loc", "dlayers", "merged", "opens", "dead", "st", "mc", "nsub")
 
     def __init__(self, ino: int, is_dir: bool):
         self.ino = ino
@@ -105,6 +104,7 @@ class Node:
         self.dead = False
         self.st = None  # (epoch, stat) of an entry that lives in the base: it does not change
         self.mc = None  # files: (loc, origin or None[, its st_blocks]): is the top copy a metacopy (_origin)
+        self.nsub = None  # dirs: (merged, how many of its entries are directories), see _dir_nlink
 
 
 class Handle:
@@ -769,7 +769,7 @@ class OverlayFS(pyfuse3.Operations):
         e.attr_timeout = TIMEOUT
         e.st_mode = st.st_mode
         if node.is_dir and len(node.dlayers or ()) > 1:
-            e.st_nlink = 1
+            e.st_nlink = self._dir_nlink(node)
         elif node.dead and not node.is_dir:
             e.st_nlink = 0
         else:
@@ -786,6 +786,22 @@ class OverlayFS(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def _dir_nlink(self, node: Node) -> int:
+        """st_nlink of a directory merged from several layers: 2 + its visible subdirectories,
+        as a plain directory has (kernel overlayfs says 1). Counted from the merged listing the
+        view keeps anyway, once per change of it (a change of the listing resets the count)."""
+        if node.nsub is not None and node.nsub[0] is node.merged:
+            return 2 + node.nsub[1]
+        try:
+            merged = self._merged(node)
+            lsts = {li: self._listing(li, d_ino, lambda li=li, d_ino=d_ino: self._dirfd(node, li, d_ino))
+                    for li, d_ino in node.dlayers}
+            n = sum(1 for name, li in merged.items() if lsts[li].names[name][0] == K_DIR)
+        except (OSError, FUSEError, KeyError):
+            return 1  # an answer for stat, never a failure of it
+        node.nsub = (merged, n)
+        return 2 + n
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -881,6 +897,7 @@ class OverlayFS(pyfuse3.Operations):
         lst.names[name] = (kind, ino)
         if dnode.merged is not None:
             dnode.merged[name] = li
+            dnode.nsub = None
 
     def _listings_remove(self, dnode: Node, li: int, name: bytes, whiteout: bool) -> None:
         d_ino = dict(dnode.dlayers)[li]
@@ -890,6 +907,7 @@ class OverlayFS(pyfuse3.Operations):
             lst.whiteouts.add(name)
         if dnode.merged is not None:
             dnode.merged.pop(name, None)
+            dnode.nsub = None
 
     def _origin(self, node: Node):
         """(base ino, base path) if *node*'s current copy is a metacopy, else None. Cached per loc.

@@ -1552,6 +1552,55 @@ def test_retype_names_repeatedly(root, rec, remount):
     rec.agree()
 
 
+def test_directory_link_counts(root, rec, remount):
+    """st_nlink of a directory is 2 + its subdirectories, also for a directory whose entries
+    come from several layers (a base directory the saga changed)."""
+    dirs = [".", "src", "src/pkg", "src/pkg/sub", "docs", "moved", "empty-again", "new", "new/a"]
+
+    def nlinks():
+        out = {}
+        for d in dirs:
+            out[d] = outcome(lambda: os.lstat(root / d).st_nlink)
+        with os.scandir(root) as it:  # readdirplus answers too
+            out["scandir"] = sorted((e.name, e.stat(follow_symlinks=False).st_nlink) for e in it if e.is_dir())
+        return out
+
+    before = rec("base", nlinks())
+    assert before["src"] == 3 and before["."] == 5
+    write(root / "src/new.py", b"x")  # src and the root now have entries in two layers
+    os.mkdir(root / "src/one")
+    os.makedirs(root / "src/two/deeper")
+    os.mkdir(root / "new")
+    os.mkdir(root / "new/a")
+    rec("after mkdir", nlinks())
+    shutil.rmtree(root / "src/pkg/sub")
+    os.rmdir(root / "src/one")
+    os.rename(root / "docs", root / "moved")
+    os.rename(root / "src/two", root / "moved/two")
+    shutil.rmtree(root / "empty")
+    os.mkdir(root / "empty-again")
+    os.rename(root / "src/pkg", root / "src/pkg2")
+    os.rename(root / "src/pkg2", root / "src/pkg")
+    write(root / "src/pkg/mod0.py", b"y")
+    os.mkdir(root / "src/pkg/sub")
+    renameat2(root / "src/pkg", root / "moved/two", RENAME_EXCHANGE)
+    renameat2(root / "src/pkg", root / "moved/two", RENAME_EXCHANGE)
+    after = rec("after changes", nlinks())
+    assert after["src"] == 3 and after["moved"] == 3 and after["src/pkg"] == 3 and after["."] == 6, after
+    assert_same_after_remount(root, remount)
+    rec("after remount", nlinks())
+    rec.agree()
+
+
+def test_directory_link_count_after_drop(ws, sample_base):
+    mp = ws.mp
+    assert os.lstat(mp / "src").st_nlink == 3
+    os.mkdir(mp / "src/extra")
+    assert os.lstat(mp / "src").st_nlink == 4
+    ws.drop(1)
+    assert os.lstat(mp / "src").st_nlink == os.lstat(sample_base / "src").st_nlink == 3
+
+
 # ---------------------------------------------------------------------------------- layers (mount only)
 
 
