@@ -28,11 +28,11 @@ JSON_KEYS = {
     "step": ["version", "step", "seconds"],
     "rollback": ["version", "saga", "compensated"],
     "abort": ["version", "saga", "compensated"],
-    "commit": ["version", "saga", "changes", "seconds"],
-    "commit --dry-run": ["version", "saga", "changes", "conflicts", "dry_run"],
+    "commit": ["version", "saga", "changes", "seconds", "left_out"],
+    "commit --dry-run": ["version", "saga", "changes", "conflicts", "left_out", "dry_run"],
     "retry": ["version", "saga", "compensated"],
     "status": ["version", "saga", "steps", "writable", "busy"],
-    "diff": ["version", "saga", "changes"],
+    "diff": ["version", "saga", "changes", "left_out"],
     "log": ["version", "seq", "ts", "saga", "step", "kind"],
     "list": ["version", "sagas"],
     "gc": ["version", "sagas", "events", "bytes_before", "bytes_after"],
@@ -374,23 +374,59 @@ def abort(ctx, workspace, as_json):
     run(ctx, workspace, as_json, go)
 
 
+def _left_out_lines(left):
+    """One line per left-out path (a directory counts what it takes along)."""
+    out = []
+    for c in left:
+        why = {"ignored": "ignored by git", "exclude": "excluded"}.get(c["reason"], c["reason"])
+        more = f", and {c['entries']} entries in it" if c.get("entries") else ""
+        out.append(f"left out  {c['path']}  ({why}{more}; step {c['step']} {c['step_name']})")
+    return out
+
+
+rules_options = [
+    click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
+                 help="Leave out paths matching GLOB (gitignore syntax; repeatable), besides the "
+                      "workspace's exclude list (STATE/commit.json)."),
+    click.option("--include-ignored", is_flag=True,
+                 help="Take the paths git ignores too (by default a base that is a git work tree gets none of them)."),
+]
+
+
+def with_rules(fn):
+    for opt in reversed(rules_options):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
-@click.option("--dry-run", is_flag=True, help="Show what would be committed and any conflicts; change nothing.")
+@click.option("--dry-run", is_flag=True, help="Show what would be committed, left out, and any conflicts; change nothing.")
+@with_rules
 @common
 @click.pass_context
-def commit(ctx, dry_run, workspace, as_json):
-    """Merge every step into the base (crash-safe; refused on conflicts, exit 3)."""
+def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
+    """Merge every step into the base (crash-safe; refused on conflicts, exit 3).
+
+    Paths git ignores (when the base is a git work tree, by the rules of the view) and paths
+    matching the exclude patterns are left out: they are dropped with the layers, never
+    written to the base. --dry-run lists them as "left out".
+    """
+    rule_args = {"exclude": list(exclude) or None, "include_ignored": include_ignored or None}
+
     def go(t):
-        r = t.call("saga.commit", dry_run=dry_run) if dry_run else t.call_with_progress("saga.commit", "committing",
-                                                                                         dry_run=False)
+        r = t.call("saga.commit", dry_run=dry_run, **rule_args) if dry_run \
+            else t.call_with_progress("saga.commit", "committing", dry_run=False, **rule_args)
         if dry_run:
             lines = [f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})" for c in r["changes"]]
+            lines += _left_out_lines(r.get("left_out", []))
             lines += [f"CONFLICT  {c['path']}" for c in r["conflicts"]]
             emit(ctx, r, "\n".join(lines) or "nothing to commit")
             if r["conflicts"]:
                 sys.exit(3)
         else:
-            emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['changes']} change(s) in {r['seconds']:.2f}s")
+            n = sum(1 + c.get("entries", 0) for c in r.get("left_out", []))
+            emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['changes']} change(s) in {r['seconds']:.2f}s"
+                 + (f"; {n} path(s) left out (ignored or excluded), dropped with the layers" if n else ""))
 
     try:
         run(ctx, workspace, as_json, go)

@@ -416,6 +416,23 @@ class OverlayFS(pyfuse3.Operations):
         self.hardlinks_base = None
         self.epoch += 1
 
+    def kernel_entries(self, paths):
+        """(names, inodes) the kernel may have cached for the view *paths*: (parent ino, name)
+        of each, and its parent directory's inode (its link count and listing change). For a
+        commit that leaves these paths out: they vanish from the view with the layers, while
+        their parents stay (with the same inode numbers, so the kernel would keep their children)."""
+        names, inos = [], set()
+        for path in paths:
+            parts = tuple(os.fsencode(path).split(b"/"))
+            try:
+                parent = self._walk(parts[:-1])
+            except (OSError, FUSEError):
+                continue
+            if parent is not None and parent.lookups > 0:
+                names.append((parent.ino, parts[-1]))
+                inos.add(parent.ino)
+        return names, list(inos)
+
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)

@@ -103,6 +103,26 @@ def compact(ops) -> list[dict]:
     return out
 
 
+def leave_out(ops, paths) -> list[dict]:
+    """The (uncompacted) plan without the ops of *paths*, which holds every path under a
+    directory it holds (see rules.Rules.left_out); ``root`` indices are renumbered, and a new
+    directory that loses an entry is no longer moved whole (the rename would take the entry
+    along into the base)."""
+    out = []
+    where = {}
+    for i, op in enumerate(ops):
+        if op["path"] in paths:
+            if op["root"] >= 0 and op["root"] in where:
+                out[where[op["root"]]].pop("move", None)
+            continue
+        op = dict(op)
+        if op["root"] >= 0:
+            op["root"] = where[op["root"]]
+        where[i] = len(out)
+        out.append(op)
+    return out
+
+
 def count_entries(ops) -> int:
     """How many entries a (possibly compacted) plan changes."""
     return sum(1 + op.get("entries", 0) for op in ops)

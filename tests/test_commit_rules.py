@@ -1,0 +1,121 @@
+"""Commit rules against a real daemon: paths git ignores (by the rules of the view) and paths
+matching exclude patterns are left out of the base and dropped with the layers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import put, read
+from overlayd.client import ClientError
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "init.defaultBranch=main"]
+
+
+def git_base(root):
+    root.mkdir()
+    subprocess.run([*GIT, "init", "-q", str(root)], check=True)
+    put(root / ".gitignore", "__pycache__/\n*.log\n")
+    put(root / "app.py", "print(1)\n")
+    put(root / "keep.log", "tracked, though it matches *.log\n")
+    put(root / "old.log", "ignored, in the base\n")
+    (root / "pkg").mkdir()
+    put(root / "pkg" / "m.py", "x = 1\n")
+    subprocess.run([*GIT, "-C", str(root), "add", ".gitignore", "app.py", "pkg"], check=True)
+    subprocess.run([*GIT, "-C", str(root), "add", "-f", "keep.log"], check=True)
+    subprocess.run([*GIT, "-C", str(root), "commit", "-qm", "base"], check=True)
+    return root
+
+
+def saga_cli(m, *args):
+    env = {**m.env, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
+    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=m.mp, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def make_changes(mp):
+    """What an agent leaves behind: a venv (ignored by a .gitignore line the saga adds), caches,
+    logs, build output, scratch files, next to real changes."""
+    put(mp / ".gitignore", read(mp / ".gitignore") + b".venv/\n")
+    os.makedirs(mp / ".venv" / "bin")
+    for i in range(30):
+        put(mp / ".venv" / "bin" / f"tool{i}", "#!/bin/sh\n")
+    os.makedirs(mp / "pkg" / "__pycache__")
+    put(mp / "pkg" / "__pycache__" / "m.cpython-311.pyc", b"\0pyc")
+    put(mp / "pkg" / "m.py", "x = 2\n")
+    os.makedirs(mp / "proj" / "__pycache__")  # a new directory, moved whole when nothing in it is left out
+    put(mp / "proj" / "a.py", "a = 1\n")
+    put(mp / "proj" / "__pycache__" / "a.pyc", b"\0pyc")
+    put(mp / "new.log", "ignored\n")
+    put(mp / "keep.log", "tracked: committed\n")
+    os.unlink(mp / "old.log")  # an ignored deletion: left out too, the base keeps the file
+    os.makedirs(mp / "build")
+    put(mp / "build" / "out.txt", "built\n")
+    put(mp / "notes.tmp", "scratch\n")
+
+
+def test_ignored_and_excluded_paths_are_left_out(mount_factory, tmp_path):
+    base = git_base(tmp_path / "base")
+    m = mount_factory(base, name="rules")
+    (m.state / "commit.json").write_text(json.dumps({"exclude": ["/build/"]}))
+    m.call("saga.begin", name="agent")
+    m.call("saga.step", name="work")
+    make_changes(m.mp)
+
+    dry = m.call("saga.commit", dry_run=True, exclude=["*.tmp"])
+    left = {c["path"]: (c["reason"], c["entries"]) for c in dry["left_out"]}
+    assert left == {".venv": ("ignored", 31), "pkg/__pycache__": ("ignored", 1), "proj/__pycache__": ("ignored", 1),
+                    "new.log": ("ignored", 0), "old.log": ("ignored", 0), "build": ("exclude", 1),
+                    "notes.tmp": ("exclude", 0)}, left
+    assert all(c["step_name"] == "work" for c in dry["left_out"])
+    changed = {c["path"] for c in dry["changes"]}
+    assert changed == {".gitignore", "keep.log", "pkg/m.py", "proj", "proj/a.py"}, changed
+    taken = {c["path"] for c in m.call("saga.commit", dry_run=True, include_ignored=True)["changes"]}
+    assert {".venv", ".venv/bin/tool0", "pkg/__pycache__", "new.log", "old.log"} <= taken
+    assert "build" not in taken and "notes.tmp" in taken  # exclude patterns hold; --exclude was not given
+
+    r = saga_cli(m, "commit", "--dry-run", "--exclude", "*.tmp")
+    assert r.returncode == 0, r.stderr
+    assert "left out  .venv  (ignored by git, and 31 entries in it; step 1 work)" in r.stdout.splitlines(), r.stdout
+    assert "left out  notes.tmp  (excluded; step 1 work)" in r.stdout.splitlines(), r.stdout
+
+    put(base / "new.log", "the base's, made meanwhile\n")  # a conflict on a left-out path does not count
+    res = m.call("saga.commit", exclude=["*.tmp"])
+    assert res["saga"]["state"] == "committed"
+    assert sum(1 + c["entries"] for c in res["left_out"]) == 41
+    assert read(base / "new.log") == read(m.mp / "new.log") == b"the base's, made meanwhile\n"
+    assert read(base / "pkg" / "m.py") == b"x = 2\n" and read(base / "proj" / "a.py") == b"a = 1\n"
+    assert read(base / "keep.log") == b"tracked: committed\n"
+    assert read(base / "old.log") == b"ignored, in the base\n"
+    assert read(base / ".gitignore").endswith(b".venv/\n")
+    for gone in (".venv", "pkg/__pycache__", "proj/__pycache__", "build", "notes.tmp"):
+        assert not os.path.lexists(base / gone), gone
+        assert not os.path.lexists(m.mp / gone), gone  # dropped with the layers
+    assert sorted(os.listdir(base / "proj")) == ["a.py"]
+    assert not [n for n in os.listdir(base) if n.startswith(".overlayd-")]
+
+
+def test_rules_without_git_and_bad_rules(mount_factory, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    put(base / ".gitignore", "*.log\n")  # not a git work tree: no git rules
+    m = mount_factory(base, name="nogit")
+    m.call("saga.begin", name="s")
+    m.call("saga.step", name="one")
+    put(m.mp / "a.log", "kept\n")
+    put(m.mp / "b.tmp", "excluded\n")
+    (m.state / "commit.json").write_text('{"exclude": "*.tmp"}')
+    with pytest.raises(ClientError) as ei:
+        m.call("saga.commit")
+    assert ei.value.code == "bad-request" and "commit.json" in ei.value.message and "list" in ei.value.message
+    with pytest.raises(ClientError) as ei:
+        m.call("saga.commit", exclude=[""])
+    assert ei.value.code == "bad-request"
+    assert m.call("saga.status")["saga"]["state"] == "active"
+    (m.state / "commit.json").write_text('{"exclude": ["*.tmp"]}')
+    res = m.call("saga.commit")
+    assert [c["path"] for c in res["left_out"]] == ["b.tmp"]
+    assert read(base / "a.log") == b"kept\n" and not os.path.lexists(base / "b.tmp")
