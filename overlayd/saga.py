@@ -1051,16 +1051,44 @@ class SagaEngine:
             ops, left = await trio.to_thread.run_sync(self._plan, False, rules_)
         except rules.RulesError as exc:
             raise OpError("error", f"{exc} (saga diff leaves out what a commit would)") from None
-        changes = self._annotate(merge.summarize(ops), saga["id"])
+        changes = self._attribute(self._annotate(merge.summarize(ops), saga["id"]), saga["id"])
         for c in changes:
             if c["path"] in self.writers:
                 c["process"] = self.writers[c["path"]]
-        left = self._annotate(left, saga["id"])
+        left = self._attribute(self._annotate(left, saga["id"]), saga["id"])
         if args.get("step") is not None:
             k = self._resolve_step(saga, args["step"])
-            changes = [c for c in changes if c["step"] == k]
-            left = [c for c in left if c["step"] == k]
+            changes = [c for c in changes if k in (c["step"], c.get("last_step"))]
+            left = [c for c in left if k in (c["step"], c.get("last_step"))]
         return {"saga": saga, "changes": changes, "left_out": left}
+
+    def _attribute(self, changes, sid):
+        """Each change's ``step`` is the step that first changed the path (the steps' journaled
+        paths: a step records a path only if no earlier live step did), or of its nearest
+        ancestor that a step recorded (entries of a renamed directory); the layer's step (the
+        step of the visible version) is kept as ``last_step`` when it is a later one. A
+        directory created in step 4 and written into in step 5 is step 4's change."""
+        first = {}
+        stored = self.ws.journal.step_paths(sid)
+        live = self.live_steps(sid)
+        names = {s["index"]: s["name"] for s in live}
+        for s in live:
+            for p in stored.get(s["index"], ()):
+                first.setdefault(p, s["index"])
+        if live and live[-1]["state"] == "open":
+            for p in self.touched:
+                first.setdefault(p, live[-1]["index"])
+        for c in changes:
+            p = c["path"]
+            k = first.get(p)
+            while k is None and "/" in p:
+                p = p.rsplit("/", 1)[0]
+                k = first.get(p)
+            if k is None or c["step"] is None or k >= c["step"]:
+                continue
+            c["last_step"], c["last_step_name"] = c["step"], c["step_name"]
+            c["step"], c["step_name"] = k, names.get(k)
+        return changes
 
     async def op_log(self, args, peer):
         await self.flush_audit()

@@ -119,3 +119,47 @@ def test_rules_without_git_and_bad_rules(mount_factory, tmp_path):
     res = m.call("saga.commit")
     assert [c["path"] for c in res["left_out"]] == ["b.tmp"]
     assert read(base / "a.log") == b"kept\n" and not os.path.lexists(base / "b.tmp")
+
+
+def test_diff_attribution_ignored_paths_and_summary(mount_factory, tmp_path):
+    base = git_base(tmp_path / "base")
+    m = mount_factory(base, name="diffs")
+    m.call("saga.begin", name="agent")
+    m.call("saga.step", name="first")
+    os.makedirs(m.mp / "cache" / "v")
+    put(m.mp / "cache" / "v" / "a", "1\n")
+    os.makedirs(m.mp / "pkg" / "__pycache__")
+    put(m.mp / "pkg" / "__pycache__" / "m.pyc", b"\0")
+    m.call("saga.step", name="second")
+    put(m.mp / "cache" / "v" / "a", "2\n")
+    put(m.mp / "cache" / "v" / "b", "new\n")
+    put(m.mp / "app.py", "print(2)\n")
+
+    d = m.call("saga.diff")
+    who = {c["path"]: (c["step"], c.get("last_step")) for c in d["changes"]}
+    # made in step 1 and changed again in step 2: step 1's change (the layer holding it is step 2's)
+    assert who == {"cache": (1, 2), "cache/v": (1, 2), "cache/v/a": (1, 2), "cache/v/b": (2, None),
+                   "app.py": (2, None)}, who
+    assert all(c["process"]["comm"] for c in d["changes"])
+    assert [(c["path"], c["reason"]) for c in d["left_out"]] == [("pkg/__pycache__", "ignored")]
+    assert {c["path"] for c in m.call("saga.diff", step="first")["changes"]} == {"cache", "cache/v", "cache/v/a"}
+    taken = {c["path"] for c in m.call("saga.diff", include_ignored=True)["changes"]}
+    assert {"pkg/__pycache__", "pkg/__pycache__/m.pyc"} <= taken
+
+    r = saga_cli(m, "diff")
+    assert r.returncode == 0, r.stderr
+    assert "added     cache  (step 1 first, again in step 2 second, by " in r.stdout, r.stdout
+    assert "+++ b/app.py" in r.stdout and "left out  pkg/__pycache__  (ignored by git" in r.stdout
+
+    os.makedirs(m.mp / "gen")
+    for i in range(150):
+        put(m.mp / "gen" / f"f{i:03}.txt", f"{i}\n")
+    r = saga_cli(m, "diff")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "156 changes (155 added, 1 modified) in step(s) 1, 2", lines[0]
+    assert any(x.startswith("added     gen/  (step 2 second") and x.endswith(", 150 entries in it)") for x in lines), lines
+    assert "+++ b/" not in r.stdout and len(lines) < 20, r.stdout
+    assert "saga diff --full" in lines[-1]
+    r = saga_cli(m, "diff", "--full")
+    assert r.stdout.count("+++ b/gen/") == 150
