@@ -163,3 +163,20 @@ def test_diff_attribution_ignored_paths_and_summary(mount_factory, tmp_path):
     assert "saga diff --full" in lines[-1]
     r = saga_cli(m, "diff", "--full")
     assert r.stdout.count("+++ b/gen/") == 150
+
+
+def test_git_config_of_the_view_runs_no_command(mount_factory, tmp_path):
+    """The saga may write the view's .git/config: git check-ignore, which the daemon runs there,
+    reads it, and reading the index runs core.fsmonitor. The daemon turns it off."""
+    base = git_base(tmp_path / "base")
+    marker = tmp_path / "fsmonitor-ran"
+    m = mount_factory(base, name="gitcfg")
+    m.call("saga.begin", name="s")
+    m.call("saga.step", name="one")
+    cfg = read(m.mp / ".git" / "config")
+    put(m.mp / ".git" / "config", cfg + f"[core]\n\tfsmonitor = touch {marker}; echo\n".encode())
+    put(m.mp / "new.log", "ignored\n")
+    assert [c["path"] for c in m.call("saga.commit", dry_run=True)["left_out"]] == ["new.log"]
+    m.call("saga.commit")
+    assert not marker.exists(), "the daemon's git ran the view's core.fsmonitor command"
+    assert not (base / "new.log").exists()
