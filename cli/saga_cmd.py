@@ -32,8 +32,8 @@ JSON_KEYS = {
     "step": ["version", "step", "seconds"],
     "rollback": ["version", "saga", "compensated"],
     "abort": ["version", "saga", "compensated"],
-    "commit": ["version", "saga", "changes", "count", "seconds"],
-    "commit --dry-run": ["version", "saga", "changes", "conflicts", "dry_run"],
+    "commit": ["version", "saga", "changes", "count", "seconds", "left_out"],
+    "commit --dry-run": ["version", "saga", "changes", "conflicts", "left_out", "dry_run"],
     "retry": ["version", "saga", "compensated"],
     "status": ["version", "saga", "steps", "writable", "busy"],
     "diff": ["version", "saga", "changes"],
@@ -443,23 +443,59 @@ def abort(ctx, workspace, as_json):
     run(ctx, workspace, as_json, go)
 
 
+def _left_out_lines(left):
+    """One line per left-out path (a directory counts what it takes along)."""
+    out = []
+    for c in left:
+        why = {"ignored": "ignored by git", "exclude": "excluded"}.get(c["reason"], c["reason"])
+        more = f", and {c['entries']} entries in it" if c.get("entries") else ""
+        out.append(f"left out  {c['path']}  ({why}{more}; step {c['step']} {c['step_name']})")
+    return out
+
+
+rules_options = [
+    click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
+                 help="Leave out paths matching GLOB (gitignore syntax; repeatable), besides the "
+                      "workspace's exclude list (STATE/commit.json)."),
+    click.option("--include-ignored", is_flag=True,
+                 help="Take the paths git ignores too (by default a base that is a git work tree gets none of them)."),
+]
+
+
+def with_rules(fn):
+    for opt in reversed(rules_options):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
-@click.option("--dry-run", is_flag=True, help="Show what would be committed and any conflicts; change nothing.")
+@click.option("--dry-run", is_flag=True, help="Show what would be committed, left out, and any conflicts; change nothing.")
+@with_rules
 @common
 @click.pass_context
-def commit(ctx, dry_run, workspace, as_json):
-    """Merge every step into the base (crash-safe; refused on conflicts, exit 3)."""
+def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
+    """Merge every step into the base (crash-safe; refused on conflicts, exit 3).
+
+    Paths git ignores (when the base is a git work tree, by the rules of the view) and paths
+    matching the exclude patterns are left out: they are dropped with the layers, never
+    written to the base. --dry-run lists them as "left out".
+    """
+    rule_args = {"exclude": list(exclude) or None, "include_ignored": include_ignored or None}
+
     def go(t):
-        r = t.call("saga.commit", dry_run=dry_run) if dry_run else t.call_with_progress("saga.commit", "committing",
-                                                                                         dry_run=False)
+        r = t.call("saga.commit", dry_run=dry_run, **rule_args) if dry_run \
+            else t.call_with_progress("saga.commit", "committing", dry_run=False, **rule_args)
         if dry_run:
             lines = [f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})" for c in r["changes"]]
+            lines += _left_out_lines(r.get("left_out", []))
             lines += [f"CONFLICT  {c['path']}" for c in r["conflicts"]]
             emit(ctx, r, "\n".join(lines) or "nothing to commit")
             if r["conflicts"]:
                 sys.exit(3)
         else:
-            emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['count']} change(s) in {r['seconds']:.2f}s")
+            n = sum(1 + c.get("entries", 0) for c in r.get("left_out", []))
+            emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['count']} change(s) in {r['seconds']:.2f}s"
+                 + (f"; {n} path(s) left out (ignored or excluded), dropped with the layers" if n else ""))
 
     try:
         run(ctx, workspace, as_json, go)
@@ -525,30 +561,89 @@ def status(ctx, workspace, as_json):
     run(ctx, workspace, as_json, go)
 
 
+SUMMARY_OVER = 100  # changes: above this, saga diff prints a summary unless --full
+
+
+def _who(c):
+    """The step that made a change (and the later one that changed it again), and the process."""
+    out = f"step {c['step']} {c['step_name']}"
+    if c.get("last_step") is not None:
+        out += f", again in step {c['last_step']} {c['last_step_name']}"
+    if c.get("process"):
+        p = c["process"]
+        out += f", by {p['comm']} pid {p['pid']} uid {p['uid']}"
+    return out
+
+
+def _collapse(changes):
+    """Changes with every entry of an added (or replaced) directory folded into the directory's
+    line (``entries``: how many), in path order."""
+    out = []
+    for c in changes:
+        top = out[-1] if out else None
+        if top is not None and top.get("kind") == "d" and top["change"] != "deleted" \
+                and c["path"].startswith(top["path"] + "/"):
+            top["entries"] = top.get("entries", 0) + 1
+            continue
+        out.append(dict(c))
+    return out
+
+
+def _summary_lines(r, limit=SUMMARY_OVER):
+    changes = r["changes"]
+    counts = {}
+    for c in changes:
+        counts[c["change"]] = counts.get(c["change"], 0) + 1
+    steps = sorted({c["step"] for c in changes if c["step"] is not None})
+    lines = [f"{len(changes)} changes (" + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+             + f") in step(s) {', '.join(map(str, steps)) or '-'}"]
+    rows = _collapse(changes)
+    for c in rows[:limit]:
+        more = f", {c['entries']} entries in it" if c.get("entries") else ""
+        slash = "/" if c.get("kind") == "d" else ""
+        lines.append(f"{c['change']:9} {c['path']}{slash}  ({_who(c)}{more})")
+    if len(rows) > limit:
+        lines.append(f"... and {sum(1 + c.get('entries', 0) for c in rows[limit:])} more change(s)")
+    lines += _left_out_lines(r.get("left_out", []))
+    lines.append(f"(a summary: more than {SUMMARY_OVER} changes. Every change's diff: saga diff --full; every "
+                 "path: saga diff --stat; one step: saga diff --step STEP)")
+    return lines
+
+
 @main.command()
 @click.option("--step", "step_ref", metavar="STEP", shell_complete=complete_steps,
               help="Only the changes of this step.")
 @click.option("--stat", "stat_only", is_flag=True, help="One line per path with its change.")
 @click.option("--name-only", is_flag=True, help="Only the paths.")
+@click.option("--full", is_flag=True, help=f"Every change's diff, even past {SUMMARY_OVER} changes.")
+@with_rules
 @common
 @click.pass_context
-def diff(ctx, step_ref, stat_only, name_only, workspace, as_json):
-    """Show what the saga changed: added/modified/deleted per path, with the step that did it."""
+def diff(ctx, step_ref, stat_only, name_only, full, exclude, include_ignored, workspace, as_json):
+    """Show what the saga changed: added/modified/deleted per path, with the step (and the
+    process) that made it, and a unified diff of each text file.
+
+    Past 100 changes it prints a summary (an added directory on one line) and says how to get
+    the rest. Like git diff, it leaves out what a commit would leave out (paths git ignores,
+    exclude patterns) and lists that as "left out".
+    """
     def go(t):
-        r = t.read("saga.diff", step=step_ref)
+        r = t.read("saga.diff", step=step_ref, exclude=list(exclude) or None, include_ignored=include_ignored or None)
         if ctx.obj["json"] or name_only or stat_only or r.get("daemon") is False:
-            text = "\n".join(c["path"] if name_only else f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})"
+            text = "\n".join(c["path"] if name_only else f"{c['change']:9} {c['path']}  ({_who(c)})"
                              for c in r["changes"])
             emit(ctx, r, text)
             return
+        if len(r["changes"]) > SUMMARY_OVER and not full:
+            click.echo("\n".join(_summary_lines(r)))
+            return
         base = r["saga"] and _base_of(t)
         for c in r["changes"]:
-            who = f", by {c['process']['comm']} pid {c['process']['pid']} uid {c['process']['uid']}" \
-                if c.get("process") else ""
-            click.echo(click.style(f"{c['change']:9} {c['path']}", bold=True)
-                       + f"  (step {c['step']} {c['step_name']}{who})")
+            click.echo(click.style(f"{c['change']:9} {c['path']}", bold=True) + f"  ({_who(c)})")
             if c.get("kind") == "f" and base:
                 _unified(os.path.join(base, c["path"]), os.path.join(t.mountpoint, c["path"]), c)
+        for line in _left_out_lines(r.get("left_out", [])):
+            click.echo(line)
     run(ctx, workspace, as_json, go)
 
 

@@ -22,7 +22,13 @@ class NoDaemon(ClientError):
 
 
 class ConflictError(ClientError):
-    """A commit was refused: paths changed in the base meanwhile (``.conflicts``)."""
+    """A commit was refused: paths changed in the base meanwhile (``.conflicts``).
+
+    Raised by the commit that ends a ``with ws.saga(...)`` block, it also carries the saga
+    (``.saga``) and whether the block aborted it (``.aborted``, see :meth:`Workspace.saga`)."""
+
+    saga = None
+    aborted = False
 
     @property
     def conflicts(self):
@@ -112,6 +118,12 @@ class Workspace:
         with ws.saga("refactor") as s:          # commits on success, aborts on an exception
             with s.step("migrate", compensate="dropdb scratch"):
                 ...                             # an exception rolls this step back, then propagates
+
+    A commit refused for conflicts raises ``ConflictError`` from the ``with`` statement and,
+    by default, keeps the saga active (nothing is lost; the next ``ws.saga()`` is refused while
+    it is): ``err.saga`` is the saga, to resolve and commit (``err.saga.rollback(to=K)`` drops
+    the steps that changed the paths; redo them in new steps; ``err.saga.commit()``) or to
+    ``err.saga.abort()``. ``ws.saga(NAME, on_conflict="abort")`` aborts it instead.
     """
 
     def __init__(self, mountpoint=None, *, name=None, socket_path=None, timeout=600.0):
@@ -135,16 +147,23 @@ class Workspace:
         rec = self.call("saga.begin", name=name)["saga"]
         return Saga(self, rec)
 
-    def saga(self, name, *, commit=True) -> "Saga":
-        return Saga(self, None, name=name, commit_on_exit=commit)
+    def saga(self, name, *, commit=True, on_conflict="keep") -> "Saga":
+        """A saga as a context manager: begun on entry; on exit committed (unless
+        ``commit=False``), or aborted if the block raised. *on_conflict*: what a commit refused
+        for conflicts does to the saga, ``"keep"`` (active, for resolution) or ``"abort"``; the
+        ``ConflictError`` is raised either way."""
+        if on_conflict not in ("keep", "abort"):
+            raise ValueError(f"on_conflict must be 'keep' or 'abort', not {on_conflict!r}")
+        return Saga(self, None, name=name, commit_on_exit=commit, on_conflict=on_conflict)
 
 
 class Saga:
-    def __init__(self, ws: Workspace, rec, *, name=None, commit_on_exit=True):
+    def __init__(self, ws: Workspace, rec, *, name=None, commit_on_exit=True, on_conflict="keep"):
         self.ws = ws
         self.rec = rec
         self.name = name or (rec or {}).get("name")
         self.commit_on_exit = commit_on_exit
+        self.on_conflict = on_conflict
 
     def __enter__(self):
         if self.rec is None:
@@ -154,13 +173,35 @@ class Saga:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             if self.commit_on_exit:
-                self.commit()
+                try:
+                    self.commit()
+                except ConflictError as err:
+                    self._conflicted(err)
+                    raise
             return False
         try:
             self.abort()
         except ClientError:
             pass  # the original exception matters more; the saga's state is in the journal
         return False
+
+    def _conflicted(self, err: ConflictError) -> None:
+        """The commit at the end of the block was refused: keep the saga, or abort it; say which."""
+        err.saga = self
+        if self.on_conflict == "abort":
+            try:
+                self.abort()
+            except ClientError as exc:
+                err.message += f"; aborting the saga failed too: {exc.message}"
+            else:
+                err.aborted = True
+                err.message += "; the saga was aborted (on_conflict='abort'): its changes are gone"
+        else:
+            err.message += ("; resolve it (roll back the steps that changed these paths and redo them, "
+                            "then commit: err.saga.rollback(to=K), err.saga.step(...), err.saga.commit()) "
+                            "or drop it (err.saga.abort(), or 'saga abort'); until then no other saga can "
+                            "begin in this workspace")
+        err.args = (err.message,)
 
     def step(self, name, compensate=None, *, timeout=None, max_bytes=None, max_files=None, retries=None) -> "Step":
         if isinstance(compensate, (list, tuple)):

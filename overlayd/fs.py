@@ -16,10 +16,13 @@ invalidation after a stack change.
 Caveats (knowingly not done):
 - changes made to the base behind the daemon's back are not noticed until the directory
   listing cache is refreshed (after a layer drop);
-- ``st_nlink`` of a merged directory is 1 (as for many FUSE filesystems);
 - renaming a directory that has entries in lower layers copies its whole subtree up (its
   files as metacopies: metadata only);
-- character and block devices cannot be created in the view (EPERM).
+- a character device 0/0 cannot be created in the view (EPERM, as in kernel overlayfs): in a
+  layer it is a whiteout; other devices can, by root only (the mount is ``nodev``: they cannot
+  be opened through it);
+- ``fallocate(2)`` is not supported (EOPNOTSUPP): pyfuse3 (3.5.0) has no handler for it, so
+  libfuse answers ENOSYS and the kernel stops asking (``posix_fallocate`` falls back to writes).
 """
 
 import errno
@@ -82,7 +85,7 @@ class Node:
     """A view inode. Directories have one (parent, name); files may have several."""
 
     __slots__ = ("ino", "is_dir", "parent", "name", "links", "lookups", "idents", "epoch",
-                 "li", "loc", "dlayers", "merged", "opens", "dead", "st", "mc")
+                 "li", "loc", "dlayers", "merged", "opens", "dead", "st", "mc", "nsub")
 
     def __init__(self, ino: int, is_dir: bool):
         self.ino = ino
@@ -101,6 +104,7 @@ class Node:
         self.dead = False
         self.st = None  # (epoch, stat) of an entry that lives in the base: it does not change
         self.mc = None  # files: (loc, origin or None[, its st_blocks]): is the top copy a metacopy (_origin)
+        self.nsub = None  # dirs: (merged, how many of its entries are directories), see _dir_nlink
 
 
 class Handle:
@@ -411,6 +415,23 @@ class OverlayFS(pyfuse3.Operations):
             os.close(self.fds.pop(key))
         self.hardlinks_base = None
         self.epoch += 1
+
+    def kernel_entries(self, paths):
+        """(names, inodes) the kernel may have cached for the view *paths*: (parent ino, name)
+        of each, and its parent directory's inode (its link count and listing change). For a
+        commit that leaves these paths out: they vanish from the view with the layers, while
+        their parents stay (with the same inode numbers, so the kernel would keep their children)."""
+        names, inos = [], set()
+        for path in paths:
+            parts = tuple(os.fsencode(path).split(b"/"))
+            try:
+                parent = self._walk(parts[:-1])
+            except (OSError, FUSEError):
+                continue
+            if parent is not None and parent.lookups > 0:
+                names.append((parent.ino, parts[-1]))
+                inos.add(parent.ino)
+        return names, list(inos)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -765,7 +786,7 @@ class OverlayFS(pyfuse3.Operations):
         e.attr_timeout = TIMEOUT
         e.st_mode = st.st_mode
         if node.is_dir and len(node.dlayers or ()) > 1:
-            e.st_nlink = 1
+            e.st_nlink = self._dir_nlink(node)
         elif node.dead and not node.is_dir:
             e.st_nlink = 0
         else:
@@ -782,6 +803,22 @@ class OverlayFS(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def _dir_nlink(self, node: Node) -> int:
+        """st_nlink of a directory merged from several layers: 2 + its visible subdirectories,
+        as a plain directory has (kernel overlayfs says 1). Counted from the merged listing the
+        view keeps anyway, once per change of it (a change of the listing resets the count)."""
+        if node.nsub is not None and node.nsub[0] is node.merged:
+            return 2 + node.nsub[1]
+        try:
+            merged = self._merged(node)
+            lsts = {li: self._listing(li, d_ino, lambda li=li, d_ino=d_ino: self._dirfd(node, li, d_ino))
+                    for li, d_ino in node.dlayers}
+            n = sum(1 for name, li in merged.items() if lsts[li].names[name][0] == K_DIR)
+        except (OSError, FUSEError, KeyError):
+            return 1  # an answer for stat, never a failure of it
+        node.nsub = (merged, n)
+        return 2 + n
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -877,6 +914,7 @@ class OverlayFS(pyfuse3.Operations):
         lst.names[name] = (kind, ino)
         if dnode.merged is not None:
             dnode.merged[name] = li
+            dnode.nsub = None
 
     def _listings_remove(self, dnode: Node, li: int, name: bytes, whiteout: bool) -> None:
         d_ino = dict(dnode.dlayers)[li]
@@ -886,6 +924,7 @@ class OverlayFS(pyfuse3.Operations):
             lst.whiteouts.add(name)
         if dnode.merged is not None:
             dnode.merged.pop(name, None)
+            dnode.nsub = None
 
     def _origin(self, node: Node):
         """(base ino, base path) if *node*'s current copy is a metacopy, else None. Cached per loc.
@@ -1017,7 +1056,7 @@ class OverlayFS(pyfuse3.Operations):
                     os.close(dst)
             finally:
                 os.close(src)
-        else:  # fifo, socket
+        else:  # fifo, socket, device
             self._clear_whiteout(first_parent, first_name)
             os.mknod(first_name, st.st_mode, st.st_rdev, dir_fd=dpfd)
             if self.is_root:
@@ -1362,10 +1401,13 @@ class OverlayFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        device = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        if device and (not self.is_root or ctx.uid != 0 or (stat.S_ISCHR(mode) and rdev == 0)):
+            # root only (the kernel has checked CAP_MKNOD too); a character device 0/0 is a
+            # whiteout in a layer, and anyone may create one: refused, as kernel overlayfs does
             raise FUSEError(errno.EPERM)
         parent, pfd = self._prepare_create(parent_inode, name)
-        os.mknod(name, stat.S_IFMT(mode) | 0o600, 0, dir_fd=pfd)
+        os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev if device else 0, dir_fd=pfd)
         node, st = self._finish_create(parent, pfd, name, ctx, mode, K_OTHER if not stat.S_ISREG(mode) else K_FILE)
         return self._attrs(node, st)
 

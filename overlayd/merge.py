@@ -6,7 +6,8 @@ A *plan* is the redo list, computed from the layers alone and journaled before t
 touched. Its ops, in path order (parents first):
 
 - ``delete``: the entry at *path* goes.
-- ``put``: a file, symlink, fifo or socket from a layer replaces whatever is at *path*.
+- ``put``: a file, symlink, fifo, socket or device (root only) from a layer replaces whatever
+  is at *path*.
 - ``newdir``: a directory from a layer replaces whatever is at *path*; its whole subtree is
   part of it (ops with ``root`` = this op's index). With ``move``, the layer's directory is
   itself renamed into the base (its subtree is then not listed in the journaled plan).
@@ -102,6 +103,26 @@ def compact(ops) -> list[dict]:
     return out
 
 
+def leave_out(ops, paths) -> list[dict]:
+    """The (uncompacted) plan without the ops of *paths*, which holds every path under a
+    directory it holds (see rules.Rules.left_out); ``root`` indices are renumbered, and a new
+    directory that loses an entry is no longer moved whole (the rename would take the entry
+    along into the base)."""
+    out = []
+    where = {}
+    for i, op in enumerate(ops):
+        if op["path"] in paths:
+            if op["root"] >= 0 and op["root"] in where:
+                out[where[op["root"]]].pop("move", None)
+            continue
+        op = dict(op)
+        if op["root"] >= 0:
+            op["root"] = where[op["root"]]
+        where[i] = len(out)
+        out.append(op)
+    return out
+
+
 def count_entries(ops) -> int:
     """How many entries a (possibly compacted) plan changes."""
     return sum(1 + op.get("entries", 0) for op in ops)
@@ -135,8 +156,9 @@ def _plan_dir(ops, rel: bytes, base_fd, chain, root: int, dev: int, movable: dic
                     ops.append({"op": "delete", "path": os.fsdecode(path), "layer": lid, "root": root})
                 continue
             kind = _kind(st)
-            if kind == "dev":
-                raise MergeError(f"{os.fsdecode(path)} in layer {lid} is a device file; devices are never committed")
+            if kind == "dev" and os.geteuid() != 0:
+                raise MergeError(f"{os.fsdecode(path)} in layer {lid} is a device file; only a daemon running "
+                                 "as root can commit it: remove it from the view, or commit as root")
             if kind != "d":
                 ops.append({"op": "put", "path": os.fsdecode(path), "layer": lid, "kind": kind, "root": root,
                             "ino": st.st_ino, "replaces": _kind(base_names[name]) if name in base_names else None})
@@ -334,8 +356,8 @@ class Merger:
         if kind == "l":
             os.symlink(os.readlink(name, dir_fd=lfd), dst_name, dir_fd=dst_fd)
             self._lmeta(dst_fd, dst_name, st)
-        elif kind in ("p", "s"):
-            os.mknod(dst_name, stat.S_IFMT(st.st_mode) | 0o600, dir_fd=dst_fd)
+        elif kind in ("p", "s", "dev"):
+            os.mknod(dst_name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev if kind == "dev" else 0, dir_fd=dst_fd)
             self._lmeta(dst_fd, dst_name, st)
             os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
         else:

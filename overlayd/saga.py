@@ -29,7 +29,7 @@ import trio
 
 from journal import JournalError, JournalFull, encode_event
 
-from . import budgets, merge, osutil
+from . import budgets, merge, osutil, rules
 from .control import OpError
 
 log = logging.getLogger(__name__)
@@ -841,24 +841,65 @@ class SagaEngine:
                 os.close(fd)
         return out
 
-    def _plan(self, for_commit: bool = False) -> list[dict]:
-        """The commit plan. *for_commit*: also give metacopies their data and make the layers
-        durable (one syncfs of their filesystem) before the plan is journaled."""
+    def _plan(self, for_commit: bool = False, rules_: rules.Rules | None = None):
+        """(the commit plan, what *rules_* leave out of it: see rules.summarize). *for_commit*:
+        also give metacopies their data and make the layers durable (one syncfs of their
+        filesystem) before the plan is journaled. Runs on a worker thread (git reads the view)."""
         base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
         fds = []
         try:
             for layer in self.fs.layers[1:]:
                 fds.append((layer.id, os.open(layer.path, osutil.DIR_FLAGS)))
             ops = merge.plan_commit(base_fd, fds)
+            left = []
+            if rules_:
+                out = rules_.left_out(self._entries(base_fd, ops))
+                if out:
+                    info = {c["path"]: {"change": c["change"]} for c in merge.summarize(ops)}
+                    for op in ops:
+                        if op["path"] in out:
+                            info.setdefault(op["path"], {"change": "modified"})["layer"] = op["layer"]
+                    left = rules.summarize(out, info)
+                    ops = merge.leave_out(ops, out)
             if for_commit:
                 merge.materialize(base_fd, dict(fds), ops)
                 if fds:
                     osutil.syncfs(fds[0][1])
-            return ops
+            return ops, left
         finally:
             os.close(base_fd)
             for _, fd in fds:
                 os.close(fd)
+
+    @staticmethod
+    def _entries(base_fd, ops):
+        """(path, is a directory) of every op, for the commit rules."""
+        for op in ops:
+            if op["op"] == "delete":
+                yield op["path"], merge.base_identity(base_fd, op["path"]) == ["d"]
+            else:
+                yield op["path"], op["op"] in ("newdir", "dir")
+
+    def _rules(self, args, saga) -> rules.Rules:
+        """The commit rules of a request: STATE/commit.json, then the request's ``exclude`` and
+        ``include_ignored``."""
+        try:
+            cfg = rules.load_config(self.ws.state_dir)
+            exclude = cfg["exclude"] + rules.check_patterns(args.get("exclude"), "exclude")
+        except rules.RulesError as exc:
+            raise OpError("bad-request", str(exc)) from None
+        git = not (args.get("include_ignored") or cfg["include_ignored"]) and rules.is_git_work_tree(self._base_fd)
+        return rules.Rules(exclude=exclude, mountpoint=self.ws.mountpoint if git else None,
+                           uid=saga.get("uid"), gid=saga.get("gid"))
+
+    def _without_left_out(self, rules_: rules.Rules, conflicts: list) -> list:
+        """Conflicts on paths the rules leave out do not count: those paths are not committed."""
+        if not conflicts or not rules_:
+            return conflicts
+        entries = [(c["path"], any(i is not None and i[0] in ("d", "D") for i in (c["recorded"], c["now"])))
+                   for c in sorted(conflicts, key=lambda c: c["path"])]
+        left = rules_.left_out(entries)
+        return [c for c in conflicts if c["path"] not in left]
 
     def _layer_steps(self, sid) -> dict:
         return {s["layer"]: {"index": s["index"], "name": s["name"]} for s in self.steps(sid) if s.get("layer")}
@@ -871,11 +912,16 @@ class SagaEngine:
                 return await self._finish_commit(saga, peer)
             sid = saga["id"]
             paths = self._all_paths(sid)
+            rules_ = self._rules(args, saga)
             if dry_run:
-                ops = await trio.to_thread.run_sync(self._plan)
-                conflicts = await trio.to_thread.run_sync(self._conflicts, paths)
+                try:
+                    ops, left = await trio.to_thread.run_sync(self._plan, False, rules_)
+                    conflicts = await trio.to_thread.run_sync(self._conflicts, paths)
+                    conflicts = await trio.to_thread.run_sync(self._without_left_out, rules_, conflicts)
+                except rules.RulesError as exc:
+                    raise OpError("commit-failed", str(exc)) from None
                 return {"saga": saga, "changes": self._annotate(merge.summarize(ops), sid), "conflicts": conflicts,
-                        "dry_run": True}
+                        "left_out": self._annotate(left, sid), "dry_run": True}
             t0 = time.perf_counter()
             was_writable = self.fs.writable()
             self.fs.seal_top()  # quiesce: from here a write fails with EROFS, it is never lost
@@ -885,6 +931,11 @@ class SagaEngine:
                 await trio.to_thread.run_sync(lock.acquire)
                 try:
                     conflicts = await trio.to_thread.run_sync(self._conflicts, paths)
+                    try:
+                        conflicts = await trio.to_thread.run_sync(self._without_left_out, rules_, conflicts)
+                    except rules.RulesError as exc:
+                        raise OpError("commit-failed", f"{exc}; nothing was applied and the saga is still "
+                                                       "active") from None
                     if conflicts:
                         if was_writable:
                             self.fs.unseal_top()
@@ -898,8 +949,8 @@ class SagaEngine:
                                                   "since this saga changed them; the saga is still active and "
                                                   "untouched", conflicts=conflicts)
                     try:
-                        full = await trio.to_thread.run_sync(self._plan, True)
-                    except (OSError, merge.MergeError) as exc:
+                        full, left = await trio.to_thread.run_sync(self._plan, True, rules_)
+                    except (OSError, merge.MergeError, rules.RulesError) as exc:
                         raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
                                                        "nothing was applied and the saga is still active: fix "
                                                        "the cause and commit again") from None
@@ -926,7 +977,9 @@ class SagaEngine:
                     t1 = time.perf_counter()
                     await self.ws.transact(intent)
                     crash_point("commit.intent")
-                    await self._execute_plan(plan, peer, t0, t1)
+                    # left-out entries vanish from the view with the layers: the kernel must forget them
+                    gone = self.fs.kernel_entries([c["path"] for c in left])
+                    await self._execute_plan(plan, peer, t0, t1, gone)
                 finally:
                     lock.release()
             except BaseException:
@@ -938,9 +991,9 @@ class SagaEngine:
             self.step_meter = self.saga_meter = None
             self.writers = {}
             return {"saga": self.ws.journal.saga(sid), "changes": changes, "count": len(changes),
-                    "seconds": time.perf_counter() - t0}
+                    "seconds": time.perf_counter() - t0, "left_out": self._annotate(left, sid)}
 
-    async def _execute_plan(self, plan, peer, t0=None, t1=None) -> None:
+    async def _execute_plan(self, plan, peer, t0=None, t1=None, gone=((), ())) -> None:
         """Run a journaled plan to the end, then finalize. On failure before anything was renamed
         into the base, undo the staging and give the saga back; after, stay committing."""
         sid, ops, layers = plan["saga"], plan["ops"], plan["layers"]
@@ -994,7 +1047,7 @@ class SagaEngine:
         t3 = time.perf_counter()
         try:
             await self.ws.drop_layers(len(layers), txn_extra=lambda txn: _finalize_commit(txn, sid),
-                                      committed=(inomap, stale), on_view=self.fs.resume)
+                                      committed=(inomap, stale, gone), on_view=self.fs.resume)
         finally:
             self.fs.resume()
         log.info("saga %d committed: %d entries in %d ops (%d moved whole); flush+check+plan %.3fs, "
@@ -1076,15 +1129,49 @@ class SagaEngine:
 
     async def op_diff(self, args, peer):
         saga = self.require_active(states=("active", "stuck", "compensating"))
-        ops = await trio.to_thread.run_sync(self._plan)
-        changes = self._annotate(merge.summarize(ops), saga["id"])
+        rules_ = self._rules(args, saga)
+        try:
+            ops, left = await trio.to_thread.run_sync(self._plan, False, rules_)
+        except rules.RulesError as exc:
+            raise OpError("error", f"{exc} (saga diff leaves out what a commit would)") from None
+        changes = self._attribute(self._annotate(merge.summarize(ops), saga["id"]), saga["id"])
         for c in changes:
             if c["path"] in self.writers:
                 c["process"] = self.writers[c["path"]]
+        left = self._attribute(self._annotate(left, saga["id"]), saga["id"])
         if args.get("step") is not None:
             k = self._resolve_step(saga, args["step"])
-            changes = [c for c in changes if c["step"] == k]
-        return {"saga": saga, "changes": changes}
+            changes = [c for c in changes if k in (c["step"], c.get("last_step"))]
+            left = [c for c in left if k in (c["step"], c.get("last_step"))]
+        return {"saga": saga, "changes": changes, "left_out": left}
+
+    def _attribute(self, changes, sid):
+        """Each change's ``step`` is the step that first changed the path (the steps' journaled
+        paths: a step records a path only if no earlier live step did), or of its nearest
+        ancestor that a step recorded (entries of a renamed directory); the layer's step (the
+        step of the visible version) is kept as ``last_step`` when it is a later one. A
+        directory created in step 4 and written into in step 5 is step 4's change."""
+        first = {}
+        stored = self.ws.journal.step_paths(sid)
+        live = self.live_steps(sid)
+        names = {s["index"]: s["name"] for s in live}
+        for s in live:
+            for p in stored.get(s["index"], ()):
+                first.setdefault(p, s["index"])
+        if live and live[-1]["state"] == "open":
+            for p in self.touched:
+                first.setdefault(p, live[-1]["index"])
+        for c in changes:
+            p = c["path"]
+            k = first.get(p)
+            while k is None and "/" in p:
+                p = p.rsplit("/", 1)[0]
+                k = first.get(p)
+            if k is None or c["step"] is None or k >= c["step"]:
+                continue
+            c["last_step"], c["last_step_name"] = c["step"], c["step_name"]
+            c["step"], c["step_name"] = k, names.get(k)
+        return changes
 
     async def op_log(self, args, peer):
         try:

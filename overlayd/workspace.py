@@ -316,10 +316,12 @@ class Workspace:
         returns, so no process sees a stale name, attribute or page afterwards. The new top
         layer stays sealed unless *reopen*.
 
-        *committed* = (inomap or None, stale base identities): the drop ends a commit, whose
-        base now holds what the layers held; the view's nodes move to their base identities
-        in the same event-loop turn as the switch (OverlayFS.adopt). *on_view* is called once
-        the view has switched, before the kernel notifications.
+        *committed* = (inomap or None, stale base identities[, (names, inodes)]): the drop ends a
+        commit, whose base now holds what the layers held, but for the entries the commit left
+        out (names (parent ino, name) and inodes the kernel must forget besides, see
+        OverlayFS.kernel_entries); the view's nodes move to their base identities in the same
+        event-loop turn as the switch (OverlayFS.adopt). *on_view* is called once the view has
+        switched, before the kernel notifications.
         """
         if count <= 0:
             if txn_extra is not None:
@@ -347,6 +349,9 @@ class Workspace:
         dropped, (inos, entries) = self.fs.drop_layers(count)
         if committed is not None:
             self.fs.adopt(pairs, committed[1])
+            if len(committed) > 2:
+                entries = entries + list(committed[2][0])
+                inos = inos + list(committed[2][1])
         if reopen:
             self.fs.unseal_top()
         for layer in dropped:

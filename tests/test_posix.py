@@ -506,6 +506,55 @@ def test_fifo_and_socket(root, rec, remount):
     rec.agree()
 
 
+def test_device_nodes(root, rec, remount):
+    """Root creates character and block devices; they keep their numbers through rename,
+    hard link, chmod, chown and a copy-up into a new layer. (The mount is nodev: opening one
+    through it is refused, which the plain directory does not do; see test_device_nodes_mount.)"""
+    def dev(rel):
+        st = os.lstat(root / rel)
+        return kind(root / rel), os.major(st.st_rdev), os.minor(st.st_rdev), oct(stat.S_IMODE(st.st_mode)), \
+            st.st_uid, st.st_nlink
+
+    os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(root / "src/loop", stat.S_IFBLK | 0o640, os.makedev(7, 0))
+    os.mknod(root / "tty", stat.S_IFCHR | 0o620, os.makedev(4, 1))
+    rec("created", {n: dev(n) for n in ("null", "src/loop", "tty")})
+    assert dev("null")[:3] == ("chr", 1, 3) and dev("src/loop")[:3] == ("blk", 7, 0)
+    assert rec.do("mknod existing", os.mknod, root / "null", stat.S_IFCHR | 0o600, os.makedev(1, 5)) == "EEXIST"
+    os.rename(root / "src/loop", root / "docs/loop0")
+    os.link(root / "docs/loop0", root / "loop-link")
+    os.chmod(root / "null", 0o600)
+    os.chown(root / "tty", 1000, 5)
+    os.utime(root / "tty", ns=(1, 2))
+    os.unlink(root / "loop-link")
+    rec("changed", {n: dev(n) for n in ("null", "docs/loop0", "tty")})
+    rec("unprivileged", run_as(root, lambda: outcome(os.mknod, "docs/mine", stat.S_IFCHR | 0o600,
+                                                     os.makedev(1, 3))))
+    rec("listing", sorted(os.listdir(root)))
+    assert_same_after_remount(root, remount)
+    rec.agree()
+
+
+def test_device_nodes_mount(ws):
+    """What only the mount does: a 0/0 character device (a whiteout in a layer) is refused, as
+    kernel overlayfs refuses it; devices cannot be opened (nodev); a device survives the drop
+    of a layer above the one that holds it (copied up by a chmod in the next layer)."""
+    mp = ws.mp
+    with pytest.raises(PermissionError):
+        os.mknod(mp / "wh", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    assert kind(mp / "wh") == "ENOENT"
+    os.mknod(mp / "zero", stat.S_IFCHR | 0o644, os.makedev(1, 5))
+    with pytest.raises(PermissionError):
+        os.open(mp / "zero", os.O_RDONLY | O_NF)
+    ws.push()
+    os.chmod(mp / "zero", 0o600)
+    st = os.lstat(mp / "zero")
+    assert (stat.S_ISCHR(st.st_mode), st.st_rdev, stat.S_IMODE(st.st_mode)) == (True, os.makedev(1, 5), 0o600)
+    ws.drop()
+    st = os.lstat(mp / "zero")
+    assert (stat.S_ISCHR(st.st_mode), st.st_rdev, stat.S_IMODE(st.st_mode)) == (True, os.makedev(1, 5), 0o644)
+
+
 def test_symlinks(root, rec, remount):
     targets = {"rel": "pkg/mod1.py", "abs": "/nonexistent/overlayd-elsewhere", "dangling": "nothing-here",
                "dots": "../../..", "long": "t/" * 2047 + "t", "odd": "a b\tc\\\u00e9"}
@@ -1501,6 +1550,55 @@ def test_retype_names_repeatedly(root, rec, remount):
     rec("tree", snapshot(root))
     assert_same_after_remount(root, remount)
     rec.agree()
+
+
+def test_directory_link_counts(root, rec, remount):
+    """st_nlink of a directory is 2 + its subdirectories, also for a directory whose entries
+    come from several layers (a base directory the saga changed)."""
+    dirs = [".", "src", "src/pkg", "src/pkg/sub", "docs", "moved", "empty-again", "new", "new/a"]
+
+    def nlinks():
+        out = {}
+        for d in dirs:
+            out[d] = outcome(lambda: os.lstat(root / d).st_nlink)
+        with os.scandir(root) as it:  # readdirplus answers too
+            out["scandir"] = sorted((e.name, e.stat(follow_symlinks=False).st_nlink) for e in it if e.is_dir())
+        return out
+
+    before = rec("base", nlinks())
+    assert before["src"] == 3 and before["."] == 5
+    write(root / "src/new.py", b"x")  # src and the root now have entries in two layers
+    os.mkdir(root / "src/one")
+    os.makedirs(root / "src/two/deeper")
+    os.mkdir(root / "new")
+    os.mkdir(root / "new/a")
+    rec("after mkdir", nlinks())
+    shutil.rmtree(root / "src/pkg/sub")
+    os.rmdir(root / "src/one")
+    os.rename(root / "docs", root / "moved")
+    os.rename(root / "src/two", root / "moved/two")
+    shutil.rmtree(root / "empty")
+    os.mkdir(root / "empty-again")
+    os.rename(root / "src/pkg", root / "src/pkg2")
+    os.rename(root / "src/pkg2", root / "src/pkg")
+    write(root / "src/pkg/mod0.py", b"y")
+    os.mkdir(root / "src/pkg/sub")
+    renameat2(root / "src/pkg", root / "moved/two", RENAME_EXCHANGE)
+    renameat2(root / "src/pkg", root / "moved/two", RENAME_EXCHANGE)
+    after = rec("after changes", nlinks())
+    assert after["src"] == 3 and after["moved"] == 3 and after["src/pkg"] == 3 and after["."] == 6, after
+    assert_same_after_remount(root, remount)
+    rec("after remount", nlinks())
+    rec.agree()
+
+
+def test_directory_link_count_after_drop(ws, sample_base):
+    mp = ws.mp
+    assert os.lstat(mp / "src").st_nlink == 3
+    os.mkdir(mp / "src/extra")
+    assert os.lstat(mp / "src").st_nlink == 4
+    ws.drop(1)
+    assert os.lstat(mp / "src").st_nlink == os.lstat(sample_base / "src").st_nlink == 3
 
 
 # ---------------------------------------------------------------------------------- layers (mount only)

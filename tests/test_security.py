@@ -576,25 +576,64 @@ def test_base_directory_swapped_during_commit_race(mount_factory, tmp_path):
 # ---------------------------------------------------------------------------------- devices, setuid
 
 
-def test_device_nodes_are_refused(mount_factory, base):
-    m = mount_factory(base)
-    mp = m.mp
-    assert {"nodev", "nosuid"} <= mount_options(mp)
-    m.call("saga.begin", name="dev")
-    m.call("saga.step", name="s")
-    for kind, dev in ((stat.S_IFCHR, os.makedev(1, 3)), (stat.S_IFBLK, os.makedev(7, 0)),
-                      (stat.S_IFCHR, os.makedev(0, 0))):  # the last one looks like a whiteout
+@pytest.mark.parametrize("where", ["same-fs", "other-fs"])
+def test_device_nodes_as_root_only(mount_factory, tmp_path, where):
+    """Root creates character and block devices in the view and commits them (in a base
+    directory and in a new directory moved whole); a 0/0 character device (a whiteout's look-alike)
+    is refused, as kernel overlayfs refuses it; the mount is nodev (a device cannot be opened
+    through it); an unprivileged process cannot create one (test_unprivileged_process_inside_the_mount)."""
+    if where == "other-fs":
+        fsdir = tmp_path / "fs"
+        fsdir.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(fsdir)], check=True)
+        base = fsdir / "base"
+        base.mkdir()
+        simple_base(base)
+    else:
+        fsdir = None
+        base = tmp_path / "base"
+        base.mkdir()
+        simple_base(base)
+    try:
+        (base / "old").mkdir()
+        os.mknod(base / "old" / "gone", stat.S_IFCHR | 0o600, os.makedev(1, 7))
+        m = mount_factory(base)
+        mp = m.mp
+        assert {"nodev", "nosuid"} <= mount_options(mp)
+        m.call("saga.begin", name="dev")
+        m.call("saga.step", name="s")
         with pytest.raises(OSError) as ei:
-            os.mknod(mp / "dev", kind | 0o666, dev)
+            os.mknod(mp / "wh", stat.S_IFCHR | 0o666, os.makedev(0, 0))
         assert ei.value.errno == errno.EPERM, ei.value
-        assert not os.path.lexists(mp / "dev")
-    os.mkfifo(mp / "fifo", 0o644)
-    assert m.call("saga.commit")["saga"]["state"] == "committed"
-    assert stat.S_ISFIFO(os.lstat(base / "fifo").st_mode)
-    for dirpath, dirnames, filenames in os.walk(base):
-        for n in dirnames + filenames:
-            mode = os.lstat(os.path.join(dirpath, n)).st_mode
-            assert not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)), os.path.join(dirpath, n)
+        assert not os.path.lexists(mp / "wh")
+        want = {"src/null": (stat.S_IFCHR, os.makedev(1, 3), 0o644), "src/loop": (stat.S_IFBLK, os.makedev(7, 0), 0o640),
+                "new/deep/zero": (stat.S_IFCHR, os.makedev(1, 5), 0o644),
+                "old/gone": (stat.S_IFCHR, os.makedev(1, 9), 0o6600)}
+        os.makedirs(mp / "new" / "deep")
+        os.unlink(mp / "old" / "gone")
+        for rel, (kind, dev, mode) in want.items():
+            os.mknod(mp / rel, kind | mode, dev)
+        with pytest.raises(PermissionError):
+            os.open(mp / "src" / "null", os.O_RDONLY | O_NF)
+        os.chown(mp / "src" / "loop", 1000, 6)
+        os.mkfifo(mp / "fifo", 0o644)
+        assert m.call("saga.commit")["saga"]["state"] == "committed"
+        assert stat.S_ISFIFO(os.lstat(base / "fifo").st_mode)
+        want["old/gone"] = (stat.S_IFCHR, os.makedev(1, 9), 0o600)  # set-ID bits dropped, as for files
+        for rel, (kind, dev, mode) in want.items():
+            st = os.lstat(base / rel)
+            assert (stat.S_IFMT(st.st_mode), st.st_rdev, stat.S_IMODE(st.st_mode)) == (kind, dev, mode), rel
+            assert stat.S_IFMT(os.lstat(mp / rel).st_mode) == kind
+        assert (os.lstat(base / "src" / "loop").st_uid, os.lstat(base / "src" / "loop").st_gid) == (1000, 6)
+        for dirpath, dirnames, filenames in os.walk(base):
+            for n in dirnames + filenames:
+                assert not n.startswith(STAGE_PREFIX), os.path.join(dirpath, n)
+                st = os.lstat(os.path.join(dirpath, n))
+                assert not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0), os.path.join(dirpath, n)
+        m.stop()
+    finally:
+        if fsdir is not None:
+            subprocess.run(["umount", "-l", str(fsdir)], check=False)
 
 
 @pytest.mark.parametrize("where", ["same-fs", "other-fs"])
@@ -665,6 +704,7 @@ def test_unprivileged_process_inside_the_mount(public_mount):
             ("forge-opaque", lambda: os.setxattr(mp / "pub", "user.overlayd.opaque", b"y")),
             ("read-opaque", lambda: os.getxattr(mp / "src", "user.overlayd.opaque")),
             ("forge-whiteout", lambda: os.mknod(mp / "pub" / "wh", stat.S_IFCHR | 0o600, os.makedev(0, 0))),
+            ("mknod-device", lambda: os.mknod(mp / "pub" / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))),
             ("trusted-xattr", lambda: os.setxattr(p, "trusted.overlay.opaque", b"y")),
             ("control-socket", lambda: sock_call(sock, "saga.commit")),
         ]:
@@ -683,6 +723,7 @@ def test_unprivileged_process_inside_the_mount(public_mount):
     assert r["forge-opaque"][0] == "error", r
     assert r["read-opaque"] == ["error", errno.ENODATA], r
     assert r["forge-whiteout"] == ["error", errno.EPERM], r
+    assert r["mknod-device"] == ["error", errno.EPERM], r
     assert r["trusted-xattr"][0] == "error", r
     assert r["control-socket"][0] == "ok" and r["control-socket"][1]["error"]["code"] == "permission", r
     assert not [x for x in r["listxattr-src"] if x.startswith("user.overlayd.")], r
