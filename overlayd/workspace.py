@@ -29,7 +29,7 @@ import trio
 from journal import Journal
 
 from .fs import OverlayFS
-from .paths import UsageError, is_within
+from .paths import UsageError, is_within, make_parents
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,9 @@ class Workspace:
         (the saga engine finishes an interrupted commit there).
         """
         self.check_paths()
+        make_parents(self.state_dir)
         for d in (self.state_dir, self.layers_dir, self.trash_dir, self.work_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, exist_ok=True)
         self._lockfd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,8 +117,15 @@ class Workspace:
         self.journal = Journal.open(self.state_dir)
         info = {"name": self.name, "base": str(self.base), "mountpoint": str(self.mountpoint)}
         tmp = self.state_dir / "workspace.json.tmp"
-        tmp.write_text(json.dumps(info))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # an older one may have been 0666
+            os.write(fd, json.dumps(info).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, self.state_dir / "workspace.json")
+        fsync_dir(self.state_dir)
         if recover is not None:
             recover(self)
         stack = self.stack()
