@@ -1,6 +1,6 @@
 """``overlayd``: mount, unmount and list workspaces.
 
-Exit codes: 0 ok, 1 error, 2 usage error, 5 no daemon serves the workspace.
+Exit codes: 0 ok, 1 error, 2 usage error, 5 no daemon serves the workspace, 7 permission denied.
 """
 
 import json
@@ -13,11 +13,12 @@ import time
 import click
 
 from overlayd import __version__, config
-from overlayd.client import Client, ClientError, NoDaemon
-from overlayd.paths import UsageError, check_workspace_name, default_name, default_state_dir, socket_path, state_root
+from overlayd.client import ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
+from overlayd.paths import UsageError, check_workspace_name, default_name, default_state_dir, state_root
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
+EXIT_PERMISSION = 7
 
 
 def _stderr_is_journal() -> bool:
@@ -122,7 +123,7 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
         cmd.append("--keep-open-step")
     log_path = os.path.join(state_dir, "daemon.log")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    with open(log_path, "ab") as logf:
+    with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab") as logf:
         proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=True)
     os.close(wfd)
@@ -142,15 +143,12 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
     raise click.ClickException(reason)
 
 
-def _workspace_for_mountpoint(mountpoint: str) -> str:
+def _mount_at(mountpoint: str):
     mp = os.path.abspath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[4] == mp and fields[sep + 1] == "fuse.overlayd":
-                return fields[sep + 2].split(":", 1)[1]
-    raise click.ClickException(f"{mp} is not an overlayd mount")
+    m = mount_of(mp)
+    if m is None or m.point not in (mp, os.path.realpath(mp)):
+        raise click.ClickException(f"{mp} is not an overlayd mount")
+    return m
 
 
 @main.command()
@@ -158,16 +156,21 @@ def _workspace_for_mountpoint(mountpoint: str) -> str:
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 def unmount(mountpoint, timeout):
     """Unmount a workspace cleanly: the journal is flushed and nothing is lost."""
-    name = _workspace_for_mountpoint(mountpoint)
+    m = _mount_at(mountpoint)
     try:
-        with Client(socket_path(name)) as c:
-            pid = c.call("status")["pid"]
+        with connect_to_mount(m) as c:  # verified: the daemon of this very mount
+            pid = c.identity["pid"]
             c.call("shutdown")
     except NoDaemon as exc:
         click.echo(f"Error: {exc.message}", err=True)
         sys.exit(EXIT_NO_DAEMON)
-    except ClientError as exc:
-        raise click.ClickException(exc.message)
+    except PermissionDenied as exc:
+        click.echo(f"Error: permission denied: {exc.message}", err=True)
+        sys.exit(EXIT_PERMISSION)
+    except (ClientError, UsageError) as exc:
+        raise click.ClickException(getattr(exc, "message", str(exc)))
+    except (KeyError, TypeError):
+        raise click.ClickException("the daemon's answer has no pid: is it another version of overlayd?")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -198,11 +201,14 @@ def list_(as_json):
             row = {**info, "state_dir": str(entry), "mounted": False, "layers": None, "saga": None,
                    "disk_bytes": _disk_use(entry)}
             try:
-                with Client(socket_path(info["name"]), timeout=5) as c:
-                    st = c.call("status")
+                m = mount_of(info["mountpoint"])
+                if m is None or m.name != info["name"]:
+                    raise NoDaemon("no-daemon", "not mounted")
+                with connect_to_mount(m, timeout=5) as c:  # this workspace's daemon, not a namesake's
+                    st = c.identity
                     saga = c.call("saga.status")["saga"]
                 row.update(mounted=True, layers=len(st["layers"]), pid=st["pid"])
-            except (ClientError, OSError):
+            except (ClientError, OSError, UsageError, KeyError, TypeError):
                 try:
                     with Journal.open(entry, readonly=True) as j:
                         saga = status_of(j)["saga"]

@@ -1,7 +1,7 @@
 """``saga``: drive the saga of the workspace you are in.
 
 Exit codes: 0 ok, 1 error, 2 usage error, 3 commit conflict, 4 compensation stuck,
-5 no daemon serves this workspace.
+5 no daemon serves this workspace, 7 permission denied (the workspace is another user's).
 
 ``--json`` prints one JSON object ``{"version": 1, ...}`` (NDJSON, one event per line, for
 ``saga log``).
@@ -16,8 +16,8 @@ import sys
 import click
 
 from overlayd import __version__
-from overlayd.client import Client, ClientError, NoDaemon
-from overlayd.paths import socket_path, state_root
+from overlayd.client import ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
+from overlayd.paths import UsageError, quote_path, state_root
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 SCHEMA = 1
@@ -38,7 +38,7 @@ JSON_KEYS = {
     "gc": ["version", "sagas", "events", "bytes_before", "bytes_after"],
     "error": ["version", "error"],
 }
-EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5}
+EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5, "permission": 7}
 
 
 class SagaError(click.ClickException):
@@ -49,19 +49,6 @@ class SagaError(click.ClickException):
 
 
 # ---------------------------------------------------------------------- finding the workspace
-
-
-def _mounts():
-    """(mountpoint, workspace name) of every overlayd mount, from /proc/self/mountinfo."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "fuse.overlayd" and fields[sep + 2].startswith("overlayd:"):
-                mp = re.sub(r"\\(\d{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-                out.append((mp, fields[sep + 2].split(":", 1)[1]))
-    return out
 
 
 def _known_workspaces():
@@ -84,17 +71,20 @@ class Target:
         path = os.path.abspath(workspace or os.environ.get("SAGA_WORKSPACE") or os.getcwd())
         self.mounted = False
         self.name = self.mountpoint = self.state_dir = None
-        best = None
-        for mp, name in _mounts():
-            if path == mp or path.startswith(mp.rstrip("/") + "/"):
-                if best is None or len(mp) > len(best[0]):
-                    best = (mp, name)
-        if best:
-            self.mountpoint, self.name = best
+        self.mount = mount_of(path)  # the kernel's mount table: which daemon must answer
+        if self.mount:
+            self.mountpoint, self.name = self.mount.point, self.mount.name
             self.mounted = True
-        for mp, name, state in _known_workspaces():
-            if (self.name and name == self.name) or (not self.name and (path == mp or path.startswith(mp.rstrip("/") + "/"))):
-                self.mountpoint, self.name, self.state_dir = mp, name, state
+        known = _known_workspaces()
+        if self.mount:  # the state directory of this mount; a name alone may be another workspace's
+            same = [k for k in known if k[1] == self.name]
+            exact = [k for k in same if os.path.abspath(k[0]) == self.mountpoint]
+            known = exact or (same if len(same) == 1 else [])
+        for mp, name, state in known:
+            if self.mount or path == mp or path.startswith(mp.rstrip("/") + "/"):
+                if not self.mount:
+                    self.mountpoint = mp
+                self.name, self.state_dir = name, state
                 break
         if self.name is None:
             raise SagaError(f"{path} is not inside an overlayd workspace; cd into one or pass -w MOUNTPOINT "
@@ -120,7 +110,7 @@ class Target:
         while t.is_alive():
             t.join(0.2)
             try:
-                with Client(socket_path(self.name), timeout=2) as c:
+                with self.client(timeout=2) as c:
                     p = c.call("saga.status").get("progress")
             except (ClientError, OSError):
                 p = None
@@ -136,13 +126,30 @@ class Target:
             raise error["e"]
         return result["r"]
 
+    def client(self, timeout=None):
+        """A connected Client of the daemon serving this mount, verified before anything is sent
+        (its socket and uid are root's, yours or the mount owner's; it serves this very mount)."""
+        if not self.mounted:
+            raise NoDaemon("no-daemon", f"{self.mountpoint} is not mounted")
+        if timeout is None:
+            timeout = float(os.environ.get("SAGA_TIMEOUT", "600"))
+        return connect_to_mount(self.mount, timeout)
+
+    def socket(self) -> str:
+        """The verified socket path of this mount's daemon (errors as for call)."""
+        return self.call(None)
+
     def call(self, op, **args):
         try:
-            with Client(socket_path(self.name), timeout=float(os.environ.get("SAGA_TIMEOUT", "600"))) as c:
-                return c.call(op, **args)
+            with self.client() as c:
+                return c.path if op is None else c.call(op, **args)
         except NoDaemon:
             raise SagaError(f"no daemon serves the workspace {self.name} ({self.mountpoint}); "
                             f"mount it with: overlayd mount BASE {self.mountpoint}", 5) from None
+        except PermissionDenied as exc:
+            raise SagaError(f"permission denied: {exc.message}", 7) from None
+        except UsageError as exc:  # paths.UnsafePath: a planted runtime directory
+            raise SagaError(str(exc), 1) from None
         except ClientError as exc:
             raise SagaError(exc.message, EXIT.get(exc.code, 1), exc.data) from None
         except OSError as exc:
@@ -251,7 +258,13 @@ def run(ctx, workspace, as_json, fn):
     ctx.obj["json"] = as_json or ctx.obj.get("json", False)
     try:
         target = Target(workspace or ctx.obj.get("workspace"))
-        fn(target)
+        try:
+            fn(target)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            # fn only renders the daemon's answers: one that lacks a field is not an overlayd reply
+            raise SagaError(f"the daemon's answer is not what this saga command expects ({type(exc).__name__}: "
+                            f"{exc}); is the daemon another version of overlayd? restart it "
+                            "(overlayd unmount, then mount)", 1) from None
     except SagaError as exc:
         if ctx.obj["json"]:
             click.echo(json.dumps({"version": SCHEMA, "error": {"message": exc.message, "exit_code": exc.exit_code,
@@ -384,8 +397,9 @@ def commit(ctx, dry_run, workspace, as_json):
         r = t.call("saga.commit", dry_run=dry_run) if dry_run else t.call_with_progress("saga.commit", "committing",
                                                                                          dry_run=False)
         if dry_run:
-            lines = [f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})" for c in r["changes"]]
-            lines += [f"CONFLICT  {c['path']}" for c in r["conflicts"]]
+            lines = [f"{c['change']:9} {quote_path(c['path'])}  (step {c['step']} {c['step_name']})"
+                     for c in r["changes"]]
+            lines += [f"CONFLICT  {quote_path(c['path'])}" for c in r["conflicts"]]
             emit(ctx, r, "\n".join(lines) or "nothing to commit")
             if r["conflicts"]:
                 sys.exit(3)
@@ -397,7 +411,7 @@ def commit(ctx, dry_run, workspace, as_json):
     except SagaError as exc:
         if exc.exit_code == 3 and not ctx.obj["json"]:
             for c in exc.data.get("conflicts", []):
-                click.echo(f"conflict: {c['path']}", err=True)
+                click.echo(f"conflict: {quote_path(c['path'])}", err=True)
         raise
 
 
@@ -433,7 +447,7 @@ def status(ctx, workspace, as_json):
                     lines.append("  stderr: " + s["stderr_tail"].strip().replace("\n", "\n          "))
             for st in r["steps"]:
                 lines.append(f"  step {st['index']} {st['name']!r}: {st['state']}"
-                             + (f"  compensate: {st['compensate']}" if st.get("compensate") else ""))
+                             + (f"  compensate: {quote_path(st['compensate'])}" if st.get("compensate") else ""))
             if r.get("writable") is False and s["state"] == "active":
                 lines.append("  no step is open: writes are refused until: saga step NAME")
             if r.get("daemon") is False:
@@ -454,15 +468,16 @@ def diff(ctx, step_ref, stat_only, name_only, workspace, as_json):
     def go(t):
         r = t.read("saga.diff", step=step_ref)
         if ctx.obj["json"] or name_only or stat_only or r.get("daemon") is False:
-            text = "\n".join(c["path"] if name_only else f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})"
+            text = "\n".join(quote_path(c["path"]) if name_only
+                             else f"{c['change']:9} {quote_path(c['path'])}  (step {c['step']} {c['step_name']})"
                              for c in r["changes"])
             emit(ctx, r, text)
             return
         base = r["saga"] and _base_of(t)
         for c in r["changes"]:
-            who = f", by {c['process']['comm']} pid {c['process']['pid']} uid {c['process']['uid']}" \
-                if c.get("process") else ""
-            click.echo(f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']}{who})")
+            who = f", by {quote_path(str(c['process']['comm']))} pid {c['process']['pid']} uid " \
+                  f"{c['process']['uid']}" if c.get("process") else ""
+            click.echo(f"{c['change']:9} {quote_path(c['path'])}  (step {c['step']} {c['step_name']}{who})")
             if c.get("kind") == "f" and base:
                 _unified(os.path.join(base, c["path"]), os.path.join(t.mountpoint, c["path"]), c)
     run(ctx, workspace, as_json, go)
@@ -493,7 +508,7 @@ def _unified(old, new, c):
     if a is None or b is None:
         click.echo("  (binary)")
         return
-    for line in difflib.unified_diff(a, b, f"a/{c['path']}", f"b/{c['path']}"):
+    for line in difflib.unified_diff(a, b, quote_path(f"a/{c['path']}"), quote_path(f"b/{c['path']}")):
         click.echo(line, nl=not line.endswith("\n"))
 
 
@@ -672,6 +687,7 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
          a compensation failing, or an interrupted pivot step
       5  no daemon serves the workspace (or it stopped during the run)
       6  a step failed with on_failure = "stop"; the saga is left as it is
+      7  permission denied: the workspace is another user's
       130 interrupted (SIGINT/SIGTERM); continue with --resume
     """
     import shlex
@@ -694,7 +710,8 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
     def go(t):
         hint = f"saga run {shlex.quote(os.path.abspath(file))} -w {shlex.quote(t.mountpoint)} --resume"
         display = _RunDisplay(ctx.obj["json"])
-        coord = Coordinator(definition, socket_path(t.name), commit=commit, on_event=display, resume_hint=hint)
+        coord = Coordinator(definition, t.socket(), commit=commit, on_event=display, resume_hint=hint,
+                            expect=t.mount)
         old = {s: _signal.signal(s, _signal.default_int_handler) for s in (_signal.SIGTERM, _signal.SIGHUP)}
         try:
             result = coord.run(resume=resume)
