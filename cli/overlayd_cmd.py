@@ -14,7 +14,7 @@ import click
 
 from overlayd import __version__, config
 from overlayd.client import ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
-from overlayd.paths import UsageError, check_workspace_name, default_name, default_state_dir, state_root
+from overlayd.paths import UsageError, check_workspace_name, default_name, default_state_dir, quote_path, state_root
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
@@ -227,7 +227,7 @@ def list_(as_json):
     for r in rows:
         saga = f"{r['saga']['name']} ({r['saga']['state']})" if r["saga"] else "-"
         click.echo(f"{r['name']}\t{'mounted' if r['mounted'] else 'stopped'}\t{saga}\t{_human(r['disk_bytes'])}"
-                   f"\t{r['base']}\t{r['mountpoint']}")
+                   f"\t{quote_path(r['base'])}\t{quote_path(r['mountpoint'])}")
 
 
 def _disk_use(path) -> int:

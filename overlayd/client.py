@@ -306,13 +306,19 @@ class Workspace:
         self.expect = None
         if socket_path is None:
             if name is None:
-                self.expect = _mount_containing(mountpoint)
-                with connect_to_mount(self.expect, timeout=min(timeout, 30.0)) as c:
-                    socket_path = c.path
+                self.expect = _mount_containing(mountpoint)  # the socket is found (and checked) when used
             else:
                 socket_path = _socket_path(name)
-        self.socket_path = str(socket_path)
+        self._socket_path = None if socket_path is None else str(socket_path)
         self.timeout = timeout
+
+    @property
+    def socket_path(self) -> str:
+        """The daemon's socket; for a mountpoint, the first one whose daemon serves that mount."""
+        if self._socket_path is None:
+            with connect_to_mount(self.expect, timeout=min(self.timeout, 30.0)) as c:
+                self._socket_path = c.path
+        return self._socket_path
 
     def call(self, op, **args):
         with Client(self.socket_path, timeout=self.timeout, expect=self.expect) as c:

@@ -118,6 +118,35 @@ def is_mounted(mountpoint: str) -> bool:
     return False
 
 
+def _lock_name(path, name: str) -> int:
+    """flock *path* (created 0600); returns the fd. The daemon that holds it unlinks it when it
+    stops, so a lock taken on a file that was unlinked meanwhile is taken again on the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"the workspace name {name} is in use: another daemon serves it (socket "
+                             f"{socket_path(name)}; see 'overlayd list'); unmount that workspace first, or "
+                             "give this one another --name") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def release_name(name: str) -> None:
+    """Unlink this daemon's name lock (it still holds it: nobody else can be using the file)."""
+    try:
+        os.unlink(runtime_dir() / f"{name}.lock")
+    except OSError:
+        pass
+
+
 def claim(ws: Workspace, group: str | None) -> list[int]:
     """Refuse a workspace name or a mountpoint that a live daemon serves; returns the fds of the
     flocks that prove this daemon is the only one (held for its lifetime, closed on exec).
@@ -131,14 +160,7 @@ def claim(ws: Workspace, group: str | None) -> list[int]:
     rdir = ensure_private_dir(runtime_dir(), mode)
     fds = []
     try:
-        fd = os.open(rdir / f"{ws.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        fds.append(fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"the workspace name {ws.name} is in use: another daemon serves it (socket "
-                             f"{socket_path(ws.name)}; see 'overlayd list'); unmount that workspace first, or "
-                             "give this one another --name") from None
+        fds.append(_lock_name(rdir / f"{ws.name}.lock", ws.name))
         if is_mounted(str(ws.mountpoint)):
             raise UsageError(f"{ws.mountpoint} is already a mount point; unmount it first "
                              f"(overlayd unmount {ws.mountpoint})")
@@ -325,10 +347,12 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
     os.umask(0)
     osutil.raise_nofile_limit()
     ws = Workspace(name, base, mountpoint, state_dir)
+    claimed = False
     try:
         clear_stale_mount(str(ws.mountpoint))
         ws.check_paths()
         claim(ws, group)  # the locks are held until the process exits
+        claimed = True
         from .saga import recover_commit
 
         ws.open(recover=recover_commit)
@@ -346,6 +370,8 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         log.error("%s", exc)
         report(f"error: {exc}\n")
         ws.close()
+        if claimed:
+            release_name(name)
         return 1
     options = set(pyfuse3.default_options)
     options |= {f"fsname=overlayd:{name}", "subtype=overlayd"}
@@ -364,6 +390,7 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         log.error("mounting %s failed: %s", ws.mountpoint, exc)
         report(f"error: mounting {ws.mountpoint} failed: {exc}\n")
         ws.close()
+        release_name(name)
         return 1
     from .fs import find_fuse_fd
 
@@ -386,5 +413,6 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         except Exception:
             log.exception("could not journal the clean stop")
         ws.close()
+        release_name(name)
         log.info("unmounted %s", ws.mountpoint)
     return status

@@ -310,6 +310,10 @@ def test_duplicate_workspace_name_mountpoint_or_state_dir_is_refused(mount_facto
     with pytest.raises(RuntimeError, match="in use by another daemon"):
         m4.start()
     m4.proc = None
+    # the refused daemons left m1's name lock alone; m1 removes it when it stops
+    assert (m1.run_dir / "dup.lock").exists() and m1.socket.exists()
+    m1.stop()
+    assert not (m1.run_dir / "dup.lock").exists() and not m1.socket.exists()
 
 
 def cli(*args, env, cwd="/"):
@@ -323,7 +327,7 @@ def overlayd_cli(*args, env):
                            *map(str, args)], env=env, capture_output=True, text=True, timeout=60, cwd="/")
 
 
-def test_client_checks_the_daemon_serves_the_mountpoint(mount_factory, tmp_path):
+def test_client_checks_the_daemon_serves_the_mountpoint(mount_factory, tmp_path, monkeypatch):
     """Two workspaces named alike in two runtime directories: with m1's directory in the
     environment, `saga -w m2 commit` must not commit m1's saga, and `overlayd unmount m2` must
     not unmount m1."""
@@ -347,6 +351,15 @@ def test_client_checks_the_daemon_serves_the_mountpoint(mount_factory, tmp_path)
     r = overlayd_cli("unmount", m2.mp, env=env)
     assert r.returncode != 0, r.stdout + r.stderr
     assert os.path.ismount(m1.mp) and os.path.ismount(m2.mp)
+    # the Python API checks the same way
+    from overlayd.client import Workspace
+
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(m1.run_dir))
+    with pytest.raises(ClientError) as e:
+        Workspace(m2.mp).saga("s").commit()
+    assert e.value.code == "wrong-daemon"
+    assert Workspace(m1.mp).status()["saga"]["name"] == "s"
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
     # with its own runtime directory each one works
     r = cli("-w", m2.mp, "commit", env=m2.env)
     assert r.returncode == 0, r.stdout + r.stderr
