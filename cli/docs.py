@@ -9,9 +9,24 @@ HEADER = """# Command-line reference
 Generated from the commands' help by `python -m cli.docs > docs/CLI.md`; a test keeps it current.
 
 Exit codes (both commands): 0 ok, 1 error, 2 usage error, 3 commit conflict, 4 compensation
-stuck, 5 no daemon serves the workspace. With `--json` every command prints one JSON object
+stuck, 5 no daemon serves the workspace, 7 permission denied (the workspace is another user's:
+its daemon refused your uid, or its socket is in a directory you cannot enter). `saga run` has
+codes of its own (see below). With `--json` every command prints one JSON object
 carrying `"version": 1` (`saga log --json` prints one such object per event, NDJSON); errors
 print `{"version": 1, "error": {"message": ..., "exit_code": ...}}`.
+
+Before sending anything, `saga` and `overlayd unmount` check the daemon they reach: its socket
+and its uid (SO_PEERCRED) must be root's, yours or the mount owner's, and it must serve the
+very mount the command is about (its device number, from the kernel's mount table). A daemon
+that fails the check gets nothing and the command exits 1 ("impersonating", "serves ...").
+
+File names in human-readable output (`saga diff`, `saga commit --dry-run`, conflicts, `saga
+status`) are quoted the way git quotes unusual paths (`core.quotePath`): a name with a control
+character, a `"` or `\\`, bytes that are not UTF-8, or invisible or line-breaking Unicode is
+printed in double quotes with C escapes (`\\n`, `\\t`, `\\"`, `\\\\`) and octal escapes
+(`\\377`); printable non-ASCII text is printed as it is. JSON keeps the exact bytes: a `path` is
+the name decoded as UTF-8 with surrogate escapes, so a byte that is not UTF-8 appears as a lone
+surrogate `\\udc80`-`\\udcff` (Python: `os.fsencode(path)` gives the bytes back).
 """
 
 

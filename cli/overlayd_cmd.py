@@ -1,6 +1,6 @@
 """``overlayd``: mount, unmount and list workspaces.
 
-Exit codes: 0 ok, 1 error, 2 usage error, 5 no daemon serves the workspace.
+Exit codes: 0 ok, 1 error, 2 usage error, 5 no daemon serves the workspace, 7 permission denied.
 """
 
 import json
@@ -14,13 +14,14 @@ import click
 
 from cli.common import Group
 from overlayd import __version__, config
-from overlayd.client import Client, ClientError, NoDaemon
+from overlayd.client import Client, ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
 from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, known_workspaces,
-                            index_dir, mount_command, mountinfo_path, overlayd_mounts, socket_path,
+                            index_dir, mount_command, mountinfo_path, overlayd_mounts, quote_path, socket_path,
                             state_root, unregister)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
+EXIT_PERMISSION = 7
 
 
 def _stderr_is_journal() -> bool:
@@ -128,7 +129,7 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
     log_path = os.path.join(state_dir, "daemon.log")
     fresh = not os.path.exists(state_dir)  # a failed first mount leaves nothing behind
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    with open(log_path, "ab") as logf:
+    with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab") as logf:
         proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 start_new_session=True)
     os.close(wfd)
@@ -164,12 +165,12 @@ def _registered_state_dir(name):
         return None
 
 
-def _workspace_for_mountpoint(mountpoint: str) -> str:
-    mp = mountinfo_path(mountpoint)
-    for point, name in overlayd_mounts():
-        if point == mp:
-            return name
-    raise click.ClickException(f"{mp} is not an overlayd mount")
+def _mount_at(mountpoint: str):
+    mp = os.path.abspath(mountpoint)
+    m = mount_of(mp)
+    if m is None or m.point not in (mp, os.path.realpath(mp)):
+        raise click.ClickException(f"{mp} is not an overlayd mount")
+    return m
 
 
 def wait_exited(pid: int, timeout: float) -> bool:
@@ -198,10 +199,11 @@ def wait_exited(pid: int, timeout: float) -> bool:
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 def unmount(mountpoint, timeout):
     """Unmount a workspace cleanly: the journal is flushed and nothing is lost."""
-    name = _workspace_for_mountpoint(mountpoint)
+    m = _mount_at(mountpoint)
+    name = m.name
     try:
-        with Client(socket_path(name)) as c:
-            pid = c.call("status")["pid"]
+        with connect_to_mount(m) as c:  # verified: the daemon of this very mount
+            pid = c.identity["pid"]
             c.call("shutdown")
     except NoDaemon as exc:
         mp = mountinfo_path(mountpoint)
@@ -213,8 +215,13 @@ def unmount(mountpoint, timeout):
             hint = "is the daemon run by another user (its control socket is elsewhere)?"
         click.echo(f"Error: no daemon serves the workspace {name} at {mp} ({exc.message}); {hint}", err=True)
         sys.exit(EXIT_NO_DAEMON)
-    except ClientError as exc:
-        raise click.ClickException(exc.message)
+    except PermissionDenied as exc:
+        click.echo(f"Error: permission denied: {exc.message}", err=True)
+        sys.exit(EXIT_PERMISSION)
+    except (ClientError, UsageError) as exc:
+        raise click.ClickException(getattr(exc, "message", str(exc)))
+    except (KeyError, TypeError):
+        raise click.ClickException("the daemon's answer has no pid: is it another version of overlayd?")
     if not wait_exited(pid, timeout):
         raise click.ClickException(f"the daemon (pid {pid}) did not exit within {timeout} s")
     click.echo(f"unmounted {os.path.abspath(mountpoint)}")
@@ -230,7 +237,7 @@ def list_(as_json):
     from overlayd.saga import status_of
 
     rows = []
-    mounts = {name: point for point, name in overlayd_mounts()}
+    mounts = {m.name: m.point for m in overlayd_mounts()}
     for info in known_workspaces():
         entry = info["state_dir"]
         row = {**info, "mounted": False, "state": "stopped", "layers": None, "saga": None,
@@ -268,7 +275,7 @@ def list_(as_json):
     for r in rows:
         saga = f"{r['saga']['name']} ({r['saga']['state']})" if r["saga"] else "-"
         disk = "-" if r["disk_bytes"] is None else _human(r["disk_bytes"])
-        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{r['base'] or '-'}\t{r['mountpoint']}")
+        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{quote_path(r['base']) if r['base'] else '-'}\t{quote_path(r['mountpoint'])}")
     dead = [r for r in rows if r["state"] == "dead"]
     for r in dead:
         click.echo(f"{r['name']}: its daemon died; clear the dead mount with: overlayd clear-mount "
@@ -276,17 +283,21 @@ def list_(as_json):
 
 
 def _live_status(row):
-    """Ask the daemon of *row*'s workspace; fills in row and returns the active saga, or None."""
-    try:
-        with Client(socket_path(row["name"]), timeout=5) as c:
-            st = c.call("status")
-            saga = c.call("saga.status")["saga"]
-    except (ClientError, OSError):
+    """Ask the daemon serving *row*'s mount (verified: its socket, its uid, this very mount);
+    fills in row and returns the active saga, or None."""
+    m = next((m for m in overlayd_mounts()
+              if m.name == row["name"] and (row.get("mountpoint") is None
+                                            or m.point == mountinfo_path(row["mountpoint"]))), None)
+    if m is None:
         return None
-    if row.get("mountpoint") not in (None, st["mountpoint"]):
-        return None  # a daemon of the same name serving another mountpoint
-    row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"],
-               base=row.get("base") or st["base"], state_dir=row.get("state_dir") or st["state_dir"])
+    try:
+        with connect_to_mount(m, timeout=5) as c:  # this workspace's daemon, not a namesake's
+            st = c.identity
+            saga = c.call("saga.status")["saga"]
+        row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"],
+                   base=row.get("base") or st["base"], state_dir=row.get("state_dir") or st["state_dir"])
+    except (ClientError, OSError, UsageError, KeyError, TypeError):
+        return None
     return saga
 
 
@@ -319,7 +330,7 @@ def forget(name, force, yes):
         raise click.ClickException(f"no workspace named {name!r} here; see: overlayd list")
     w = matches[0]
     state_dir = w["state_dir"]
-    mounted = [point for point, n in overlayd_mounts() if n == name]
+    mounted = [m.point for m in overlayd_mounts() if m.name == name]
     try:
         with Client(socket_path(name), timeout=5) as c:
             mounted.append(c.call("status")["mountpoint"])

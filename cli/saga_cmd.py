@@ -1,7 +1,7 @@
 """``saga``: drive the saga of the workspace you are in.
 
 Exit codes: 0 ok, 1 error, 2 usage error, 3 commit conflict, 4 compensation stuck,
-5 no daemon serves this workspace.
+5 no daemon serves this workspace, 7 permission denied (the workspace is another user's).
 
 ``--json`` prints one JSON object ``{"version": 1, ...}`` (NDJSON, one event per line, for
 ``saga log``).
@@ -20,8 +20,8 @@ import click.shell_completion
 
 from cli.common import Group, json_error
 from overlayd import __version__
-from overlayd.client import Client, ClientError, NoDaemon
-from overlayd.paths import known_workspaces, mount_command, overlayd_mounts, socket_path
+from overlayd.client import ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
+from overlayd.paths import UsageError, known_workspaces, mount_command, quote_path
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 SCHEMA = 1
@@ -44,7 +44,7 @@ JSON_KEYS = {
 }
 GC_KEEP = 10  # ended sagas 'saga gc' keeps by default
 #: Exit codes of the daemon's error codes (others exit 1): a value the daemon refuses is a usage error.
-EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5, "bad-request": 2, "bad-name": 2}
+EXIT = {"conflict": 3, "stuck": 4, "no-daemon": 5, "bad-request": 2, "bad-name": 2, "permission": 7}
 
 
 class SagaError(click.ClickException):
@@ -68,17 +68,20 @@ class Target:
         path = os.path.abspath(workspace or os.environ.get("SAGA_WORKSPACE") or os.getcwd())
         self.mounted = False
         self.name = self.mountpoint = self.state_dir = None
-        best = None
-        for mp, name in overlayd_mounts():
-            if path == mp or path.startswith(mp.rstrip("/") + "/"):
-                if best is None or len(mp) > len(best[0]):
-                    best = (mp, name)
-        if best:
-            self.mountpoint, self.name = best
+        self.mount = mount_of(path)  # the kernel's mount table: which daemon must answer
+        if self.mount:
+            self.mountpoint, self.name = self.mount.point, self.mount.name
             self.mounted = True
-        for mp, name, state in _known_workspaces():
-            if (self.name and name == self.name) or (not self.name and (path == mp or path.startswith(mp.rstrip("/") + "/"))):
-                self.mountpoint, self.name, self.state_dir = mp, name, state
+        known = _known_workspaces()
+        if self.mount:  # the state directory of this mount; a name alone may be another workspace's
+            same = [k for k in known if k[1] == self.name]
+            exact = [k for k in same if os.path.abspath(k[0]) == self.mountpoint]
+            known = exact or (same if len(same) == 1 else [])
+        for mp, name, state in known:
+            if self.mount or path == mp or path.startswith(mp.rstrip("/") + "/"):
+                if not self.mount:
+                    self.mountpoint = mp
+                self.name, self.state_dir = name, state
                 break
         if self.name is None:
             raise SagaError(f"{path} is not inside an overlayd workspace; cd into one or pass -w MOUNTPOINT "
@@ -119,7 +122,7 @@ class Target:
         while t.is_alive():
             t.join(0.2)
             try:
-                with Client(socket_path(self.name), timeout=2) as c:
+                with self.client(timeout=2) as c:
                     p = c.call("saga.status").get("progress")
             except (ClientError, OSError):
                 p = None
@@ -135,13 +138,30 @@ class Target:
             raise error["e"]
         return result["r"]
 
+    def client(self, timeout=None):
+        """A connected Client of the daemon serving this mount, verified before anything is sent
+        (its socket and uid are root's, yours or the mount owner's; it serves this very mount)."""
+        if not self.mounted:
+            raise NoDaemon("no-daemon", f"{self.mountpoint} is not mounted")
+        if timeout is None:
+            timeout = float(os.environ.get("SAGA_TIMEOUT", "600"))
+        return connect_to_mount(self.mount, timeout)
+
+    def socket(self) -> str:
+        """The verified socket path of this mount's daemon (errors as for call)."""
+        return self.call(None)
+
     def call(self, op, **args):
         try:
-            with Client(socket_path(self.name), timeout=float(os.environ.get("SAGA_TIMEOUT", "600"))) as c:
-                return c.call(op, **args)
+            with self.client() as c:
+                return c.path if op is None else c.call(op, **args)
         except NoDaemon:
             raise SagaError(f"no daemon serves the workspace {self.name} ({self.mountpoint}); "
                             f"{self.remount_hint()}", 5) from None
+        except PermissionDenied as exc:
+            raise SagaError(f"permission denied: {exc.message}", 7) from None
+        except UsageError as exc:  # paths.UnsafePath: a planted runtime directory
+            raise SagaError(str(exc), 1) from None
         except ClientError as exc:
             raise SagaError(exc.message, EXIT.get(exc.code, 1), exc.data) from None
         except OSError as exc:
@@ -279,7 +299,13 @@ def run(ctx, workspace, as_json, fn):
     ctx.obj["json"] = as_json or ctx.obj.get("json", False)
     try:
         target = Target(workspace or ctx.obj.get("workspace"))
-        fn(target)
+        try:
+            fn(target)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            # fn only renders the daemon's answers: one that lacks a field is not an overlayd reply
+            raise SagaError(f"the daemon's answer is not what this saga command expects ({type(exc).__name__}: "
+                            f"{exc}); is the daemon another version of overlayd? restart it "
+                            "(overlayd unmount, then mount)", 1) from None
     except SagaError as exc:
         if ctx.obj["json"]:
             click.echo(json.dumps({"version": SCHEMA, "error": {"message": exc.message, "exit_code": exc.exit_code,
@@ -449,7 +475,7 @@ def _left_out_lines(left):
     for c in left:
         why = {"ignored": "ignored by git", "exclude": "excluded"}.get(c["reason"], c["reason"])
         more = f", and {c['entries']} entries in it" if c.get("entries") else ""
-        out.append(f"left out  {c['path']}  ({why}{more}; step {c['step']} {c['step_name']})")
+        out.append(f"left out  {quote_path(c['path'])}  ({why}{more}; step {c['step']} {c['step_name']})")
     return out
 
 
@@ -486,9 +512,10 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
         r = t.call("saga.commit", dry_run=dry_run, **rule_args) if dry_run \
             else t.call_with_progress("saga.commit", "committing", dry_run=False, **rule_args)
         if dry_run:
-            lines = [f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})" for c in r["changes"]]
+            lines = [f"{c['change']:9} {quote_path(c['path'])}  (step {c['step']} {c['step_name']})"
+                     for c in r["changes"]]
             lines += _left_out_lines(r.get("left_out", []))
-            lines += [f"CONFLICT  {c['path']}" for c in r["conflicts"]]
+            lines += [f"CONFLICT  {quote_path(c['path'])}" for c in r["conflicts"]]
             emit(ctx, r, "\n".join(lines) or "nothing to commit")
             if r["conflicts"]:
                 sys.exit(3)
@@ -502,7 +529,7 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
     except SagaError as exc:
         if exc.exit_code == 3 and not ctx.obj["json"]:
             for c in exc.data.get("conflicts", []):
-                click.echo(f"conflict: {c['path']}", err=True)
+                click.echo(f"conflict: {quote_path(c['path'])}", err=True)
         raise
 
 
@@ -551,7 +578,7 @@ def status(ctx, workspace, as_json):
                     lines.append("  stderr: " + s["stderr_tail"].strip().replace("\n", "\n          "))
             for st in r["steps"]:
                 lines.append(f"  step {st['index']} {st['name']!r}: {st['state']}"
-                             + (f"  compensate: {st['compensate']}" if st.get("compensate") else ""))
+                             + (f"  compensate: {quote_path(st['compensate'])}" if st.get("compensate") else ""))
             if r.get("writable") is False and s["state"] == "active":
                 lines.append("  no step is open: writes are refused until: saga step NAME")
             if r.get("daemon") is False:
@@ -571,7 +598,7 @@ def _who(c):
         out += f", again in step {c['last_step']} {c['last_step_name']}"
     if c.get("process"):
         p = c["process"]
-        out += f", by {p['comm']} pid {p['pid']} uid {p['uid']}"
+        out += f", by {quote_path(str(p['comm']))} pid {p['pid']} uid {p['uid']}"
     return out
 
 
@@ -601,7 +628,7 @@ def _summary_lines(r, limit=SUMMARY_OVER):
     for c in rows[:limit]:
         more = f", {c['entries']} entries in it" if c.get("entries") else ""
         slash = "/" if c.get("kind") == "d" else ""
-        lines.append(f"{c['change']:9} {c['path']}{slash}  ({_who(c)}{more})")
+        lines.append(f"{c['change']:9} {quote_path(c['path'] + slash)}  ({_who(c)}{more})")
     if len(rows) > limit:
         lines.append(f"... and {sum(1 + c.get('entries', 0) for c in rows[limit:])} more change(s)")
     lines += _left_out_lines(r.get("left_out", []))
@@ -630,7 +657,7 @@ def diff(ctx, step_ref, stat_only, name_only, full, exclude, include_ignored, wo
     def go(t):
         r = t.read("saga.diff", step=step_ref, exclude=list(exclude) or None, include_ignored=include_ignored or None)
         if ctx.obj["json"] or name_only or stat_only or r.get("daemon") is False:
-            text = "\n".join(c["path"] if name_only else f"{c['change']:9} {c['path']}  ({_who(c)})"
+            text = "\n".join(quote_path(c["path"]) if name_only else f"{c['change']:9} {quote_path(c['path'])}  ({_who(c)})"
                              for c in r["changes"])
             emit(ctx, r, text)
             return
@@ -639,7 +666,7 @@ def diff(ctx, step_ref, stat_only, name_only, full, exclude, include_ignored, wo
             return
         base = r["saga"] and _base_of(t)
         for c in r["changes"]:
-            click.echo(click.style(f"{c['change']:9} {c['path']}", bold=True) + f"  ({_who(c)})")
+            click.echo(click.style(f"{c['change']:9} {quote_path(c['path'])}", bold=True) + f"  ({_who(c)})")
             if c.get("kind") == "f" and base:
                 _unified(os.path.join(base, c["path"]), os.path.join(t.mountpoint, c["path"]), c)
         for line in _left_out_lines(r.get("left_out", [])):
@@ -701,10 +728,10 @@ def _unified(old, new, c):
     a = [] if c["change"] == "added" else _read_text(old)
     b = [] if c["change"] == "deleted" else _read_text(new)
     if a is None or b is None:
-        click.echo(f"Binary files {'/dev/null' if c['change'] == 'added' else 'a/' + c['path']} and "
-                   f"{'/dev/null' if c['change'] == 'deleted' else 'b/' + c['path']} differ")
+        click.echo(f"Binary files {'/dev/null' if c['change'] == 'added' else quote_path('a/' + c['path'])} and "
+                   f"{'/dev/null' if c['change'] == 'deleted' else quote_path('b/' + c['path'])} differ")
         return
-    for line in difflib.unified_diff(a, b, f"a/{c['path']}", f"b/{c['path']}"):
+    for line in difflib.unified_diff(a, b, quote_path(f"a/{c['path']}"), quote_path(f"b/{c['path']}")):
         click.echo(_coloured(line), nl=not line.endswith("\n"))
 
 
@@ -913,6 +940,7 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
          a compensation failing, or an interrupted pivot step
       5  no daemon serves the workspace (or it stopped during the run)
       6  a step failed with on_failure = "stop"; the saga is left as it is
+      7  permission denied: the workspace is another user's
       130 interrupted (SIGINT/SIGTERM); continue with --resume
     """
     import shlex
@@ -942,7 +970,8 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
     def go(t):
         hint = f"saga run {shlex.quote(os.path.abspath(file))} -w {shlex.quote(t.mountpoint)} --resume"
         display = _RunDisplay(ctx.obj["json"])
-        coord = Coordinator(definition, socket_path(t.name), commit=commit, on_event=display, resume_hint=hint)
+        coord = Coordinator(definition, t.socket(), commit=commit, on_event=display, resume_hint=hint,
+                            expect=t.mount)
         old = {s: _signal.signal(s, _signal.default_int_handler) for s in (_signal.SIGTERM, _signal.SIGHUP)}
         try:
             result = coord.run(resume=resume)

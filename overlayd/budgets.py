@@ -19,6 +19,10 @@ KEYS = ("timeout", "max_bytes", "max_files", "max_spins", "policy")
 SPIN_HASH_LIMIT = 8 << 20  # files larger than this are not hashed for spin detection
 
 
+#: the largest values that make sense (inf, nan and 1e308 are refused: they mean a typo)
+LIMITS = {"timeout": 7 * 86400}
+
+
 def validate(budget: dict | None, where: str) -> dict:
     out = {}
     for k, v in (budget or {}).items():
@@ -29,8 +33,9 @@ def validate(budget: dict | None, where: str) -> dict:
         if k == "policy":
             if v not in ("step", "saga"):
                 raise ValueError(f"{where}: policy must be 'step' or 'saga', not {v!r}")
-        elif not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{where}: {k} must be a positive number, not {v!r}")
+        elif not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= LIMITS.get(k, 2 ** 63):
+            raise ValueError(f"{where}: {k} must be a positive number"
+                             + (f" of at most {LIMITS[k]:g}" if k in LIMITS else "") + f", not {v!r}")
         out[k] = v
     return out
 

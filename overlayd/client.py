@@ -1,10 +1,13 @@
 """A small synchronous client of the control socket, for the CLI, tests and agent frameworks."""
 
-import json
-import socket
+import errno
 import itertools
+import json
+import os
+import socket
+import stat
 
-from .control import PROTOCOL
+from .control import PROTOCOL, peer_credentials
 
 
 class ClientError(Exception):
@@ -43,19 +46,100 @@ class BusyError(ClientError):
     """Another stack operation (commit, rollback, step) is in flight."""
 
 
-_ERRORS = {"conflict": ConflictError, "stuck": StuckError, "busy": BusyError, "no-daemon": NoDaemon}
+class PermissionDenied(ClientError):
+    """The daemon refused this uid, or its socket cannot be reached by this uid."""
+
+
+class WrongDaemon(ClientError):
+    """The process behind the socket is not the daemon of the expected workspace (another
+    user's, or one serving another mountpoint under the same name): nothing was sent to it."""
+
+
+_ERRORS = {"conflict": ConflictError, "stuck": StuckError, "busy": BusyError, "no-daemon": NoDaemon,
+           "permission": PermissionDenied, "wrong-daemon": WrongDaemon}
+
+
+# ---------------------------------------------------------------------- which daemon serves a mount
+
+
+from .paths import MountInfo, mount_of, overlayd_mounts  # noqa: E402,F401 - the one mount-table parser
+
+
+def socket_candidates(name: str) -> list[str]:
+    """Where the socket of workspace *name* may be: $RUNTIME_DIRECTORY, your own runtime
+    directory, root's /run/overlayd (a root daemon serving a group)."""
+    from .paths import SYSTEM_RUNTIME, runtime_dir
+
+    out = []
+    env = os.environ.get("RUNTIME_DIRECTORY")
+    for d in ([env.split(":")[0]] if env else []) + [str(runtime_dir()), str(SYSTEM_RUNTIME)]:
+        if d not in out:
+            out.append(d)
+    return [os.path.join(d, f"{name}.sock") for d in out]
+
+
+def connect_to_mount(mount: MountInfo, timeout: float | None = 30.0) -> "Client":
+    """A connected, verified Client of the daemon serving *mount* (see Client.verify).
+
+    Raises PermissionDenied (the daemon refused you, or its socket is another user's to reach),
+    paths.UnsafePath (a runtime directory somebody else planted or may write) or NoDaemon."""
+    from .paths import UnsafePath, check_owned_dir
+
+    trusted = _trusted(mount)
+    problems = []
+    for path in socket_candidates(mount.name):
+        if not os.path.lexists(path):
+            continue
+        try:
+            check_owned_dir(os.path.dirname(path), trusted)
+        except UnsafePath as exc:
+            problems.append(exc)
+            continue
+        except OSError:
+            continue
+        c = Client(path, timeout=timeout, expect=mount)
+        try:
+            return c.connect()
+        except (NoDaemon, WrongDaemon) as exc:
+            problems.append(exc)
+    for exc in problems:
+        if not isinstance(exc, NoDaemon):
+            raise exc
+    if mount.owner is not None and mount.owner not in (0, os.geteuid()):
+        raise PermissionDenied("permission", f"the workspace at {mount.point} is served by a daemon of uid "
+                               f"{mount.owner}, whose control socket you cannot reach: ask that user or root "
+                               "(members of a workspace's group can drive a root daemon)")
+    if problems:
+        raise problems[0]
+    raise NoDaemon("no-daemon", f"no daemon answers for the workspace {mount.name} ({mount.point}); looked in "
+                   + ", ".join(os.path.dirname(p) for p in socket_candidates(mount.name)))
+
+
+def _trusted(mount: MountInfo) -> set:
+    return {0, os.geteuid()} | ({mount.owner} if mount.owner is not None else set())
 
 
 class Client:
-    def __init__(self, path, timeout: float | None = 30.0):
+    """One connection to a daemon's control socket.
+
+    With *expect* (a MountInfo), connect() verifies, before any other request goes out, that
+    the socket file and the peer (SO_PEERCRED) belong to root, to you or to the mount's owner,
+    and that the daemon serves that very mount (its reported device number); else it raises
+    WrongDaemon and sends nothing else (a compensation command may carry a secret)."""
+
+    def __init__(self, path, timeout: float | None = 30.0, *, expect: MountInfo | None = None):
         self.path = str(path)
         self.timeout = timeout
+        self.expect = expect
+        self.identity = None  # the daemon's status, once verified
         self._ids = itertools.count(1)
         self._sock = None
         self._buf = b""
 
     def connect(self):
         if self._sock is None:
+            if self.expect is not None:
+                self._check_socket_file()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             try:
@@ -63,8 +147,49 @@ class Client:
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
                 raise NoDaemon("no-daemon", f"no daemon listens on {self.path} ({exc.strerror})") from None
+            except PermissionError:
+                sock.close()
+                raise PermissionDenied("permission", f"permission denied to connect to {self.path}: the "
+                                       "workspace belongs to another user; ask its owner or root") from None
             self._sock = sock
+            if self.expect is not None:
+                try:
+                    self.verify()
+                except BaseException:
+                    self.close()
+                    raise
         return self
+
+    def _check_socket_file(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            raise NoDaemon("no-daemon", f"no daemon listens on {self.path}") from None
+        except PermissionError:
+            raise PermissionDenied("permission", f"permission denied to reach {self.path}: the workspace "
+                                   "belongs to another user; ask its owner or root") from None
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in _trusted(self.expect):
+            raise WrongDaemon("wrong-daemon", f"refusing {self.path}: it is {'a socket' if stat.S_ISSOCK(st.st_mode) else 'not a socket'} "
+                              f"of uid {st.st_uid}, not of root, you or the workspace's owner; somebody may be "
+                              "impersonating the daemon")
+
+    def verify(self) -> dict:
+        """Check the peer's uid and the workspace it serves against self.expect (see the class)."""
+        m = self.expect
+        _pid, uid, _gid = peer_credentials(self._sock)
+        if uid not in _trusted(m):
+            raise WrongDaemon("wrong-daemon", f"refusing the process behind {self.path}: it runs as uid {uid}, "
+                              f"not as root, you or the owner of {m.point}; somebody may be impersonating the "
+                              "daemon (nothing was sent to it)")
+        st = self._request("status")
+        if not isinstance(st, dict) or st.get("dev") != m.dev:
+            what = (f"the workspace {st.get('name')!r} at {st.get('mountpoint')}" if isinstance(st, dict)
+                    else "something else")
+            raise WrongDaemon("wrong-daemon", f"the daemon behind {self.path} serves {what}, not the one mounted "
+                              f"at {m.point} ({m.name}); two workspaces may share the name {m.name}: unmount one "
+                              "and mount it again with another --name")
+        self.identity = st
+        return st
 
     def close(self):
         if self._sock is not None:
@@ -80,10 +205,17 @@ class Client:
     def call(self, op: str, *, io_timeout: float | None = ..., **args):
         """Send one request, wait for its answer. *io_timeout* overrides the socket timeout."""
         self.connect()
+        return self._request(op, io_timeout, **args)
+
+    def _request(self, op: str, io_timeout=..., **args):
         if io_timeout is not ...:
             self._sock.settimeout(io_timeout)
         rid = next(self._ids)
-        self._sock.sendall(json.dumps({"v": PROTOCOL, "id": rid, "op": op, "args": args}).encode() + b"\n")
+        try:
+            self._sock.sendall(json.dumps({"v": PROTOCOL, "id": rid, "op": op, "args": args}).encode() + b"\n")
+        except OSError as exc:  # a refused peer is answered, then disconnected: the answer is still readable
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                raise
         try:
             while b"\n" not in self._buf:
                 data = self._sock.recv(65536)
@@ -98,11 +230,18 @@ class Client:
             if self._sock is not None and io_timeout is not ...:
                 self._sock.settimeout(self.timeout)
         line, _, self._buf = self._buf.partition(b"\n")
-        msg = json.loads(line)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or not isinstance(msg.get("error", {}), dict):
+            self.close()
+            raise ClientError("bad-reply", f"the daemon behind {self.path} sent an answer that is not an overlayd "
+                              f"reply ({line[:80]!r}); is it another version of overlayd? restart it")
         if not msg.get("ok"):
             err = msg.get("error") or {}
-            code = err.get("code", "error")
-            raise _ERRORS.get(code, ClientError)(code, err.get("message", "unknown error"), err)
+            code = str(err.get("code", "error"))
+            raise _ERRORS.get(code, ClientError)(code, str(err.get("message", "unknown error")), err)
         return msg.get("result")
 
     def _sock_timeout(self):
@@ -129,15 +268,25 @@ class Workspace:
     def __init__(self, mountpoint=None, *, name=None, socket_path=None, timeout=600.0):
         from .paths import socket_path as _socket_path
 
+        self.expect = None
         if socket_path is None:
             if name is None:
-                name = _name_of_mount(mountpoint)
-            socket_path = _socket_path(name)
-        self.socket_path = str(socket_path)
+                self.expect = _mount_containing(mountpoint)  # the socket is found (and checked) when used
+            else:
+                socket_path = _socket_path(name)
+        self._socket_path = None if socket_path is None else str(socket_path)
         self.timeout = timeout
 
+    @property
+    def socket_path(self) -> str:
+        """The daemon's socket; for a mountpoint, the first one whose daemon serves that mount."""
+        if self._socket_path is None:
+            with connect_to_mount(self.expect, timeout=min(self.timeout, 30.0)) as c:
+                self._socket_path = c.path
+        return self._socket_path
+
     def call(self, op, **args):
-        with Client(self.socket_path, timeout=self.timeout) as c:
+        with Client(self.socket_path, timeout=self.timeout, expect=self.expect) as c:
             return c.call(op, **{k: v for k, v in args.items() if v is not None})
 
     def status(self):
@@ -247,25 +396,12 @@ class Step:
         return False
 
 
-def _name_of_mount(mountpoint) -> str:
-    import os
-    import re
-
+def _mount_containing(mountpoint) -> MountInfo:
     mp = os.path.abspath(mountpoint or os.getcwd())
-    best = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] != "fuse.overlayd":
-                continue
-            point = re.sub(r"\\(\d{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            if mp == point or mp.startswith(point.rstrip("/") + "/"):
-                if best is None or len(point) > len(best[0]):
-                    best = (point, fields[sep + 2].split(":", 1)[1])
-    if best is None:
+    m = mount_of(mp)
+    if m is None:
         raise NoDaemon("no-daemon", f"{mp} is not inside a mounted overlayd workspace")
-    return best[1]
+    return m
 
 
 # ---------------------------------------------------------------------- saga definitions
@@ -302,7 +438,8 @@ def run_definition(ws: Workspace, definition, *, name=None, commit=True, resume=
         definition = definitions.from_steps(definition, name or "saga")
     elif not isinstance(definition, definitions.Definition):
         definition = definitions.load(definition)
-    return definitions.Coordinator(definition, ws.socket_path, commit=commit, on_event=on_event).run(resume=resume)
+    return definitions.Coordinator(definition, ws.socket_path, commit=commit, on_event=on_event,
+                                   expect=ws.expect).run(resume=resume)
 
 
 def _saga_run(self, steps, *, commit=None, on_event=None):
@@ -317,7 +454,7 @@ def _saga_run(self, steps, *, commit=None, on_event=None):
 
     defn = definitions.from_steps(steps, self.name) if isinstance(steps, (list, tuple)) else steps
     attach = self.rec is not None
-    coord = definitions.Coordinator(defn, self.ws.socket_path, on_event=on_event, attach=attach,
+    coord = definitions.Coordinator(defn, self.ws.socket_path, on_event=on_event, attach=attach, expect=self.ws.expect,
                                     commit=(not attach) if commit is None else commit)
     result = coord.run()
     if not attach and result.saga_id is not None:

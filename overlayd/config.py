@@ -85,6 +85,8 @@ def load(path) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = tomllib.loads(text)
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(f"{path}: invalid TOML: arrays or inline tables nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = re.search(r"\(at line (\d+), column (\d+)\)$", msg)
@@ -160,7 +162,7 @@ def mountpoint_of(path) -> str:
         try:
             with open(path, "rb") as f:
                 value = tomllib.load(f).get("mountpoint")
-        except (OSError, tomllib.TOMLDecodeError):
+        except (OSError, tomllib.TOMLDecodeError, RecursionError):
             value = None
         if isinstance(value, str) and os.path.isabs(os.path.expanduser(value)):
             return os.path.normpath(os.path.expanduser(value))

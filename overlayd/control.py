@@ -74,7 +74,8 @@ class ControlServer:
         self.auth = authorizer
 
     def _bind(self):
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+        # the directory was created and verified (ours, not writable by others) by claim_name(),
+        # whose lock proves that no live daemon serves this name: a socket left here is stale
         try:
             os.unlink(self.path)
         except FileNotFoundError:

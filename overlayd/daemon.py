@@ -5,6 +5,7 @@ Run by ``overlayd mount`` (which waits on a readiness pipe) or by systemd
 """
 
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from . import osutil
 from journal import JournalError, JournalFull
 
 from .control import Authorizer, ControlServer, OpError
-from .paths import UsageError, socket_path
+from .paths import UsageError, ensure_private_dir, runtime_dir, socket_path
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,20 @@ def set_readahead(mountpoint: str, kib: int = 1024) -> None:
         log.debug("readahead not raised: %s", exc)
 
 
+def mount_dev(real_mountpoint: str, name: str) -> str | None:
+    """The device number ("MAJOR:MINOR", as /proc/self/mountinfo gives it) of this daemon's own
+    mount, read from the mount table (a stat() of the mountpoint would wait for the FUSE loop):
+    the topmost overlayd mount of *name* at *real_mountpoint* (resolved before mounting: once
+    mounted, resolving it would wait for the FUSE loop), which the mountpoint's lock makes ours."""
+    from .paths import overlayd_mounts
+
+    found = None
+    for m in overlayd_mounts():
+        if m.point == real_mountpoint and m.name == name:
+            found = m.dev
+    return found
+
+
 def is_mounted(mountpoint: str) -> bool:
     mp = os.path.abspath(mountpoint)
     with open("/proc/self/mountinfo") as f:
@@ -114,6 +129,69 @@ def no_space_message(ws: Workspace, exc) -> str:
             "roll back a step (saga rollback) or free space on it, then try again")
 
 
+def _lock_name(path, name: str) -> int:
+    """flock *path* (created 0600); returns the fd. The daemon that holds it unlinks it when it
+    stops, so a lock taken on a file that was unlinked meanwhile is taken again on the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"the workspace name {name} is in use: another daemon serves it (socket "
+                             f"{socket_path(name)}; see 'overlayd list'); unmount that workspace first, or "
+                             "give this one another --name") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def release_name(name: str) -> None:
+    """Unlink this daemon's name lock (it still holds it: nobody else can be using the file)."""
+    try:
+        os.unlink(runtime_dir() / f"{name}.lock")
+    except OSError:
+        pass
+
+
+def claim(ws: Workspace, group: str | None) -> list[int]:
+    """Refuse a workspace name or a mountpoint that a live daemon serves; returns the fds of the
+    flocks that prove this daemon is the only one (held for its lifetime, closed on exec).
+
+    The name's lock lives beside its socket, in the runtime directory, which is created or
+    verified here (a real directory of ours that nobody else may write): the socket cannot be
+    stolen by a second daemon of the same name, nor served from a directory another user
+    planted. The mountpoint's lock is on the directory the mount will cover.
+    """
+    mode = 0o755 if os.geteuid() == 0 else (0o711 if group else 0o700)
+    rdir = ensure_private_dir(runtime_dir(), mode)
+    fds = []
+    try:
+        fds.append(_lock_name(rdir / f"{ws.name}.lock", ws.name))
+        if is_mounted(str(ws.mountpoint)):
+            raise UsageError(f"{ws.mountpoint} is already a mount point; unmount it first "
+                             f"(overlayd unmount {ws.mountpoint})")
+        fd = os.open(ws.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds.append(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another daemon is mounting a workspace at {ws.mountpoint}; "
+                             "unmount it first") from None
+        if is_mounted(str(ws.mountpoint)):  # mounted between the first check and the lock
+            raise UsageError(f"{ws.mountpoint} is already a mount point; unmount it first "
+                             f"(overlayd unmount {ws.mountpoint})")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 class Daemon:
     def __init__(self, ws: Workspace, *, allow_other: bool, group: str | None = None, crashed: bool = False):
         self.ws = ws
@@ -131,6 +209,7 @@ class Daemon:
             "shutdown": self.op_shutdown,
         }
         self.saga = None  # the saga engine registers its ops here
+        self.mount_dev = None  # "MAJOR:MINOR" of the mount: clients check they reach the right daemon
         self.nursery = None
 
     # ------------------------------------------------------------------ control ops
@@ -170,7 +249,7 @@ class Daemon:
         fs = self.ws.fs
         return {
             "name": self.ws.name, "base": str(self.ws.base), "mountpoint": str(self.ws.mountpoint),
-            "state_dir": str(self.ws.state_dir), "pid": os.getpid(),
+            "state_dir": str(self.ws.state_dir), "pid": os.getpid(), "uid": os.geteuid(), "dev": self.mount_dev,
             "layers": [layer.id for layer in fs.layers[1:]], "writable": fs.writable(),
             "busy": self.busy, "uptime": time.time() - self.started,
             "quarantined": self.ws.quarantined(),
@@ -279,20 +358,25 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
             except OSError:
                 pass
 
+    # umask 0, for the whole process (a umask is per process, and the FUSE handlers run on many
+    # threads): an entry created in a layer must get exactly the mode the kernel passed, which
+    # already has the caller's umask applied. Everything else the daemon creates names its
+    # mode (state 0700/0600, the socket 0666, runtime and lock directories), and its children
+    # get a umask of their own (compensation commands: their registering client's).
     os.umask(0)
     osutil.raise_nofile_limit()
     ws = Workspace(name, base, mountpoint, state_dir)
+    claimed = False
     try:
         clear_stale_mount(str(ws.mountpoint))
-        if is_mounted(str(ws.mountpoint)):
-            raise UsageError(f"{ws.mountpoint} is already a mount point; unmount it first "
-                             f"(overlayd unmount {ws.mountpoint})")
         try:
             ws.check_paths()
         except UsageError as exc:  # a bad argument: exit 2, which systemd does not restart
             log.error("%s", exc)
             report(f"usage: {exc}\n")
             return 2
+        claim(ws, group)  # the locks are held until the process exits
+        claimed = True
         from .saga import recover_commit
 
         ws.open(recover=recover_commit)
@@ -310,6 +394,8 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         log.error("%s", exc)
         report(f"error: {exc}\n")
         ws.close()
+        if claimed:
+            release_name(name)
         return 1
     options = set(pyfuse3.default_options)
     options |= {f"fsname=overlayd:{name}", "subtype=overlayd"}
@@ -321,16 +407,19 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
     from .saga import SagaEngine  # the saga engine plugs its ops into the daemon
 
     daemon.saga = SagaEngine(daemon, keep_open_step=keep_open_step)
+    real_mountpoint = os.path.realpath(ws.mountpoint)
     try:
         pyfuse3.init(ws.fs, str(ws.mountpoint), options)
     except Exception as exc:  # RuntimeError from fuse_session_mount
         log.error("mounting %s failed: %s", ws.mountpoint, exc)
         report(f"error: mounting {ws.mountpoint} failed: {exc}\n")
         ws.close()
+        release_name(name)
         return 1
     from .fs import find_fuse_fd
 
     ws.fs.fuse_fd = find_fuse_fd()
+    daemon.mount_dev = mount_dev(real_mountpoint, name)
     status = 0
     try:
         trio.run(daemon.main, lambda: report("ok\n"))
@@ -348,5 +437,6 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         except Exception:
             log.exception("could not journal the clean stop")
         ws.close()
+        release_name(name)
         log.info("unmounted %s", ws.mountpoint)
     return status

@@ -30,6 +30,7 @@ import difflib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import queue
 import re
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import BusyError, Client, ClientError, ConflictError, NoDaemon, StuckError
+from .paths import quote_path
 
 SCHEMA = 1
 MAX_FILE = 256 << 10  # bytes of a definition file
@@ -181,6 +183,9 @@ class _Bad(Exception):
     pass
 
 
+MAX_DURATION = 7 * 86400  # the daemon's limit for compensate_timeout too
+
+
 def parse_duration(value) -> float:
     if isinstance(value, bool) or value is None:
         raise _Bad(f"{value!r} is not a duration (seconds, or a string like \"30s\", \"5m\", \"1h\", \"250ms\")")
@@ -195,6 +200,8 @@ def parse_duration(value) -> float:
         raise _Bad(f"{value!r} is not a duration (seconds, or a string like \"5m\")")
     if not seconds > 0:
         raise _Bad(f"{value!r}: a duration must be more than 0")
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise _Bad(f"{value!r}: a duration must be finite and at most {MAX_DURATION // 86400} days")
     return seconds
 
 
@@ -354,6 +361,8 @@ def parse(text: str, file=None, sha256=None) -> Definition:
     """Validate a TOML definition given as text; raises DefinitionError with every problem."""
     try:
         raw = tomllib.loads(text)
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise DefinitionError([Problem("invalid TOML: arrays or inline tables nested too deeply")], file) from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
@@ -651,9 +660,10 @@ class Coordinator:
     """
 
     def __init__(self, definition: Definition, socket_path, *, commit=True, on_event=None, attach=False,
-                 resume_hint=None, progress_interval=1.0):
+                 resume_hint=None, progress_interval=1.0, expect=None):
         self.defn = definition
         self.socket_path = str(socket_path)
+        self.expect = expect  # a client.MountInfo: verify the daemon before each request (Client)
         self.commit = commit
         self.on_event = on_event or (lambda ev: None)
         self.attach = attach
@@ -679,7 +689,7 @@ class Coordinator:
         deadline = time.monotonic() + 3600
         while True:
             try:
-                with Client(self.socket_path, timeout=timeout) as c:
+                with Client(self.socket_path, timeout=timeout, expect=self.expect) as c:
                     return c.call(op, **{k: v for k, v in args.items() if v is not None})
             except NoDaemon:
                 raise _DaemonLost() from None
@@ -1312,7 +1322,7 @@ class Coordinator:
             r = self._call("saga.commit", timeout=None)
         except ConflictError as exc:
             self._set_runner(phase="done", message=exc.message)
-            paths = ", ".join(c["path"] for c in exc.conflicts[:10])
+            paths = ", ".join(quote_path(c["path"]) for c in exc.conflicts[:10])
             raise _Finish(self._result("conflict", EXIT_CONFLICT,
                                        f"all {n} steps done, but {exc.message} ({paths}). Resolve, then: saga commit "
                                        f"(or {self.resume_hint}); or saga abort")) from None

@@ -1,8 +1,11 @@
 """Where a workspace keeps its state and its control socket, and how names are checked."""
 
+import dataclasses
 import json
 import os
 import re
+import stat
+import unicodedata
 from pathlib import Path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -102,7 +105,7 @@ def choose_name(mountpoint: str) -> str:
     taken = {}
     for info in known_workspaces():
         taken.setdefault(info["name"], info.get("mountpoint"))
-    for point, name in overlayd_mounts():
+    for point, name in ((m.point, m.name) for m in overlayd_mounts()):
         taken.setdefault(name, point)
     for name, point in taken.items():
         if point == mp:
@@ -143,12 +146,21 @@ def default_state_dir(name: str) -> Path:
     return state_root() / name
 
 
+#: root's runtime directory (systemd's RuntimeDirectory=overlayd): world-searchable, so that a
+#: member of a workspace's group finds the socket of a root daemon there.
+SYSTEM_RUNTIME = Path("/run/overlayd")
+
+
+class UnsafePath(UsageError):
+    """A directory that somebody else could have planted or can change: refused, never used."""
+
+
 def runtime_dir() -> Path:
     env = os.environ.get("RUNTIME_DIRECTORY")
     if env:
         return Path(env.split(":")[0])
     if os.geteuid() == 0:
-        return Path("/run/overlayd")
+        return SYSTEM_RUNTIME
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "overlayd"
@@ -159,9 +171,69 @@ def socket_path(name: str) -> Path:
     return runtime_dir() / f"{name}.sock"
 
 
+def check_owned_dir(path, trusted_uids=None) -> os.stat_result:
+    """Refuse *path* unless it is a real directory (not a symlink) owned by a trusted uid (by
+    default: you) that neither group nor others may write. Returns its lstat."""
+    path = Path(path)
+    uids = {os.geteuid()} if trusted_uids is None else set(trusted_uids)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePath(f"refusing to use {path}: it is not a directory but "
+                         f"{'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'a file'}; somebody may have "
+                         f"planted it to intercept the workspace's socket: remove it (rm {path}) and try again")
+    if st.st_uid not in uids:
+        raise UnsafePath(f"refusing to use {path}: it belongs to uid {st.st_uid}, not to uid "
+                         f"{' or '.join(str(u) for u in sorted(uids))}; somebody may have created it to intercept "
+                         f"the workspace's socket: have root remove it, or set XDG_RUNTIME_DIR to a private "
+                         f"directory of yours")
+    if st.st_mode & 0o022:
+        raise UnsafePath(f"refusing to use {path}: its mode {stat.S_IMODE(st.st_mode):04o} lets others write "
+                         f"in it; fix it with: chmod go-w {path}")
+    return st
+
+
+def make_parents(path, mode: int = 0o755) -> None:
+    """Create the missing parents of *path* with *mode* each (``mkdir -p`` would give them
+    0777 under the daemon's umask 0)."""
+    missing = []
+    p = Path(os.path.abspath(path)).parent
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, mode)
+        except FileExistsError:
+            pass
+
+
+def ensure_private_dir(path, mode: int = 0o700) -> Path:
+    """Create *path* with *mode* (its parents as needed) or verify the existing one with
+    check_owned_dir: a directory another user created first is refused, never used."""
+    path = Path(path)
+    make_parents(path)
+    try:
+        os.mkdir(path, mode)
+        os.chmod(path, mode)  # whatever the umask
+    except FileExistsError:
+        pass
+    check_owned_dir(path)
+    return path
+
+
 def is_within(child: Path, parent: Path) -> bool:
     child, parent = Path(os.path.realpath(child)), Path(os.path.realpath(parent))
     return child == parent or parent in child.parents
+
+
+@dataclasses.dataclass(frozen=True)
+class MountInfo:
+    """An overlayd mount as the kernel's mount table gives it (nobody can forge these fields)."""
+
+    point: str        # canonical path of the mountpoint
+    name: str         # the workspace name (fsname overlayd:NAME)
+    dev: str          # "MAJOR:MINOR" of the mount
+    owner: int | None  # the uid that mounted it (FUSE's user_id=)
 
 
 def _unescape_mountinfo(field: bytes) -> str:
@@ -169,12 +241,10 @@ def _unescape_mountinfo(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def overlayd_mounts() -> list[tuple[str, str]]:
-    """(mountpoint, workspace name) of every overlayd FUSE mount, from /proc/self/mountinfo.
-
-    The mount's source (fsname) is ``overlayd:NAME``; a mount whose daemon died stays listed
-    until it is cleared.
-    """
+def overlayd_mounts() -> list[MountInfo]:
+    """Every overlayd mount of this mount namespace, in mount order, from /proc/self/mountinfo
+    (read, never stat()ed). The mount's source (fsname) is ``overlayd:NAME``; a mount whose
+    daemon died stays listed until it is cleared. The one parser of the mount table."""
     out = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
@@ -183,10 +253,33 @@ def overlayd_mounts() -> list[tuple[str, str]]:
                 sep = fields.index(b"-")
             except ValueError:
                 continue
-            if len(fields) > sep + 2 and fields[sep + 1] == b"fuse.overlayd" \
-                    and fields[sep + 2].startswith(b"overlayd:"):
-                out.append((_unescape_mountinfo(fields[4]), _unescape_mountinfo(fields[sep + 2]).split(":", 1)[1]))
+            if len(fields) < sep + 4 or fields[sep + 1] != b"fuse.overlayd" \
+                    or not fields[sep + 2].startswith(b"overlayd:"):
+                continue
+            owner = None
+            for opt in fields[sep + 3].split(b","):
+                if opt.startswith(b"user_id="):
+                    owner = int(opt[8:])
+            out.append(MountInfo(_unescape_mountinfo(fields[4]),
+                                 _unescape_mountinfo(fields[sep + 2]).split(":", 1)[1],
+                                 fields[2].decode(), owner))
     return out
+
+
+def mount_of(path) -> MountInfo | None:
+    """The overlayd mount holding *path* (the innermost, the topmost of a stack), or None."""
+    mounts = overlayd_mounts()
+
+    def find(p):
+        best = None
+        for m in mounts:
+            if p == m.point or p.startswith(m.point.rstrip("/") + "/"):
+                if best is None or len(m.point) >= len(best.point):
+                    best = m
+        return best
+
+    # abspath first: resolving a path inside a mount stat()s it, which hangs on a stopped daemon
+    return find(os.path.abspath(path)) or find(os.path.realpath(path))
 
 
 def mountinfo_path(path: str) -> str:
@@ -195,3 +288,35 @@ def mountinfo_path(path: str) -> str:
     (Not realpath() of the path itself: that would stat() a possibly hung mount.)"""
     mp = os.path.abspath(path)
     return os.path.join(os.path.realpath(os.path.dirname(mp)), os.path.basename(mp))
+
+
+_C_ESCAPES = {7: "a", 8: "b", 9: "t", 10: "n", 11: "v", 12: "f", 13: "r", 34: '"', 92: "\\"}
+
+
+def quote_path(path) -> str:
+    """A file name (bytes, or str decoded with surrogateescape) as one line of human-readable
+    output, quoted the way git quotes an unusual path (core.quotePath): unchanged if it is
+    plain, else in double quotes with C escapes (\\n \\t \\" \\\\ ...) and octal escapes
+    (\\302\\205) for control characters, bytes that are not UTF-8, and invisible or
+    line-breaking Unicode (format characters, U+0085, U+2028/9, bidirectional overrides).
+    Printable non-ASCII text stays as it is. A name can then never forge a line of output."""
+    if isinstance(path, str):
+        try:
+            path = os.fsencode(path)
+        except UnicodeEncodeError:
+            path = path.encode("utf-8", "surrogatepass")
+    text = path.decode("utf-8", "surrogateescape")
+    out, quoted = [], False
+    for ch in text:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\{o - 0xDC00:03o}")
+        elif o < 0x20 or o == 0x7F or o in (34, 92):
+            out.append("\\" + _C_ESCAPES[o] if o in _C_ESCAPES else f"\\{o:03o}")
+        elif o >= 0x80 and unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            out.append("".join(f"\\{b:03o}" for b in ch.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(ch)
+            continue
+        quoted = True
+    return '"' + "".join(out) + '"' if quoted else text

@@ -15,7 +15,6 @@ in order.
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -95,26 +94,18 @@ def now() -> float:
 # ---------------------------------------------------------------------- commit (sync parts)
 
 
-def base_lock_path(base) -> str:
-    """A machine-wide lock per base, shared by every daemon over it (whatever its runtime dir)."""
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(base))).hexdigest()[:16]
-    if os.geteuid() == 0:
-        root = "/run/lock/overlayd"
-    else:
-        root = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/overlayd-{os.geteuid()}", "overlayd-locks")
-    return os.path.join(root, f"base-{digest}.lock")
-
-
 class BaseLock:
-    """flock on a file outside the base: commits on one base are serialized across daemons."""
+    """flock on the base directory itself: commits on one base are serialized across daemons,
+    whoever runs them. Every daemon over a base can open it (O_RDONLY|O_DIRECTORY needs no
+    writable path, no lock directory another user could empty), and the lock dies with the
+    process. Nothing else in overlayd flocks a base."""
 
     def __init__(self, base):
-        self.path = base_lock_path(base)
+        self.path = str(base)
         self.fd = None
 
     def acquire(self, timeout: float = 600.0) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -124,7 +115,8 @@ class BaseLock:
                 if time.monotonic() > deadline:
                     os.close(self.fd)
                     self.fd = None
-                    raise OpError("busy", f"another commit on this base holds {self.path}; try again later")
+                    raise OpError("busy", f"another commit on the base {self.path} has held its lock for "
+                                          f"{timeout:.0f} s; try again later")
                 time.sleep(0.05)
 
     def release(self) -> None:
@@ -212,22 +204,43 @@ def recover_commit(ws) -> None:
 # ---------------------------------------------------------------------- compensation commands
 
 
-def run_compensation(cmd: str, env: dict, cwd: str, uid: int, gid: int, timeout: float, state_dir) -> tuple[int, str]:
+DEFAULT_UMASK = 0o022
+
+
+def peer_umask(pid) -> int:
+    """The umask of process *pid* (the client registering a step), or 022 if it cannot be read."""
+    try:
+        with open(f"/proc/{int(pid)}/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8) & 0o777
+    except (OSError, ValueError, TypeError):
+        pass
+    return DEFAULT_UMASK
+
+
+def run_compensation(cmd: str, env: dict, cwd: str, uid: int, gid: int, timeout: float, state_dir,
+                     umask: int = DEFAULT_UMASK) -> tuple[int, str]:
     """Run one attempt of a compensation command. Returns (exit status, tail of stderr).
 
     Output goes to files (a command may print megabytes); the whole process group is killed
-    on timeout (status 124, as timeout(1) reports it).
+    on timeout (status 124, as timeout(1) reports it). The command gets *umask* (the one of the
+    client that registered the step), never the daemon's 0.
     """
     kwargs = {}
     if os.geteuid() == 0 and (uid, gid) != (0, 0):
         kwargs = dict(user=uid, group=gid, extra_groups=[])
+    # The shell enters the mountpoint, not Popen: CPython may vfork() while this thread holds
+    # the GIL, and a child that chdir()s into our own FUSE mount before exec waits for the
+    # event loop, which waits for the GIL (seen with a non-root daemon: every request hung).
+    script = 'cd -- "$1" || exit 126\nshift\n' + cmd
     try:
         out = tempfile.TemporaryFile(dir=state_dir)
     except OSError:  # a full state filesystem: the rollback that frees it must still run
         out = tempfile.TemporaryFile()
     with out:
-        proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out, start_new_session=True, **kwargs)
+        proc = subprocess.Popen(["/bin/sh", "-c", script, "/bin/sh", cwd], cwd="/", env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, start_new_session=True, umask=umask, **kwargs)
         try:
             status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -556,6 +569,7 @@ class SagaEngine:
             paths = dict(self.touched)
             rec = {"saga": sid, "index": index, "name": name, "state": "open", "layer": None,
                    "compensate": compensate, "uid": peer.get("uid"), "gid": peer.get("gid"),
+                   "umask": peer_umask(peer.get("pid")) if compensate else None,
                    "budgets": budget, "retries": retries,
                    "compensate_timeout": comp_timeout, "created": now(), "attempts": 0}
 
@@ -800,7 +814,8 @@ class SagaEngine:
             uid = step.get("uid") if step.get("uid") is not None else os.getuid()
             gid = step.get("gid") if step.get("gid") is not None else os.getgid()
             status, tail = await trio.to_thread.run_sync(
-                run_compensation, cmd, env, str(self.ws.mountpoint), uid, gid, timeout, str(self.ws.state_dir))
+                run_compensation, cmd, env, str(self.ws.mountpoint), uid, gid, timeout, str(self.ws.state_dir),
+                step.get("umask") if isinstance(step.get("umask"), int) else DEFAULT_UMASK)
 
             def record(txn, attempt=attempt, status=status, tail=tail):
                 txn.event("compensate.attempt", saga=sid, step=step["index"], attempt=attempt, status=status,

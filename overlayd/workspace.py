@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import shutil
 import subprocess
 import threading
@@ -30,10 +31,10 @@ from pathlib import Path
 
 import trio
 
-from journal import Journal, JournalDamaged
+from journal import Journal
 
 from .fs import OverlayFS
-from .paths import UsageError, index_dir, is_within, register
+from .paths import UsageError, index_dir, is_within, make_parents, register
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ class Workspace:
         (the saga engine finishes an interrupted commit there).
         """
         self.check_paths()
+        make_parents(self.state_dir)
         for d in (self.state_dir, self.layers_dir, self.trash_dir, self.work_dir):
-            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, exist_ok=True)
         self._lockfd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -159,19 +161,29 @@ class Workspace:
         return Journal.open(self.state_dir, create=not layers)
 
     def _write_info(self) -> None:
-        """workspace.json (for 'overlayd list'), rewritten only when it changes: a start on a full
-        state filesystem must not fail on it."""
+        """workspace.json (for 'overlayd list'), private (0600) and durable, rewritten only when it
+        changes: a start on a full state filesystem must not fail on it."""
         info = json.dumps({"name": self.name, "base": str(self.base), "mountpoint": str(self.mountpoint)})
         path = self.state_dir / "workspace.json"
         try:
-            if path.read_text() == info:
+            st = os.stat(path, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and path.read_text() == info:
+                if st.st_mode & 0o777 != 0o600:
+                    os.chmod(path, 0o600)  # an older version wrote it 0666
                 return
         except (OSError, UnicodeDecodeError):
             pass
         tmp = self.state_dir / "workspace.json.tmp"
         try:
-            tmp.write_text(info)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, info.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
+            fsync_dir(self.state_dir)
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)
 

@@ -2,7 +2,8 @@
 # Boot a real systemd in a container and drive overlayd@.service through it:
 #   start (READY=1 once mounted; the mount visible outside the service), a saga through the
 #   mount, SIGKILL of the daemon mid-saga (Restart=on-failure: dead mount cleared, journal
-#   recovered, same saga), a hung daemon (SIGSTOP: the watchdog restarts it), a clean stop
+#   recovered, same saga, the open step's compensation command run by the hardened unit), a
+#   hung daemon (SIGSTOP: the watchdog restarts it), a commit, a clean stop
 #   (STOPPING=1, unmounted, exit 0), a configuration error (exit 2, not restarted), and the
 #   unprivileged user unit through fusermount3.
 #
@@ -57,7 +58,7 @@ nspawn --pipe --bind-ro=/etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt --se
   || { tail -30 "$DIR/pip.log"; exit 1; }
 
 say "install the units, a workspace and the test that runs inside the container"
-rm -rf "$ROOTFS/etc/overlayd" "$ROOTFS/var/lib/overlayd" "$ROOTFS/srv/base" "$ROOTFS/mnt/ws" "$ROOTFS/var/tmp/e2e".* \
+rm -rf "$ROOTFS/etc/overlayd" "$ROOTFS/var/lib/overlayd" "$ROOTFS/srv/base" "$ROOTFS/mnt/ws" "$ROOTFS/var/tmp/e2e".* "$ROOTFS/var/tmp/e2e-compensated" \
   "$ROOTFS/home/tester" "$ROOTFS"/var/log/journal/*  # a fresh start: no state, no journal of an earlier run
 mkdir -p "$ROOTFS/srv/base/src" "$ROOTFS/mnt/ws"
 echo "print('hello')" >"$ROOTFS/srv/base/src/main.py"
@@ -97,7 +98,9 @@ systemctl show -p MainPID -p NotifyAccess -p WatchdogUSec -p CapabilityBoundingS
 
 say "a saga through the mount"
 cd /mnt/ws || fail "cd /mnt/ws"
-saga begin nspawn-demo && saga step first && echo one >first.txt && saga step second && echo two >second.txt \
+# the second step's compensation runs in the hardened unit when the crash below rolls it back
+saga begin nspawn-demo && saga step first && echo one >first.txt \
+  && saga step second --compensate 'echo compensated >/var/tmp/e2e-compensated' && echo two >second.txt \
   || fail "saga commands"
 cd /
 before=$(saga_json) || fail "saga status"
@@ -119,6 +122,8 @@ assert [s["state"] for s in a["steps"]] == ["done", "compensated"], a["steps"]
 PY
 [ "$(cat /mnt/ws/first.txt)" = one ] || fail "the done step's file is gone"
 [ ! -e /mnt/ws/second.txt ] || fail "the open step was not rolled back"
+[ "$(cat /var/tmp/e2e-compensated)" = compensated ] || fail "the compensation command did not run"
+[ "$(stat -c %a /var/tmp/e2e-compensated)" = 644 ] || fail "the compensation did not get the client's umask 022"
 journalctl --no-pager -u "$U" | grep -E "cleared a dead mount|recover|rolling back" || true
 
 say "a hung daemon: WatchdogSec=30, then SIGABRT, TimeoutAbortSec=30, SIGKILL, restart"
@@ -127,6 +132,11 @@ wait_restarts 2
 journalctl --no-pager -u "$U" | grep -i "watchdog timeout" || fail "no watchdog timeout in the journal"
 findmnt /mnt/ws || fail "not mounted after the watchdog restart"
 saga -w /mnt/ws status >/dev/null || fail "saga status after the watchdog restart"
+
+say "a commit from the hardened unit"
+saga -w /mnt/ws step third && echo three >/mnt/ws/third.txt && saga -w /mnt/ws commit || fail "commit"
+[ "$(cat /srv/base/first.txt)$(cat /srv/base/third.txt)" = onethree ] || fail "the commit did not reach the base"
+systemd-analyze security "$U" | tail -1
 
 say "clean stop: STOPPING=1, unmounted, exit 0"
 systemctl stop "$U" || fail "systemctl stop"
