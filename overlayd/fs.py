@@ -154,6 +154,18 @@ def _restore_times(fd: int, st: os.stat_result) -> None:
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _set_origin(fd: int, origin) -> bool:
+    """Mark the layer file *fd* a metacopy of *origin*; False if its file system has no room left
+    for that xattr next to the file's own (ENOSPC, E2BIG)."""
+    try:
+        os.setxattr(fd, osutil.ORIGIN_XATTR, osutil.encode_origin(*origin))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.E2BIG):
+            return False
+        raise
+    return True
+
+
 def _nofollow(target) -> dict:
     return {} if isinstance(target, int) else {"follow_symlinks": False}
 
@@ -1001,16 +1013,20 @@ class OverlayFS(pyfuse3.Operations):
                 try:
                     if metacopy:
                         os.ftruncate(dst, st.st_size)
-                        os.setxattr(dst, osutil.ORIGIN_XATTR, osutil.encode_origin(*origin))
                     elif origin is not None and src_li > 0:  # a lower metacopy: its data is in the base
-                        data = osutil.open_origin(self.layers[0].fd, origin)
-                        try:
-                            osutil.copy_data(data, dst, st.st_size)
-                        finally:
-                            os.close(data)
+                        self._copy_origin_data(origin, dst, st.st_size)
                     elif not truncate:
                         osutil.copy_data(src, dst, st.st_size)
                     self.copy_meta(src, dst, st)
+                    if metacopy and not _set_origin(dst, origin):
+                        # no room for the origin next to the file's own xattrs (ext4 keeps all of
+                        # a file's xattrs in one 4 KiB block): a full copy instead
+                        metacopy = False
+                        if src_li > 0:
+                            self._copy_origin_data(origin, dst, st.st_size)
+                        else:
+                            osutil.copy_data(src, dst, st.st_size)
+                        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
                     self._clear_whiteout(first_parent, first_name)
                     os.link(f"/proc/self/fd/{dst}", first_name, dst_dir_fd=dpfd, follow_symlinks=True)
                 finally:
@@ -1041,6 +1057,13 @@ class OverlayFS(pyfuse3.Operations):
         self._touch(node)
         for p, n in names:
             self._changed("copyup", p, n)
+
+    def _copy_origin_data(self, origin, dst: int, size: int) -> None:
+        data = osutil.open_origin(self.layers[0].fd, origin)
+        try:
+            osutil.copy_data(data, dst, size)
+        finally:
+            os.close(data)
 
     def _clear_whiteout(self, parent: Node, name: bytes) -> None:
         """Remove a whiteout for *name* from the top layer's copy of *parent*, if any."""
@@ -1708,7 +1731,15 @@ class OverlayFS(pyfuse3.Operations):
         node = self._node(inode)
         self._copy_up(node, meta_only=True)
         target = self._xattr_target(node)
-        os.setxattr(target, name, value, **_nofollow(target))
+        try:
+            os.setxattr(target, name, value, **_nofollow(target))
+        except OSError as exc:
+            # a metacopy's origin xattr takes room this value may need (ext4: one 4 KiB block
+            # for all of a file's xattrs): the file gets its own data, drops the origin, retries
+            if exc.errno not in (errno.ENOSPC, errno.E2BIG) or self._origin(node) is None:
+                raise
+            self._materialize(node)
+            os.setxattr(target, name, value, **_nofollow(target))
         self._touch(node)
 
     @_fuse_errors
