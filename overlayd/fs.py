@@ -921,6 +921,14 @@ class OverlayFS(pyfuse3.Operations):
         node.mc = (node.loc, origin)
         return origin
 
+    def forget_origins(self) -> None:
+        """Forget every cached metacopy origin: a commit gave the metacopies their own data
+        (``merge.materialize``) behind the view's back, and is about to replace their base files,
+        so the next access reads the layer's copy (a cached origin would give EIO once the base
+        file is replaced, "the base file ... was replaced behind the workspace's back")."""
+        for node in self.nodes.values():
+            node.mc = None
+
     def _metacopy_blocks(self, node: Node, blocks: int) -> int:
         """st_blocks of a metacopy: its origin's (the data it shows); *blocks* for any other
         sparse file. Cached with the origin. Never fails, and reads an origin only through

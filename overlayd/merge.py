@@ -42,6 +42,32 @@ STAGE_PREFIX = ".overlayd-"
 MOVES = os.environ.get("OVERLAYD_COMMIT_MOVES", "1") != "0"
 
 
+# fault injection for the tests: "label:ERRNO[:n]" raises OSError(ERRNO) at the n-th pass (once)
+FAIL_AT = os.environ.get("OVERLAYD_FAIL_AT", "")
+FAULT_LABELS = ("stage.link", "stage.copy", "stage.mkdir", "setxattr", "rename", "unlink", "syncfs")
+_fault_counts = {}
+
+
+def fault(label: str) -> None:
+    """Fault injection (tests/test_commit_faults.py): with OVERLAYD_FAIL_AT=label:ERRNO[:n]
+    (ERRNO a name such as ENOSPC or EIO) the n-th pass (default 1st) of *label* raises that
+    OSError instead of doing the system call that follows, once. Each label names one kind of
+    system call of a commit, at every place it is made: stage.link (a hard link from a layer),
+    stage.copy (a copy's data), stage.mkdir, setxattr (an entry's xattrs and attributes),
+    rename, unlink (a deletion) and syncfs (a phase's flush)."""
+    if not FAIL_AT:
+        return
+    want, _, rest = FAIL_AT.partition(":")
+    if want != label:
+        return
+    name, _, nth = rest.partition(":")
+    _fault_counts[label] = _fault_counts.get(label, 0) + 1
+    if _fault_counts[label] == int(nth or 1):
+        code = getattr(errno, name)
+        log.warning("fault injection: %s fails with %s", label, name)
+        raise OSError(code, f"{os.strerror(code)} (injected at {label})")
+
+
 class MergeError(Exception):
     """The commit cannot proceed; the message says why and what to do."""
 
@@ -315,6 +341,7 @@ class Merger:
         name = os.path.basename(path)
         st = os.stat(name, dir_fd=lfd, follow_symlinks=False)
         if op["op"] == "newdir":
+            fault("stage.mkdir")
             os.mkdir(dst_name, 0o700, dir_fd=dst_fd)
             src = os.open(name, DIR_FLAGS, dir_fd=lfd)
             dst = os.open(dst_name, DIR_FLAGS, dir_fd=dst_fd)
@@ -329,6 +356,7 @@ class Merger:
         key = (op["layer"], st.st_ino)
         if st.st_nlink > 1 and key in links:
             first_fd, first_name = links[key]
+            fault("stage.link")
             os.link(first_name, dst_name, src_dir_fd=first_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
             return
         if kind == "l":
@@ -348,6 +376,7 @@ class Merger:
     def _stage_file(self, lfd, name, st, dst_fd, dst_name) -> None:
         if st.st_dev == self.base_dev:
             # same filesystem: the layer's file becomes the base's, no data is copied
+            fault("stage.link")
             os.link(name, dst_name, src_dir_fd=lfd, dst_dir_fd=dst_fd, follow_symlinks=False)
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
                 os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
@@ -357,6 +386,7 @@ class Merger:
             dst = os.open(dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                           dir_fd=dst_fd)
             try:
+                fault("stage.copy")
                 osutil.copy_data(src, dst, st.st_size)
                 self._meta(src, dst, st)
             finally:
@@ -366,6 +396,7 @@ class Merger:
 
     @staticmethod
     def _meta(src_fd, dst_fd, st) -> None:
+        fault("setxattr")
         osutil.copy_xattrs(src_fd, dst_fd)
         if os.geteuid() == 0:
             os.fchown(dst_fd, st.st_uid, st.st_gid)
@@ -402,12 +433,14 @@ class Merger:
                 raise
             if op["op"] == "delete":
                 try:
+                    fault("unlink")
                     osutil.rmtree_at(pfd, name)
                 except FileNotFoundError:
                     pass
             elif op.get("move"):
                 self._move_in(op, pfd, name, self.stage_name(i))
             elif op["op"] == "put" and op.get("replaces") != "d" and not self.rerun:
+                fault("rename")
                 try:  # a file over a file or nothing: one atomic rename (the general path on a surprise)
                     os.rename(self.stage_name(i), name, src_dir_fd=pfd, dst_dir_fd=pfd)
                 except OSError:
@@ -463,6 +496,7 @@ class Merger:
                 osutil.rmtree_at(pfd, old)
                 osutil.renameat2(pfd, name, pfd, old, osutil.RENAME_NOREPLACE)
             moved = True
+        fault("rename")
         os.rename(src_name, name, src_dir_fd=src_fd, dst_dir_fd=pfd)  # atomic replacement of a file
         if moved or self.rerun:  # a re-run may find the old entry moved aside by the crashed run
             try:
@@ -471,6 +505,7 @@ class Merger:
                 pass
 
     def sync(self) -> None:
+        fault("syncfs")
         osutil.syncfs(self.base_fd)
 
 

@@ -826,6 +826,8 @@ class SagaEngine:
                         raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
                                                        "nothing was applied and the saga is still active: fix "
                                                        "the cause and commit again") from None
+                    finally:
+                        self.fs.forget_origins()  # metacopies may have their own data now
                     ops = merge.compact(full)
                     layers = [layer.id for layer in self.fs.layers[1:]]
                     plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops,

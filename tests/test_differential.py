@@ -496,6 +496,14 @@ def test_differential_commit(filesystems, mount_factory, combo):
     build_diff_base(place.base)
     build_diff_base(place.ref)
     m = mount_factory(place.base, name=f"dc{os.getpid()}", where=place.work)
+    try:
+        run_commit_sequences(m, place, combo, seed)
+    except BaseException:
+        print(f"--- daemon log ({combo}) ---\n{m.log()}")
+        raise
+
+
+def run_commit_sequences(m, place, combo, seed):
     known = {}
     total_ops = 0
     t0 = time.monotonic()
