@@ -484,21 +484,24 @@ class OverlayFS(pyfuse3.Operations):
         if lst is not None:
             return lst
         lst = Listing()
-        fd = fd_getter()
-        with os.scandir(fd) as it:
-            for de in it:
-                name = os.fsencode(de.name)
-                if de.is_dir(follow_symlinks=False):
-                    kind = K_DIR
-                elif de.is_file(follow_symlinks=False) or de.is_symlink():
-                    kind = K_FILE
-                else:
-                    st = de.stat(follow_symlinks=False)
-                    if li > 0 and osutil.is_whiteout(st):
-                        lst.whiteouts.add(name)
-                        continue
-                    kind = K_OTHER
-                lst.names[name] = (kind, de.inode())
+        fd = osutil.reopen_dir(fd_getter())  # never read a cached fd (btrfs: see reopen_dir)
+        try:
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = os.fsencode(de.name)
+                    if de.is_dir(follow_symlinks=False):
+                        kind = K_DIR
+                    elif de.is_file(follow_symlinks=False) or de.is_symlink():
+                        kind = K_FILE
+                    else:
+                        st = de.stat(follow_symlinks=False)
+                        if li > 0 and osutil.is_whiteout(st):
+                            lst.whiteouts.add(name)
+                            continue
+                        kind = K_OTHER
+                    lst.names[name] = (kind, de.inode())
+        finally:
+            os.close(fd)
         self.listings[key] = lst
         return lst
 
@@ -1107,7 +1110,7 @@ class OverlayFS(pyfuse3.Operations):
 
     def _scan_links(self, li: int):
         found = {}
-        stack = [((), self.layers[li].fd, False)]
+        stack = [((), osutil.reopen_dir(self.layers[li].fd), True)]
         while stack:
             prefix, fd, close = stack.pop()
             try:

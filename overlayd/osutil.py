@@ -203,6 +203,13 @@ def discard_xattr(fd: int, name: str) -> None:
             raise
 
 
+def reopen_dir(fd: int) -> int:
+    """A new open file description of the directory *fd*, to read its entries: a long-lived
+    one must not be read (btrfs ends a directory stream at the last index the directory had
+    when its description was opened or last rewound, so entries added since would be missed)."""
+    return os.open(".", DIR_FLAGS, dir_fd=fd)
+
+
 def open_beneath(rootfd: int, relpath: bytes) -> int:
     """Open the directory *relpath* below *rootfd*, refusing any symlink on the way (ELOOP/ENOTDIR)."""
     fd = os.dup(rootfd)

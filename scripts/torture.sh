@@ -37,6 +37,7 @@ if [ -z "$combos" ]; then
   combos=$(PYTHONPATH=tests "$PY" -c 'import fsmatrix; print(",".join(fsmatrix.ALL_COMBOS))')
 fi
 OUT=${OUT:-$(mktemp -d /tmp/overlayd-torture.XXXXXX)}
+mkdir -p "$OUT"
 export OVERLAYD_TORTURE=1 CI="${CI:-}"
 if [ $quick = 1 ]; then
   export OVERLAYD_DIFF_COMMITS=${OVERLAYD_DIFF_COMMITS:-6} OVERLAYD_DIFF_COMMIT_OPS=${OVERLAYD_DIFF_COMMIT_OPS:-50}
@@ -51,7 +52,7 @@ row() {  # row COMBO LABEL PYTEST-ARGS...
   if [ -n "$only" ] && ! echo "$combo $label" | grep -Eq -- "$only"; then
     return
   fi
-  local log="$OUT/$(echo "$combo-$label" | tr '/: ' '___').log"
+  local log="$OUT/$(echo "$combo-$label" | tr '/: ' '___' | sed 's/^-/all/').log"
   local t0 t1 summary passed failed xfailed skipped
   t0=$(date +%s)
   if [ "$combo" = "-" ]; then
