@@ -455,6 +455,7 @@ class Merger:
             try:
                 dfd = self._base_dir(path)
                 self._meta(lfd, dfd, os.fstat(lfd))
+                osutil.drop_missing_xattrs(lfd, dfd)  # an xattr the saga removed goes too
             finally:
                 os.close(lfd)
 

@@ -98,6 +98,15 @@ def copy_xattrs(src, dst, *, skip_private: bool = True) -> None:
             raise
 
 
+def drop_missing_xattrs(src, dst) -> None:
+    """Remove from *dst* the user xattrs *src* lacks (private ones are left alone): what
+    copy_xattrs leaves behind when *dst* already existed, as a base directory a commit updates."""
+    keep = set(os.listxattr(src))
+    for name in os.listxattr(dst):
+        if name.startswith("user.") and name not in keep and not name.encode().startswith(PRIVATE_XATTR):
+            discard_xattr(dst, name)
+
+
 def is_opaque(dirfd: int) -> bool:
     try:
         return os.getxattr(dirfd, OPAQUE_XATTR) == b"y"

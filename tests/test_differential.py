@@ -448,6 +448,24 @@ def test_differential(mount_factory, tmp_path):
 # ---------------------------------------------------------------------------------- commit test
 
 
+def test_xattr_removed_from_a_base_directory_is_committed(mount_factory, tmp_path):
+    """removexattr on a directory the base has, then a commit: the base directory loses the
+    xattr too. The commit only copied the layer copy's xattrs onto the base directory, so a
+    removed one stayed (found by test_differential_commit)."""
+    base = tmp_path / "base"
+    (base / "d").mkdir(parents=True)
+    os.setxattr(base / "d", "user.gone", b"x" * 100)
+    os.setxattr(base / "d", "user.kept", b"k")
+    m = mount_factory(base)
+    m.call("saga.begin", name="rmxattr")
+    m.call("saga.step", name="s1")
+    os.removexattr(m.mp / "d", "user.gone")
+    os.setxattr(m.mp / "d", "user.new", b"n")
+    m.call("saga.commit")
+    assert sorted(os.listxattr(base / "d")) == ["user.kept", "user.new"]
+    assert sorted(os.listxattr(m.mp / "d")) == ["user.kept", "user.new"]
+
+
 @pytest.mark.parametrize("kind", ["btrfs", "ext4"])
 def test_committed_entries_of_a_listed_directory_are_visible(filesystems, mount_factory, kind):
     """A base directory renamed to a new name at the root of the view, then committed: the view
