@@ -560,7 +560,7 @@ def listing_digest(names) -> str:
 
 def base_identity(base_fd: int, path: str, with_listing: bool = False, dirs: dict | None = None):
     """What the base holds at *path* now: None, ["d"] (["D", digest of the entry names] with
-    *with_listing*), or [kind, ino, size, mtime_ns, ctime_ns]. *dirs*: a cache of directory
+    *with_listing*), or [kind, ino, size, mtime_ns, ctime_ns, nlink]. *dirs*: a cache of directory
     fds (relative path -> fd) kept across calls; the caller closes them."""
     rel = os.fsencode(path)
     parent = os.path.dirname(rel)
@@ -591,7 +591,21 @@ def base_identity(base_fd: int, path: str, with_listing: bool = False, dirs: dic
             _walk_names(fd, b"", out)
             return ["D", listing_digest(out)]
         return ["d"]
-    return [k, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return [k, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink]
+
+
+def same_identity(then, now) -> bool:
+    """Whether the base entry a saga recorded (`base_identity`) is still there, unchanged. A file
+    that only lost hard links is: a file committed by a hard link from its layer keeps that
+    link until the reaper deletes the dropped layer, and the unlink changes its ctime, maybe
+    after the next saga recorded it (identities of journals before this check have no nlink)."""
+    if then == now:
+        return True
+    if then is None or now is None or then[0] in ("d", "D") or len(now) != 6:
+        return False
+    if len(then) == 5:  # recorded before identities had nlink
+        return then == now[:5]
+    return then[:4] == now[:4] and now[5] < then[5]
 
 
 def base_idents(base_fd: int, ops) -> list:

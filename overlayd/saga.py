@@ -757,7 +757,7 @@ class SagaEngine:
                                           dirs=dirs)
                 if then is not None and then[0] == "d" and cur is not None and cur[0] == "d":
                     continue  # a directory that is still a directory: entries are checked one by one
-                if cur != then:
+                if not merge.same_identity(then, cur):
                     out.append({"path": p, "recorded": then, "now": cur})
         finally:
             for fd in dirs.values():

@@ -623,8 +623,8 @@ def run_commit_sequences(m, place, combo, seed):
         try:
             res = m.call("saga.commit")
         except ClientError as exc:
-            pytest.fail(f"seed={seed} seq={seq} [{combo}]: the commit failed: {exc.code}: {exc.message}"
-                        f"\nhistory={history}")
+            pytest.fail(f"seed={seed} seq={seq} [{combo}]: the commit failed: {exc.code}: {exc.message} "
+                        f"{str(exc.data)[:2000]}\nhistory={history}")
         assert res["saga"]["state"] == "committed", res
         found = check_commit(combo, place.base, place.ref, view_before, seed, seq, history)
         if found:
