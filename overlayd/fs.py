@@ -158,6 +158,18 @@ def _restore_times(fd: int, st: os.stat_result) -> None:
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _set_origin(fd: int, origin) -> bool:
+    """Mark the layer file *fd* a metacopy of *origin*; False if its file system has no room left
+    for that xattr next to the file's own (ENOSPC, E2BIG)."""
+    try:
+        os.setxattr(fd, osutil.ORIGIN_XATTR, osutil.encode_origin(*origin))
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.E2BIG):
+            return False
+        raise
+    return True
+
+
 def _nofollow(target) -> dict:
     return {} if isinstance(target, int) else {"follow_symlinks": False}
 
@@ -493,21 +505,24 @@ class OverlayFS(pyfuse3.Operations):
         if lst is not None:
             return lst
         lst = Listing()
-        fd = fd_getter()
-        with os.scandir(fd) as it:
-            for de in it:
-                name = os.fsencode(de.name)
-                if de.is_dir(follow_symlinks=False):
-                    kind = K_DIR
-                elif de.is_file(follow_symlinks=False) or de.is_symlink():
-                    kind = K_FILE
-                else:
-                    st = de.stat(follow_symlinks=False)
-                    if li > 0 and osutil.is_whiteout(st):
-                        lst.whiteouts.add(name)
-                        continue
-                    kind = K_OTHER
-                lst.names[name] = (kind, de.inode())
+        fd = osutil.reopen_dir(fd_getter())  # never read a cached fd (btrfs: see reopen_dir)
+        try:
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = os.fsencode(de.name)
+                    if de.is_dir(follow_symlinks=False):
+                        kind = K_DIR
+                    elif de.is_file(follow_symlinks=False) or de.is_symlink():
+                        kind = K_FILE
+                    else:
+                        st = de.stat(follow_symlinks=False)
+                        if li > 0 and osutil.is_whiteout(st):
+                            lst.whiteouts.add(name)
+                            continue
+                        kind = K_OTHER
+                    lst.names[name] = (kind, de.inode())
+        finally:
+            os.close(fd)
         self.listings[key] = lst
         return lst
 
@@ -948,6 +963,14 @@ class OverlayFS(pyfuse3.Operations):
         node.mc = (node.loc, origin)
         return origin
 
+    def forget_origins(self) -> None:
+        """Forget every cached metacopy origin: a commit gave the metacopies their own data
+        (``merge.materialize``) behind the view's back, and is about to replace their base files,
+        so the next access reads the layer's copy (a cached origin would give EIO once the base
+        file is replaced, "the base file ... was replaced behind the workspace's back")."""
+        for node in self.nodes.values():
+            node.mc = None
+
     def _metacopy_blocks(self, node: Node, blocks: int) -> int:
         """st_blocks of a metacopy: its origin's (the data it shows); *blocks* for any other
         sparse file. Cached with the origin. Never fails, and reads an origin only through
@@ -1040,16 +1063,20 @@ class OverlayFS(pyfuse3.Operations):
                 try:
                     if metacopy:
                         os.ftruncate(dst, st.st_size)
-                        os.setxattr(dst, osutil.ORIGIN_XATTR, osutil.encode_origin(*origin))
                     elif origin is not None and src_li > 0:  # a lower metacopy: its data is in the base
-                        data = osutil.open_origin(self.layers[0].fd, origin)
-                        try:
-                            osutil.copy_data(data, dst, st.st_size)
-                        finally:
-                            os.close(data)
+                        self._copy_origin_data(origin, dst, st.st_size)
                     elif not truncate:
                         osutil.copy_data(src, dst, st.st_size)
                     self.copy_meta(src, dst, st)
+                    if metacopy and not _set_origin(dst, origin):
+                        # no room for the origin next to the file's own xattrs (ext4 keeps all of
+                        # a file's xattrs in one 4 KiB block): a full copy instead
+                        metacopy = False
+                        if src_li > 0:
+                            self._copy_origin_data(origin, dst, st.st_size)
+                        else:
+                            osutil.copy_data(src, dst, st.st_size)
+                        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
                     self._clear_whiteout(first_parent, first_name)
                     os.link(f"/proc/self/fd/{dst}", first_name, dst_dir_fd=dpfd, follow_symlinks=True)
                 finally:
@@ -1080,6 +1107,13 @@ class OverlayFS(pyfuse3.Operations):
         self._touch(node)
         for p, n in names:
             self._changed("copyup", p, n)
+
+    def _copy_origin_data(self, origin, dst: int, size: int) -> None:
+        data = osutil.open_origin(self.layers[0].fd, origin)
+        try:
+            osutil.copy_data(data, dst, size)
+        finally:
+            os.close(data)
 
     def _clear_whiteout(self, parent: Node, name: bytes) -> None:
         """Remove a whiteout for *name* from the top layer's copy of *parent*, if any."""
@@ -1115,7 +1149,7 @@ class OverlayFS(pyfuse3.Operations):
 
     def _scan_links(self, li: int):
         found = {}
-        stack = [((), self.layers[li].fd, False)]
+        stack = [((), osutil.reopen_dir(self.layers[li].fd), True)]
         while stack:
             prefix, fd, close = stack.pop()
             try:
@@ -1750,7 +1784,15 @@ class OverlayFS(pyfuse3.Operations):
         node = self._node(inode)
         self._copy_up(node, meta_only=True)
         target = self._xattr_target(node)
-        os.setxattr(target, name, value, **_nofollow(target))
+        try:
+            os.setxattr(target, name, value, **_nofollow(target))
+        except OSError as exc:
+            # a metacopy's origin xattr takes room this value may need (ext4: one 4 KiB block
+            # for all of a file's xattrs): the file gets its own data, drops the origin, retries
+            if exc.errno not in (errno.ENOSPC, errno.E2BIG) or self._origin(node) is None:
+                raise
+            self._materialize(node)
+            os.setxattr(target, name, value, **_nofollow(target))
         self._touch(node)
 
     @_fuse_errors

@@ -43,6 +43,32 @@ STAGE_PREFIX = ".overlayd-"
 MOVES = os.environ.get("OVERLAYD_COMMIT_MOVES", "1") != "0"
 
 
+# fault injection for the tests: "label:ERRNO[:n]" raises OSError(ERRNO) at the n-th pass (once)
+FAIL_AT = os.environ.get("OVERLAYD_FAIL_AT", "")
+FAULT_LABELS = ("stage.link", "stage.copy", "stage.mkdir", "setxattr", "rename", "unlink", "syncfs")
+_fault_counts = {}
+
+
+def fault(label: str) -> None:
+    """Fault injection (tests/test_commit_faults.py): with OVERLAYD_FAIL_AT=label:ERRNO[:n]
+    (ERRNO a name such as ENOSPC or EIO) the n-th pass (default 1st) of *label* raises that
+    OSError instead of doing the system call that follows, once. Each label names one kind of
+    system call of a commit, at every place it is made: stage.link (a hard link from a layer),
+    stage.copy (a copy's data), stage.mkdir, setxattr (an entry's xattrs and attributes),
+    rename, unlink (a deletion) and syncfs (a phase's flush)."""
+    if not FAIL_AT:
+        return
+    want, _, rest = FAIL_AT.partition(":")
+    if want != label:
+        return
+    name, _, nth = rest.partition(":")
+    _fault_counts[label] = _fault_counts.get(label, 0) + 1
+    if _fault_counts[label] == int(nth or 1):
+        code = getattr(errno, name)
+        log.warning("fault injection: %s fails with %s", label, name)
+        raise OSError(code, f"{os.strerror(code)} (injected at {label})")
+
+
 class MergeError(Exception):
     """The commit cannot proceed; the message says why and what to do."""
 
@@ -337,6 +363,7 @@ class Merger:
         name = os.path.basename(path)
         st = os.stat(name, dir_fd=lfd, follow_symlinks=False)
         if op["op"] == "newdir":
+            fault("stage.mkdir")
             os.mkdir(dst_name, 0o700, dir_fd=dst_fd)
             src = os.open(name, DIR_FLAGS, dir_fd=lfd)
             dst = os.open(dst_name, DIR_FLAGS, dir_fd=dst_fd)
@@ -351,6 +378,7 @@ class Merger:
         key = (op["layer"], st.st_ino)
         if st.st_nlink > 1 and key in links:
             first_fd, first_name = links[key]
+            fault("stage.link")
             os.link(first_name, dst_name, src_dir_fd=first_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
             return
         if kind == "l":
@@ -370,6 +398,7 @@ class Merger:
     def _stage_file(self, lfd, name, st, dst_fd, dst_name) -> None:
         if st.st_dev == self.base_dev:
             # same filesystem: the layer's file becomes the base's, no data is copied
+            fault("stage.link")
             os.link(name, dst_name, src_dir_fd=lfd, dst_dir_fd=dst_fd, follow_symlinks=False)
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
                 os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
@@ -379,6 +408,7 @@ class Merger:
             dst = os.open(dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                           dir_fd=dst_fd)
             try:
+                fault("stage.copy")
                 osutil.copy_data(src, dst, st.st_size)
                 self._meta(src, dst, st)
             finally:
@@ -388,6 +418,7 @@ class Merger:
 
     @staticmethod
     def _meta(src_fd, dst_fd, st) -> None:
+        fault("setxattr")
         osutil.copy_xattrs(src_fd, dst_fd)
         if os.geteuid() == 0:
             os.fchown(dst_fd, st.st_uid, st.st_gid)
@@ -424,12 +455,14 @@ class Merger:
                 raise
             if op["op"] == "delete":
                 try:
+                    fault("unlink")
                     osutil.rmtree_at(pfd, name)
                 except FileNotFoundError:
                     pass
             elif op.get("move"):
                 self._move_in(op, pfd, name, self.stage_name(i))
             elif op["op"] == "put" and op.get("replaces") != "d" and not self.rerun:
+                fault("rename")
                 try:  # a file over a file or nothing: one atomic rename (the general path on a surprise)
                     os.rename(self.stage_name(i), name, src_dir_fd=pfd, dst_dir_fd=pfd)
                 except OSError:
@@ -444,6 +477,7 @@ class Merger:
             try:
                 dfd = self._base_dir(path)
                 self._meta(lfd, dfd, os.fstat(lfd))
+                osutil.drop_missing_xattrs(lfd, dfd)  # an xattr the saga removed goes too
             finally:
                 os.close(lfd)
 
@@ -485,6 +519,7 @@ class Merger:
                 osutil.rmtree_at(pfd, old)
                 osutil.renameat2(pfd, name, pfd, old, osutil.RENAME_NOREPLACE)
             moved = True
+        fault("rename")
         os.rename(src_name, name, src_dir_fd=src_fd, dst_dir_fd=pfd)  # atomic replacement of a file
         if moved or self.rerun:  # a re-run may find the old entry moved aside by the crashed run
             try:
@@ -493,6 +528,7 @@ class Merger:
                 pass
 
     def sync(self) -> None:
+        fault("syncfs")
         osutil.syncfs(self.base_fd)
 
 
@@ -546,7 +582,7 @@ def listing_digest(names) -> str:
 
 def base_identity(base_fd: int, path: str, with_listing: bool = False, dirs: dict | None = None):
     """What the base holds at *path* now: None, ["d"] (["D", digest of the entry names] with
-    *with_listing*), or [kind, ino, size, mtime_ns, ctime_ns]. *dirs*: a cache of directory
+    *with_listing*), or [kind, ino, size, mtime_ns, ctime_ns, nlink]. *dirs*: a cache of directory
     fds (relative path -> fd) kept across calls; the caller closes them."""
     rel = os.fsencode(path)
     parent = os.path.dirname(rel)
@@ -577,7 +613,21 @@ def base_identity(base_fd: int, path: str, with_listing: bool = False, dirs: dic
             _walk_names(fd, b"", out)
             return ["D", listing_digest(out)]
         return ["d"]
-    return [k, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return [k, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink]
+
+
+def same_identity(then, now) -> bool:
+    """Whether the base entry a saga recorded (`base_identity`) is still there, unchanged. A file
+    that only lost hard links is: a file committed by a hard link from its layer keeps that
+    link until the reaper deletes the dropped layer, and the unlink changes its ctime, maybe
+    after the next saga recorded it (identities of journals before this check have no nlink)."""
+    if then == now:
+        return True
+    if then is None or now is None or then[0] in ("d", "D") or len(now) != 6:
+        return False
+    if len(then) == 5:  # recorded before identities had nlink
+        return then == now[:5]
+    return then[:4] == now[:4] and now[5] < then[5]
 
 
 def base_idents(base_fd: int, ops) -> list:

@@ -98,6 +98,15 @@ def copy_xattrs(src, dst, *, skip_private: bool = True) -> None:
             raise
 
 
+def drop_missing_xattrs(src, dst) -> None:
+    """Remove from *dst* the user xattrs *src* lacks (private ones are left alone): what
+    copy_xattrs leaves behind when *dst* already existed, as a base directory a commit updates."""
+    keep = set(os.listxattr(src))
+    for name in os.listxattr(dst):
+        if name.startswith("user.") and name not in keep and not name.encode().startswith(PRIVATE_XATTR):
+            discard_xattr(dst, name)
+
+
 def is_opaque(dirfd: int) -> bool:
     try:
         return os.getxattr(dirfd, OPAQUE_XATTR) == b"y"
@@ -201,6 +210,13 @@ def discard_xattr(fd: int, name: str) -> None:
     except OSError as exc:
         if exc.errno != errno.ENODATA:
             raise
+
+
+def reopen_dir(fd: int) -> int:
+    """A new open file description of the directory *fd*, to read its entries: a long-lived
+    one must not be read (btrfs ends a directory stream at the last index the directory had
+    when its description was opened or last rewound, so entries added since would be missed)."""
+    return os.open(".", DIR_FLAGS, dir_fd=fd)
 
 
 def open_beneath(rootfd: int, relpath: bytes) -> int:

@@ -849,7 +849,7 @@ class SagaEngine:
                                           dirs=dirs)
                 if then is not None and then[0] == "d" and cur is not None and cur[0] == "d":
                     continue  # a directory that is still a directory: entries are checked one by one
-                if cur != then:
+                if not merge.same_identity(then, cur):
                     out.append({"path": p, "recorded": then, "now": cur})
         finally:
             for fd in dirs.values():
@@ -969,6 +969,8 @@ class SagaEngine:
                         raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
                                                        "nothing was applied and the saga is still active: fix "
                                                        "the cause and commit again") from None
+                    finally:
+                        self.fs.forget_origins()  # metacopies may have their own data now
                     changes = self._annotate(merge.summarize(full), sid)
                     ops = merge.compact(full)
                     layers = [layer.id for layer in self.fs.layers[1:]]

@@ -9,7 +9,7 @@ for pkg in fuse3 libfuse3-dev pkg-config python3-venv gcc python3-dev git attr; 
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ "${1:-}" = "--test" ]; then
-  for pkg in fuse-overlayfs systemd; do
+  for pkg in fuse-overlayfs systemd xfsprogs btrfs-progs e2fsprogs; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
   done
 fi

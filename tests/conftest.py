@@ -216,8 +216,9 @@ def sample_base(tmp_path_factory):
 def mount_factory(tmp_path):
     mounts = []
 
-    def make(base, name="ws", extra_args=(), start=True):
-        sub = tmp_path / f"m{len(mounts)}"
+    def make(base, name="ws", extra_args=(), start=True, where=None):
+        """*where*: the directory for the mountpoint, state root and log (default: tmp_path)."""
+        sub = Path(where or tmp_path) / f"m{len(mounts)}"
         sub.mkdir()
         m = Mount(base, sub, name=name, extra_args=extra_args)
         mounts.append(m)
@@ -232,6 +233,17 @@ def mount_factory(tmp_path):
             errors.append(str(exc))
     if errors:
         pytest.fail("unmount failed: " + "\n".join(errors))
+
+
+@pytest.fixture(scope="session")
+def filesystems(tmp_path_factory):
+    """ext4, xfs, btrfs (loop devices) and tmpfs, each mounted on first use and unmounted at the
+    end of the session (tests/fsmatrix.py)."""
+    from fsmatrix import Filesystems
+
+    fss = Filesystems(tmp_path_factory.mktemp("fsmatrix"))
+    yield fss
+    fss.close()
 
 
 @pytest.fixture

@@ -237,3 +237,33 @@ def test_base_file_replaced_behind_the_workspace(mount_factory, base):
     assert exc.value.errno == errno.EIO
     res = m.call("saga.commit", dry_run=True)
     assert [c["path"] for c in res["conflicts"]] == ["big.bin"]
+
+
+@pytest.mark.parametrize("order", ["xattr-after-rename", "xattr-in-base"])
+def test_big_xattr_next_to_the_origin(filesystems, mount_factory, order):
+    """On ext4 all of a file's xattrs share one 4 KiB block: a metacopy's origin xattr (its base
+    path, here ~80 bytes) and a 4000-byte user xattr do not fit together. A metadata change must
+    not fail for that (it did with ENOSPC, where a plain directory takes it): the file is copied
+    up with its data instead, and the commit gives the base the xattr and the data."""
+    root = filesystems.dir("ext4", "bigxattr")
+    base = root / "base"
+    long_dir = base / "very/long/directory/path/that/an/ordinary/project/might/have"
+    long_dir.mkdir(parents=True)
+    data = b"#!/bin/sh\necho hi\n" * 300
+    put(long_dir / "f", data)
+    big = os.urandom(4000)
+    if order == "xattr-in-base":
+        os.setxattr(long_dir / "f", "user.big", big)
+    m = mount_factory(base, where=root)
+    begin(m)
+    rel = long_dir.relative_to(base)
+    os.rename(m.mp / rel / "f", m.mp / rel / "g")  # a metacopy, if it fits
+    if order == "xattr-after-rename":
+        os.setxattr(m.mp / rel / "g", "user.big", big)
+    assert os.getxattr(m.mp / rel / "g", "user.big") == big
+    assert read(m.mp / rel / "g") == data
+    m.call("saga.commit")
+    assert read(base / rel / "g") == data
+    assert os.getxattr(base / rel / "g", "user.big") == big
+    assert ORIGIN not in os.listxattr(base / rel / "g")
+    assert not os.path.lexists(base / rel / "f")

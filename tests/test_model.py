@@ -2,7 +2,7 @@
 
 One daemon serves one mount for the whole test run; Hypothesis drives random sequences of
 file operations (write, create, truncate, rename of files and directories across layers,
-unlink, rmdir, mkdir, hard link, symlink, chmod, setxattr) and saga operations (begin, step,
+unlink, rmdir, mkdir, hard link, symlink, chmod, chown, setxattr, deep chains) and saga operations (begin, step,
 rollback of the open step, rollback to step K, commit, abort, and crash-and-recover: SIGKILL
 the daemon, mount again) against it and against a plain-Python model.
 
@@ -22,8 +22,17 @@ While no step is open every change must fail with EROFS and change nothing.
 Between examples the saga is aborted; if the example committed something (the base changed)
 the daemon is stopped, the base restored from a pristine copy, and the daemon started again.
 
+The drawn shapes vary as in tests/test_differential.py (docs/TESTING.md): a 255-byte name
+among the names, a 256-byte name (ENAMETOOLONG), a chain of directories down to PATH_MAX
+(paths are relative to the mount's root, the test's current directory), sizes and offsets
+around 4 KiB and 64 KiB, xattr values up to 4 KiB, chown. A commit is compared with the view
+just before it, also in the mtimes of files (and of directories: issue 15 item 14, an expected
+failure until fixed); a base corrupted as issue 15 item 1 describes ends the run as an
+expected failure.
+
 Settings (environment):
-    OVERLAYD_MODEL_EXAMPLES   examples to run (default 300, the CI setting)
+    OVERLAYD_MODEL_EXAMPLES   examples to run (default 100, the CI setting; 3000 with
+                              OVERLAYD_TORTURE=1)
     OVERLAYD_MODEL_STEPS      rules per example (default 20)
 
 Soak mode: ``OVERLAYD_MODEL_EXAMPLES=10000 OVERLAYD_MODEL_PROGRESS=1 python -m pytest -s
@@ -40,25 +49,34 @@ import stat
 import sys
 import time
 
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
+import fsmatrix
+import treecmp
 from overlayd.client import ClientError
+from test_differential import item1_only
 
-EXAMPLES = int(os.environ.get("OVERLAYD_MODEL_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("OVERLAYD_MODEL_EXAMPLES", "3000" if fsmatrix.TORTURE else "100"))
 STEPS = int(os.environ.get("OVERLAYD_MODEL_STEPS", "20"))
 O_NF = os.O_NOFOLLOW | os.O_CLOEXEC
 UMASK = os.umask(0o022)
 os.umask(UMASK)
 
-NAMES = ["a", "b", "c", "dd", "e"]
+NAMES = ["a", "b", "c", "dd", "e", "L" * 255]
+TOO_LONG = "T" * 256  # ENAMETOOLONG, in the view as in a plain directory
 FILE_MODES = [0o644, 0o600, 0o755, 0o444, 0o640]
 DIR_MODES = [0o755, 0o700, 0o750]
 LINK_TARGETS = ["a", "b", "../a", "d1/g", "missing", "/nonexistent/overlayd-model", "."]
 XATTR_NAMES = ["user.k1", "user.k2"]
-MAX_DEPTH = 3
+XATTR_SIZES = [0, 1, 20, 255, 1024, 2048, 4000, 4096]
+SIZES = [0, 1, 4095, 4096, 4097, 65535, 65536, 65537]
+OWNERS = [(0, 0), (1000, 1000), (1234, 5678)]
+PATH_MAX = 4096
+MAX_DEPTH = 3  # for the drawn names; ``deepen`` makes one chain down to PATH_MAX
 
 
 # ---------------------------------------------------------------------------------- the base
@@ -106,6 +124,7 @@ def build_tree(root, tree):
                 os.write(fd, node["data"])
                 for k, v in node["xattrs"].items():
                     os.setxattr(fd, k, v)
+                os.fchown(fd, *node.get("owner", (0, 0)))
                 os.fchmod(fd, node["mode"])
             finally:
                 os.close(fd)
@@ -126,45 +145,36 @@ def describe_model(tree):
             out[path] = ("l", kind[1])
         else:
             node = tree["inodes"][kind[1]]
-            out[path] = ("f", node["mode"], node["data"], tuple(sorted(node["xattrs"].items())))
+            out[path] = ("f", node["mode"], node["data"], tuple(sorted(node["xattrs"].items())),
+                         tuple(node.get("owner", (0, 0))))
             names.setdefault(kind[1], set()).add(path)
     return out, {frozenset(v) for v in names.values() if len(v) > 1}
 
 
 def describe_dir(root):
-    """The same description of a real directory tree (the mount or the base), never following links."""
+    """The same description of a real directory tree (the mount or the base), never following
+    links, walked through directory fds (paths below the root reach PATH_MAX)."""
     out = {}
     inodes = {}
-    root = os.fspath(root)
-
-    def walk(rel):
-        full = os.path.join(root, rel) if rel else root
-        with os.scandir(full) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for e in entries:
-            path = f"{rel}/{e.name}" if rel else e.name
-            st_ = os.lstat(os.path.join(root, path))
-            if stat.S_ISDIR(st_.st_mode):
-                out[path] = ("d", stat.S_IMODE(st_.st_mode))
-                walk(path)
-            elif stat.S_ISLNK(st_.st_mode):
-                out[path] = ("l", os.readlink(os.path.join(root, path)))
-            elif stat.S_ISREG(st_.st_mode):
-                fd = os.open(os.path.join(root, path), os.O_RDONLY | O_NF)
-                try:
-                    chunks = []
-                    while chunk := os.read(fd, 1 << 20):
-                        chunks.append(chunk)
-                    xattrs = tuple(sorted((x, os.getxattr(fd, x)) for x in os.listxattr(fd)
-                                          if x.startswith("user.")))
-                finally:
-                    os.close(fd)
-                out[path] = ("f", stat.S_IMODE(st_.st_mode), b"".join(chunks), xattrs)
-                inodes.setdefault(st_.st_ino, set()).add(path)
-            else:
-                out[path] = ("other", stat.S_IFMT(st_.st_mode))
-
-    walk("")
+    for path, dfd, name, st_ in treecmp.walk(root):
+        if stat.S_ISDIR(st_.st_mode):
+            out[path] = ("d", stat.S_IMODE(st_.st_mode))
+        elif stat.S_ISLNK(st_.st_mode):
+            out[path] = ("l", os.readlink(name, dir_fd=dfd))
+        elif stat.S_ISREG(st_.st_mode):
+            fd = os.open(name, os.O_RDONLY | O_NF, dir_fd=dfd)
+            try:
+                chunks = []
+                while chunk := os.read(fd, 1 << 20):
+                    chunks.append(chunk)
+                xattrs = tuple(sorted((x, os.getxattr(fd, x)) for x in os.listxattr(fd)
+                                      if x.startswith("user.")))
+            finally:
+                os.close(fd)
+            out[path] = ("f", stat.S_IMODE(st_.st_mode), b"".join(chunks), xattrs, (st_.st_uid, st_.st_gid))
+            inodes.setdefault(st_.st_ino, set()).add(path)
+        else:
+            out[path] = ("other", stat.S_IFMT(st_.st_mode))
     return out, {frozenset(v) for v in inodes.values() if len(v) > 1}
 
 
@@ -172,7 +182,8 @@ def _short(desc):
     if desc[0] == "f":
         data = desc[2]
         shown = data if len(data) <= 40 else data[:40] + b"..." + f"({len(data)} bytes)".encode()
-        return f"file mode={desc[1]:o} data={shown!r} xattrs={desc[3]}"
+        xattrs = [(k, v if len(v) <= 20 else f"<{len(v)} bytes>") for k, v in desc[3]]
+        return f"file mode={desc[1]:o} data={shown!r} xattrs={xattrs} owner={desc[4]}"
     if desc[0] == "d":
         return f"dir mode={desc[1]:o}"
     return repr(desc)
@@ -187,6 +198,7 @@ def tree_diff(expected, actual) -> list[str]:
         elif p not in ea:
             lines.append(f"unexpected: {p}: {_short(aa[p])}")
         elif ea[p] != aa[p]:
+            p = p if len(p) < 120 else f"{p[:40]}...({len(p)})...{p[-60:]}"
             lines.append(f"differs: {p}: expected {_short(ea[p])}, got {_short(aa[p])}")
     if eg != ag:
         lines.append(f"hard-link groups: expected {sorted(map(sorted, eg))}, got {sorted(map(sorted, ag))}")
@@ -203,6 +215,8 @@ class Env:
     base = None
     pristine = None
     examples = 0
+    xattr_max = 4096
+    known = {}  # issue 15 item -> what showed it (expected failures, reported at the end)
 
 
 def _status(m):
@@ -261,6 +275,8 @@ class SagaWorkspace(RuleBasedStateMachine):
         self.ro_budget = RO_CHECKS
         self.next_ino = 1000
         self.base_changed = False
+        self.cwd = os.getcwd()
+        os.chdir(self.mp)  # paths are relative to the mount's root: they reach PATH_MAX
         Env.examples += 1
         if os.environ.get("OVERLAYD_MODEL_PROGRESS") and Env.examples % 100 == 0:
             print(f"[model] {Env.examples} examples, {time.strftime('%H:%M:%S')}", file=sys.stderr, flush=True)
@@ -300,7 +316,9 @@ class SagaWorkspace(RuleBasedStateMachine):
         return out
 
     def _abs(self, path):
-        return os.path.join(self.mp, path)
+        """*path* relative to the mount's root, the current directory (its absolute name would
+        pass PATH_MAX for the deep entries)."""
+        return path or "."
 
     def _new_ino(self):
         self.next_ino += 1
@@ -339,7 +357,9 @@ class SagaWorkspace(RuleBasedStateMachine):
     # ------------------------------------------------------------------ file operations
 
     @can_change(lambda self: self._paths("f") or self._new_paths())
-    @rule(data=st.data(), offset=st.integers(0, 300), payload=st.binary(min_size=1, max_size=200),
+    @rule(data=st.data(), offset=st.one_of(st.integers(0, 300), st.sampled_from(SIZES)),
+          payload=st.one_of(st.binary(min_size=1, max_size=200),
+                            st.builds(lambda n, b: bytes([b]) * n, st.sampled_from(SIZES[1:]), st.integers(0, 255))),
           trunc=st.booleans())
     def write(self, data, offset, payload, trunc):
         """Write into an existing file (copy-up) or create a new one; O_TRUNC or not."""
@@ -369,7 +389,7 @@ class SagaWorkspace(RuleBasedStateMachine):
         node["data"] = old[:offset] + payload + old[offset + len(payload):]
 
     @can_change(lambda self: self._paths("f"))
-    @rule(data=st.data(), size=st.sampled_from([0, 1, 7, 100, 5000, 6000]))
+    @rule(data=st.data(), size=st.sampled_from([7, 100, 5000, 6000] + SIZES))
     def truncate(self, data, size):
         path = data.draw(st.sampled_from(self._paths("f")), label="path")
 
@@ -485,9 +505,12 @@ class SagaWorkspace(RuleBasedStateMachine):
 
     @can_change(lambda self: self._paths("f"))
     @rule(data=st.data(), name=st.sampled_from(XATTR_NAMES), value=st.binary(min_size=0, max_size=20),
-          remove=st.booleans())
-    def setxattr(self, data, name, value, remove):
+          size=st.sampled_from(XATTR_SIZES), remove=st.booleans())
+    def setxattr(self, data, name, value, size, remove):
         path = data.draw(st.sampled_from(self._paths("f")), label="path")
+        if size > 20 and size <= Env.xattr_max:
+            value = (value or b"v") * (size // max(1, len(value or b"v")) + 1)
+            value = value[:size]
         node = self.view["inodes"][self.entries[path][1]]
         full = self._abs(path)
         if remove:
@@ -497,6 +520,61 @@ class SagaWorkspace(RuleBasedStateMachine):
                 del node["xattrs"][name]
         elif self._fs_op(lambda p: os.setxattr(p, name, value, follow_symlinks=False), full):
             node["xattrs"][name] = value
+
+    @can_change(lambda self: self._paths("f"))
+    @rule(data=st.data(), owner=st.sampled_from(OWNERS))
+    def chown(self, data, owner):
+        path = data.draw(st.sampled_from(self._paths("f")), label="path")
+        if self._fs_op(lambda p: os.chown(p, *owner, follow_symlinks=False), self._abs(path)):
+            self.view["inodes"][self.entries[path][1]]["owner"] = owner
+
+    @can_change(lambda self: True)
+    @rule(data=st.data())
+    def too_long_name(self, data):
+        """A 256-byte name: ENAMETOOLONG (or EROFS while no step is open), nothing created."""
+        d = data.draw(st.sampled_from(self._dirs()), label="dir")
+        path = f"{d}/{TOO_LONG}" if d else TOO_LONG
+        try:
+            fd = os.open(self._abs(path), os.O_WRONLY | os.O_CREAT | O_NF, 0o644)
+        except OSError as exc:
+            want = (errno.ENAMETOOLONG,) if self.open else (errno.ENAMETOOLONG, errno.EROFS)
+            assert exc.errno in want, f"create of a 256-byte name: {exc!r}"
+            return
+        os.close(fd)
+        raise AssertionError("a 256-byte name was created")
+
+    @can_change(lambda self: self._dirs())
+    @rule(data=st.data(), size=st.sampled_from([0, 1, 4096, 4097]))
+    def deepen(self, data, size):
+        """A chain of 255-byte directories down to just under PATH_MAX (relative to the root),
+        with a file at the bottom."""
+        top = data.draw(st.sampled_from(self._dirs()), label="top")
+        names = []
+        length = len(top)
+        while length + 2 * (1 + 255) + 10 < PATH_MAX:
+            names.append(f"{len(names):02d}" + "D" * 253)
+            length += 1 + 255
+        chain = [f"{top}/{'/'.join(names[:i + 1])}" if top else "/".join(names[:i + 1]) for i in range(len(names))]
+        if any(p in self.entries for p in chain):
+            return
+        bottom = chain[-1] + "/bottom"
+        content = bytes([size % 251]) * size
+
+        def do(_):
+            for p in chain:
+                os.mkdir(self._abs(p), 0o755)
+            fd = os.open(self._abs(bottom), os.O_WRONLY | os.O_CREAT | O_NF, 0o644)
+            try:
+                os.write(fd, content)
+            finally:
+                os.close(fd)
+
+        if self._fs_op(do, None):
+            for p in chain:
+                self.entries[p] = ("d", 0o755 & ~UMASK)
+            ino = self._new_ino()
+            self.view["inodes"][ino] = {"data": content, "mode": 0o644 & ~UMASK, "xattrs": {}}
+            self.entries[bottom] = ("f", ino)
 
     # ------------------------------------------------------------------ saga operations
 
@@ -550,9 +628,23 @@ class SagaWorkspace(RuleBasedStateMachine):
     @precondition(lambda self: self.saga)
     @rule()
     def commit(self):
+        """Commit; the base must then equal the view byte for byte, also in the mtimes of files
+        (and of directories: issue 15 item 14, an expected failure until it is fixed)."""
+        files_before = treecmp.snapshot(self.mp, mtimes=True)
+        dirs_before = treecmp.snapshot(self.mp, dir_mtimes=True)
         res = self._call("saga.commit")
         state = res["saga"]["state"]
         assert state == "committed", f"saga.commit answered with the saga in state {state!r}: {res}"
+        after = treecmp.snapshot(Env.base, mtimes=True)
+        if item1_only(after, files_before):
+            Env.known.setdefault(1, treecmp.diff(after, files_before)[:3])
+            # the base is corrupted: stop here, reported as the known issue (no shrinking)
+            raise KnownIssue(1)
+        lines = treecmp.diff(after, files_before)
+        assert not lines, "the committed base differs from the view before the commit:\n" + "\n".join(lines[:20])
+        lines = treecmp.diff(treecmp.snapshot(Env.base, dir_mtimes=True), dirs_before)
+        if lines:
+            Env.known.setdefault(14, lines[:3])
         self.base = copy.deepcopy(self.view)
         self.base_changed = True
         self.saga = False
@@ -573,8 +665,10 @@ class SagaWorkspace(RuleBasedStateMachine):
     @rule()
     def crash_and_recover(self):
         """SIGKILL the daemon and mount again: recovery rolls back the step open at the crash."""
+        os.chdir(self.cwd)
         self.m.kill()
         self.m.start()
+        os.chdir(self.mp)
         _wait_idle(self.m)
         if self.open:
             _, tree = self.live.pop()
@@ -602,6 +696,7 @@ class SagaWorkspace(RuleBasedStateMachine):
         fresh state directory and base) first, so that no example inherits a broken daemon,
         then the error is raised."""
         m = self.m
+        os.chdir(self.cwd)
         try:
             if not _daemon_alive(m):
                 raise AssertionError(f"the daemon died\n{m.log()}")
@@ -616,6 +711,11 @@ class SagaWorkspace(RuleBasedStateMachine):
         except BaseException:
             _full_reset(m)
             raise
+
+
+class KnownIssue(BaseException):
+    """A known issue of issue 15 showed (Env.known says what): ends the run, never shrunk
+    (Hypothesis shrinks only Exceptions)."""
 
 
 def _full_reset(m):
@@ -634,11 +734,22 @@ def test_saga_model(mount_factory, tmp_path):
     Env.base = str(base)
     Env.mount = mount_factory(base, name="model")
     Env.examples = 0
+    Env.xattr_max = fsmatrix.max_xattr_value(tmp_path)
+    Env.known = {}
     t0 = time.monotonic()
+    cwd = os.getcwd()
     try:
         run_state_machine_as_test(SagaWorkspace, settings=settings(
             max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
             suppress_health_check=list(HealthCheck)))
+    except KnownIssue:
+        _full_reset(Env.mount)
     finally:
+        os.chdir(cwd)
         print(f"\n[model] {Env.examples} examples in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         Env.mount = None
+    if 1 in Env.known:
+        pytest.xfail("issue 15 item 1 (small files committed as NULs / with the private origin xattr): "
+                     + "; ".join(Env.known[1]))
+    if 14 in Env.known:
+        pytest.xfail("issue 15 item 14 (directory mtimes after a commit): " + "; ".join(Env.known[14]))
