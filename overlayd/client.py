@@ -34,10 +34,11 @@ class StuckError(ClientError):
 
 
 class BusyError(ClientError):
-    """Another stack operation (commit, rollback, step) is in flight."""
+    """Another stack operation (commit, rollback, step, a budget cut) is in flight."""
 
 
-_ERRORS = {"conflict": ConflictError, "stuck": StuckError, "busy": BusyError, "no-daemon": NoDaemon}
+_ERRORS = {"conflict": ConflictError, "stuck": StuckError, "busy": BusyError, "cutting": BusyError,
+           "no-daemon": NoDaemon}
 
 
 class Client:

@@ -10,7 +10,7 @@ directories below it. See docs/ARCHITECTURE.md for the model and its invariants.
 
 Locking model (as in s3ql): handlers are ``async`` but the work they do has no ``await`` in it,
 so under trio each handler's critical section runs atomically. The only awaits are around
-``fsync`` (in a worker thread, on an fd that cannot be closed meanwhile) and the kernel cache
+``fsync`` (in a worker thread, on a duplicate fd that nothing else closes) and the kernel cache
 invalidation after a stack change.
 
 Caveats (knowingly not done):
@@ -104,7 +104,7 @@ class Node:
 
 
 class Handle:
-    __slots__ = ("node", "fd", "flags", "loc", "li", "busy", "closed", "wrote", "base")
+    __slots__ = ("node", "fd", "flags", "loc", "li", "wrote", "base")
 
     def __init__(self, node, fd, flags, li, base):
         self.node = node
@@ -112,8 +112,6 @@ class Handle:
         self.flags = flags
         self.loc = node.loc
         self.li = li
-        self.busy = 0
-        self.closed = False
         self.wrote = False
         self.base = base  # fd is a base file (read-only): never to be written, chmod-ed, reopened for writing
 
@@ -500,6 +498,8 @@ class OverlayFS(pyfuse3.Operations):
                     d_ino = ino
                     break
             else:
+                if node.dead:  # it left the view (a drop, a replacing rename): invariant 10
+                    raise FUSEError(errno.ESTALE)
                 raise _inconsistent("directory node %d has no copy in layer %d", node.ino, li)
         key = (li, d_ino)
         fd = self.fds.get(key)
@@ -660,8 +660,8 @@ class OverlayFS(pyfuse3.Operations):
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             dl = self._resolve_dir(parent, name)
-            if dl is None:
-                raise _inconsistent("entry %r of directory %d is a directory that does not resolve", name, parent.ino)
+            if dl is None:  # the entry changed behind the cached listing (the base, under the daemon)
+                raise FUSEError(errno.ESTALE)
             ident = self._key(dl[-1][0], dl[-1][1])
         else:
             ident = self._key(li, st.st_ino)
@@ -1313,8 +1313,10 @@ class OverlayFS(pyfuse3.Operations):
         entry = self.dirhandles[fh]
         node = entry[0]
         self._fresh(node)
+        if node.dead:  # opened before a drop that took it, or before a rename replaced it
+            raise FUSEError(errno.ESTALE)
         if entry[1] is None or start_id == 0:
-            entry[1] = [b".", b".."] + sorted(self._merged(node)) if not node.dead else [b".", b".."]
+            entry[1] = [b".", b".."] + sorted(self._merged(node))
         names = entry[1]
         for i in range(start_id, len(names)):
             name = names[i]
@@ -1866,15 +1868,13 @@ class OverlayFS(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if h is None:
             return
-        h.closed = True
         h.node.opens -= 1
         if h.wrote and self.on_release is not None:
             try:
                 self.on_release(h.node, h.fd)
             except Exception:  # a hook must never break release
                 log.exception("release hook failed")
-        if not h.busy:
-            os.close(h.fd)
+        os.close(h.fd)
         node = h.node
         if node.dead and not node.opens and node.lookups <= 0 and node.ino in self.nodes:
             del self.nodes[node.ino]
@@ -1884,25 +1884,29 @@ class OverlayFS(pyfuse3.Operations):
     @_fuse_errors
     async def fsync(self, fh, datasync):
         h = self.handles[fh]
-        h.busy += 1
+        # the worker thread syncs a duplicate: a reopen (_refresh_handle, _reopen_handles) or the
+        # release may close h.fd meanwhile, and its number be reused by another file (invariant 9)
+        fd = os.dup(h.fd)
         try:
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
-            if h.li == self.top and self.top > 0 and not h.node.dead:
-                link = self._link_of(h.node)
-                if link is not None:
-                    # the file's name, and the directories a copy-up created for it, up to the
-                    # layer's root: duplicated fds, so that the LRU may close its own meanwhile
-                    fds = []
-                    d = link[0]
-                    while d is not None and d.li == h.li:
-                        fds.append(os.dup(self._dirfd(d, h.li)))
-                        d = d.parent
-                    try:
-                        await trio.to_thread.run_sync(lambda: [os.fsync(fd) for fd in fds])
-                    finally:
-                        for fd in fds:
-                            os.close(fd)
+            def sync():
+                osutil.stall_point("fsync")  # OVERLAYD_STALL_AT=fsync:S (tests)
+                (os.fdatasync if datasync else os.fsync)(fd)
+
+            await trio.to_thread.run_sync(sync)
         finally:
-            h.busy -= 1
-            if h.closed and not h.busy:
-                os.close(h.fd)
+            os.close(fd)
+        if h.li == self.top and self.top > 0 and not h.node.dead:
+            link = self._link_of(h.node)
+            if link is not None:
+                # the file's name, and the directories a copy-up created for it, up to the
+                # layer's root: duplicated fds, so that the LRU may close its own meanwhile
+                fds = []
+                d = link[0]
+                while d is not None and d.li == h.li:
+                    fds.append(os.dup(self._dirfd(d, h.li)))
+                    d = d.parent
+                try:
+                    await trio.to_thread.run_sync(lambda: [os.fsync(fd) for fd in fds])
+                finally:
+                    for fd in fds:
+                        os.close(fd)

@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,16 @@ PRIVATE_XATTR = b"user.overlayd."
 OPAQUE_XATTR = "user.overlayd.opaque"
 #: A *metacopy*: a layer file whose data is still the base file named here (see fs.py).
 ORIGIN_XATTR = "user.overlayd.origin"
+
+
+STALL_AT = os.environ.get("OVERLAYD_STALL_AT", "")  # fault injection: "label:seconds"
+
+
+def stall_point(label: str) -> None:
+    """Fault injection for the tests: sleep at *label* (OVERLAYD_STALL_AT=label:seconds).
+    Only ever reached on worker threads."""
+    if STALL_AT and STALL_AT.rpartition(":")[0] == label:
+        time.sleep(float(STALL_AT.rpartition(":")[2]))
 
 
 def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int = 0) -> None:

@@ -43,14 +43,10 @@ CRASH_AT = os.environ.get("OVERLAYD_CRASH_AT", "")  # fault injection: "label" o
 _crash_counts = {}
 
 
-STALL_AT = os.environ.get("OVERLAYD_STALL_AT", "")  # fault injection: "label:seconds"
-
-
 def crash_point(label: str) -> None:
     """Fault injection for the tests: SIGKILL ourselves at the n-th pass of *label*
     (OVERLAYD_CRASH_AT), or sleep there (OVERLAYD_STALL_AT; only ever reached on worker threads)."""
-    if STALL_AT and STALL_AT.rpartition(":")[0] == label:
-        time.sleep(float(STALL_AT.rpartition(":")[2]))
+    osutil.stall_point(label)
     if not CRASH_AT:
         return
     want, _, nth = CRASH_AT.partition(":")
@@ -254,6 +250,7 @@ class SagaEngine:
         self.step_meter = None  # budgets.Meter of the open step
         self.saga_meter = None  # budgets.Meter of the active saga (since this daemon started)
         self.cutting = None  # the reason of a budget cut in progress
+        self.cut_step = None  # the index of the step it cuts
         self.audit = []  # changes not yet journaled: flushed in batches
         self.audit_sealed = []  # [(saga, step, batch)] closed at step transitions, not yet journaled
         self._flushing = trio.Lock()
@@ -414,6 +411,7 @@ class SagaEngine:
         if not live or live[-1]["state"] != "open":
             return
         self.cutting = reason
+        self.cut_step = live[-1]["index"]
         self.fs.seal_top()
         log.warning("saga %d step %d: %s exceeded; cutting (%s)", sid, live[-1]["index"], reason, policy)
         self.d.nursery.start_soon(self._cut, sid, live[-1]["index"], reason, policy)
@@ -445,6 +443,13 @@ class SagaEngine:
             log.error("cutting step %d: %s", index, exc.message)
         finally:
             self.cutting = None
+
+    def _refuse_while_cutting(self) -> None:
+        """No stack operation may slip in between a budget trigger and its cut (invariant 8):
+        the cut waits for the operation in flight, and one arriving meanwhile is refused."""
+        if self.cutting is not None:
+            raise OpError("cutting", f"step {self.cut_step} is being cut by its budget ({self.cutting}); "
+                                     "wait for the cut to finish (see: saga status), then try again")
 
     def _arm_timer(self, kind: str, sid: int, index: int | None, deadline: float) -> None:
         nursery = getattr(self.d, "nursery", None)
@@ -531,6 +536,12 @@ class SagaEngine:
             steps = self.steps(sid)
             index = (steps[-1]["index"] if steps else 0) + 1
             prev = steps[-1] if steps and steps[-1]["state"] == "open" else None
+            self._refuse_while_cutting()
+            # Seal first: from the snapshot of touched until the new layer is pushed, a write gets
+            # EROFS instead of landing in the finished step unrecorded (invariant 7).
+            was_writable = self.fs.writable()
+            old_top = self.fs.layers[-1]
+            self.fs.seal_top()
             paths = dict(self.touched)
             rec = {"saga": sid, "index": index, "name": name, "state": "open", "layer": None,
                    "compensate": compensate, "uid": peer.get("uid"), "gid": peer.get("gid"),
@@ -554,7 +565,12 @@ class SagaEngine:
 
             self._seal_audit()
             t0 = time.perf_counter()
-            await self.ws.push_layer(txn_extra=extra)
+            try:
+                await self.ws.push_layer(txn_extra=extra)
+            except BaseException:
+                if was_writable and self.fs.layers[-1] is old_top and self.cutting is None:
+                    self.fs.unseal_top()
+                raise
             if prev is not None:
                 self._known.update(paths)
             self.touched = {}
@@ -606,6 +622,7 @@ class SagaEngine:
     async def op_rollback(self, args, peer):
         with self.d.exclusive("roll back"):
             saga = self.require_active()
+            self._refuse_while_cutting()
             live = self.live_steps(saga["id"])
             if args.get("to") is None:
                 if not live or live[-1]["state"] != "open":
@@ -623,10 +640,12 @@ class SagaEngine:
     async def op_abort(self, args, peer):
         with self.d.exclusive("abort"):
             saga = self.require_active(states=("active", "stuck"))
+            self._refuse_while_cutting()
             return await self._compensate(saga["id"], 0, "aborted", peer)
 
     async def op_retry(self, args, peer):
         with self.d.exclusive("retry compensation"):
+            self._refuse_while_cutting()
             saga = self.active()
             if saga is None or saga["state"] not in ("stuck", "compensating"):
                 raise OpError("bad-state", "nothing to retry: no saga is stuck")
@@ -792,6 +811,7 @@ class SagaEngine:
             saga = self.require_active(states=("active", "committing"))
             if saga["state"] == "committing":
                 return await self._finish_commit(saga, peer)
+            self._refuse_while_cutting()
             sid = saga["id"]
             paths = self._all_paths(sid)
             if dry_run:
@@ -1020,7 +1040,11 @@ class SagaEngine:
         keep = _number(args, "keep", None, int, 0, 1 << 31) if args.get("keep") is not None else None
         with self.d.exclusive("collect garbage"):
             await self.flush_audit()  # no batch of an ended saga may be journaled after its removal
-            before = await trio.to_thread.run_sync(self.ws.disk_usage)
+            def usage():
+                crash_point("gc")  # OVERLAYD_STALL_AT=gc:S holds a stack operation in flight (tests)
+                return self.ws.disk_usage()
+
+            before = await trio.to_thread.run_sync(usage)
             active = self.active_id()
             ended = [s for s in self.ws.journal.sagas() if s["id"] != active and s["state"] in ("committed", "aborted")]
             ended.sort(key=lambda s: s.get("ended") or s.get("updated") or 0, reverse=True)
