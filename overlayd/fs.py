@@ -52,7 +52,7 @@ WHITEOUT = "whiteout"  # the shared whiteout's name in the work directory
 class Layer:
     """One directory of the stack."""
 
-    __slots__ = ("id", "path", "fd", "dev", "serial", "sealed", "idents", "inos", "entries")
+    __slots__ = ("id", "path", "fd", "dev", "serial", "sealed", "idents", "inos", "entries", "same_root")
 
     _serials = itertools.count(1)
 
@@ -66,6 +66,7 @@ class Layer:
         self.idents = set()  # identities (see _key) registered in by_ident while this layer lives
         self.inos = set()  # view inodes present below this layer whose attributes or data it changed
         self.entries = {}  # parent ino -> {names this layer changed in that directory}
+        self.same_root = None  # does its root directory still look as the one below? (None: unknown)
 
 
 class Listing:
@@ -764,7 +765,7 @@ class OverlayFS(pyfuse3.Operations):
         e.entry_timeout = TIMEOUT
         e.attr_timeout = TIMEOUT
         e.st_mode = st.st_mode
-        if node.is_dir and len(node.dlayers or ()) > 1:
+        if node.is_dir and len(node.dlayers or ()) > 1 and (node is not self.root or self._root_attr_layer() > 0):
             e.st_nlink = 1
         elif node.dead and not node.is_dir:
             e.st_nlink = 0
@@ -783,6 +784,20 @@ class OverlayFS(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
+    def _root_attr_layer(self) -> int:
+        """The layer whose root directory gives the view's root its attributes: the highest one
+        that changed it. Every layer has a root, which a push creates as a copy of the one below
+        (mode, owner, times, xattrs): until something changes it, the root keeps the attributes of
+        the layer below, so that pushes and drops of unchanged layers change no attribute of the
+        view (invariant 11). A copy-up into a root restores its times: no change either."""
+        for li in range(self.top, 0, -1):
+            layer = self.layers[li]
+            if layer.same_root is None:
+                layer.same_root = osutil.same_dir_meta(layer.fd, self.layers[li - 1].fd)
+            if not layer.same_root:
+                return li
+        return 0
+
     def _negative(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
@@ -798,7 +813,7 @@ class OverlayFS(pyfuse3.Operations):
     def _stat(self, node: Node) -> os.stat_result:
         if node.is_dir:
             if node is self.root:
-                return os.fstat(self.layers[node.li].fd)
+                return os.fstat(self.layers[self._root_attr_layer()].fd)
             return os.fstat(self._dirfd(node, node.li))
         link = self._link_of(node)
         if link is None:
@@ -825,6 +840,8 @@ class OverlayFS(pyfuse3.Operations):
         in proportion to the directories it touched, not to the files it created.
         """
         layer = self.layers[-1]
+        if node is self.root or (entry is not None and entry[0] == ROOT):
+            layer.same_root = None  # to be compared again (_root_attr_layer)
         if node is not None and node.ino not in layer.inos:
             if any(i not in layer.idents for i in node.idents) or node is self.root:
                 layer.inos.add(node.ino)

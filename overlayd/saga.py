@@ -204,18 +204,39 @@ def recover_commit(ws) -> None:
 # ---------------------------------------------------------------------- compensation commands
 
 
-def run_compensation(cmd: str, env: dict, cwd: str, uid: int, gid: int, timeout: float, state_dir) -> tuple[int, str]:
-    """Run one attempt of a compensation command. Returns (exit status, tail of stderr).
+# The compensation's shell first waits for one line on its stdin, which the engine writes once
+# the child's pid is journaled: a crash before that closes the pipe, and the shell exits without
+# running the command (so no attempt ever runs that a restarted daemon could not find again).
+GATE = 'read -r _ || exit 125; exec </dev/null; exec /bin/sh -c "$1"'
 
-    Output goes to files (a command may print megabytes); the whole process group is killed
-    on timeout (status 124, as timeout(1) reports it).
-    """
+
+def start_compensation(cmd: str, env: dict, cwd: str, uid: int, gid: int, state_dir):
+    """Start one attempt of a compensation command, held at its gate (see GATE), in its own
+    session and process group. Returns (process, output file, gate fd to write to)."""
     kwargs = {}
     if os.geteuid() == 0 and (uid, gid) != (0, 0):
         kwargs = dict(user=uid, group=gid, extra_groups=[])
-    with tempfile.TemporaryFile(dir=state_dir) as out:
-        proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out, start_new_session=True, **kwargs)
+    out = tempfile.TemporaryFile(dir=state_dir)
+    rfd, wfd = os.pipe()
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", GATE, "overlayd-compensate", cmd], cwd=cwd, env=env,
+                                stdin=rfd, stdout=out, stderr=out, start_new_session=True, **kwargs)
+    except BaseException:
+        os.close(wfd)
+        out.close()
+        raise
+    finally:
+        os.close(rfd)
+    return proc, out, wfd
+
+
+def finish_compensation(proc, out, timeout: float) -> tuple[int, str]:
+    """Wait for an attempt to end. Returns (exit status, tail of its output); closes *out*.
+
+    Output goes to a file (a command may print megabytes); the whole process group is killed
+    on timeout (status 124, as timeout(1) reports it).
+    """
+    with out:
         try:
             status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -734,17 +755,42 @@ class SagaEngine:
         saga = self.ws.journal.saga(sid)
         retries = max(1, int(step.get("retries") or DEFAULT_RETRIES))
         status, tail = 0, ""
+        await self._reap_orphan(sid, step)
         for attempt in range(1, retries + 1):
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/"),
                    "SAGA_ID": str(sid), "SAGA_NAME": saga["name"], "STEP_NAME": step["name"],
                    "STEP_INDEX": str(step["index"]), "ATTEMPT": str(attempt), "WORKSPACE": str(self.ws.mountpoint)}
             uid = step.get("uid") if step.get("uid") is not None else os.getuid()
             gid = step.get("gid") if step.get("gid") is not None else os.getgid()
-            status, tail = await trio.to_thread.run_sync(
-                run_compensation, cmd, env, str(self.ws.mountpoint), uid, gid,
-                float(step.get("compensate_timeout") or DEFAULT_COMP_TIMEOUT), str(self.ws.state_dir))
+            timeout = float(step.get("compensate_timeout") or DEFAULT_COMP_TIMEOUT)
+            proc, out, gate = await trio.to_thread.run_sync(
+                start_compensation, cmd, env, str(self.ws.mountpoint), uid, gid, str(self.ws.state_dir))
+            try:
+                running = {"pid": proc.pid, "pgid": proc.pid, "start": osutil.process_start_time(proc.pid),
+                           "attempt": attempt, "at": now(), "timeout": timeout}
+
+                def started(txn, running=running):
+                    rec = [r for r in txn.steps(sid) if r["index"] == step["index"]][0]
+                    rec["running"] = running
+                    txn.put_step(sid, rec["index"], rec)
+
+                await self.ws.transact(started)
+                try:
+                    os.write(gate, b"go\n")  # journaled: the command may run
+                except BrokenPipeError:
+                    pass  # the shell is gone already: its status says why
+            except BaseException:
+                os.close(gate)  # the shell exits at its gate without running the command
+                out.close()
+                proc.wait()
+                raise
+            os.close(gate)
+            status, tail = await trio.to_thread.run_sync(finish_compensation, proc, out, timeout)
 
             def record(txn, attempt=attempt, status=status, tail=tail):
+                rec = [r for r in txn.steps(sid) if r["index"] == step["index"]][0]
+                rec.pop("running", None)
+                txn.put_step(sid, rec["index"], rec)
                 txn.event("compensate.attempt", saga=sid, step=step["index"], attempt=attempt, status=status,
                           stderr=tail[-1000:])
 
@@ -754,6 +800,50 @@ class SagaEngine:
             if attempt < retries:
                 await trio.sleep(BACKOFF * (2 ** (attempt - 1)))
         return False, status, tail
+
+    async def _reap_orphan(self, sid: int, step) -> None:
+        """An attempt journaled as running is not ours if we are here: a previous daemon died
+        during it, and its process group (its own session) may still run. Wait for it to end,
+        until its own timeout, then kill the group (SIGTERM, then SIGKILL): never two attempts
+        of a compensation at once (invariant 12)."""
+        rec = [r for r in self.steps(sid) if r["index"] == step["index"]][0]
+        run = rec.get("running")
+        if not run:
+            return
+        outcome = "gone"
+        if osutil.group_alive(run["pgid"], run["start"]):
+            log.warning("saga %d step %d: attempt %d of the compensation (pid %d) outlived the daemon; waiting "
+                        "for it", sid, step["index"], run["attempt"], run["pid"])
+            outcome = "finished"
+            deadline = run["at"] + run["timeout"]
+            while osutil.group_alive(run["pgid"], run["start"]) and time.time() < deadline:
+                await trio.sleep(0.05)
+            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                if not osutil.group_alive(run["pgid"], run["start"]):
+                    break
+                outcome = "killed"
+                log.warning("saga %d step %d: killing the orphaned compensation (process group %d) with %s",
+                            sid, step["index"], run["pgid"], sig.name)
+                try:
+                    os.killpg(run["pgid"], sig)
+                except ProcessLookupError:
+                    break
+                with trio.move_on_after(grace):
+                    while osutil.group_alive(run["pgid"], run["start"]):
+                        await trio.sleep(0.05)
+            if osutil.group_alive(run["pgid"], run["start"]):
+                raise OpError("orphan", f"the compensation of step {step['index']} started by a previous daemon "
+                                        f"(process group {run['pgid']}) survives SIGKILL; end it, then run: "
+                                        "saga retry")
+
+        def reaped(txn):
+            r = [r for r in txn.steps(sid) if r["index"] == step["index"]][0]
+            r.pop("running", None)
+            txn.put_step(sid, r["index"], r)
+            txn.event("compensate.orphan", saga=sid, step=step["index"], attempt=run["attempt"], pid=run["pid"],
+                      outcome=outcome)
+
+        await self.ws.transact(reaped)
 
     # ------------------------------------------------------------------ commit
 

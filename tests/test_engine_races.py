@@ -238,3 +238,75 @@ def test_directory_fd_across_the_rollback_that_removed_it(mount_factory, rbase):
         os.close(sfd)
     assert (m.mp / "top.txt").exists()
     assert "inconsistency" not in m.log(), m.log()
+
+
+# ---------------------------------------------------------------------------------- item 13
+
+
+def dir_attrs(root):
+    out = {}
+    for dirpath, dirnames, _ in os.walk(root):
+        st = os.lstat(dirpath)
+        out[os.path.relpath(dirpath, root)] = (st.st_nlink, st.st_ctime_ns, st.st_mtime_ns, st.st_size, st.st_ino,
+                                               st.st_mode, st.st_uid, st.st_gid)
+    return out
+
+
+def assert_same_attrs(before, after, what):
+    changed = {p: (before[p], after.get(p)) for p in before if before[p] != after.get(p)}
+    assert not changed, f"{what} changed directory attributes (nlink, ctime, mtime, size, ino, mode, uid, " \
+                        f"gid; before, after): {changed}"
+
+
+def test_stack_changes_that_change_nothing_keep_attributes(mount_factory, rbase, tmp_path):
+    """A push of an empty layer (saga step) and the drop of an unchanged one (rollback of an
+    empty step) change nothing in the view: no directory's attributes may change either; and
+    tar of the workspace right after 'saga step' does not find the root 'changed as we read it'."""
+    m = mount_factory(rbase, name="attrs")
+    m.call("saga.begin", name="s")
+    a0 = dir_attrs(m.mp)
+    m.call("saga.step", name="one")  # the first layer: the root is in every layer
+    assert_same_attrs(a0, dir_attrs(m.mp), "the first saga step")
+    os.mkdir(m.mp / "made")  # a real change of the root, and one of src in step one
+    put(m.mp / "src" / "new.py", "new\n")
+    a1 = dir_attrs(m.mp)
+    m.call("saga.step", name="two")
+    assert_same_attrs(a1, dir_attrs(m.mp), "a second saga step")
+    m.call("saga.rollback")  # drops the empty step two
+    assert_same_attrs(a1, dir_attrs(m.mp), "the rollback of an empty step")
+    m.call("saga.step", name="three")
+    r = subprocess.run(["tar", "-cf", str(tmp_path / "x.tar"), "."], cwd=m.mp, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "changed as we read it" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------- item 10
+
+
+def test_compensation_orphaned_by_a_crash_never_runs_twice_at_once(mount_factory, rbase, tmp_path):
+    """The daemon dies (SIGKILL) while a compensation runs; the command survives in its own
+    session. The restarted daemon finishes the rollback, but only once the orphan has ended:
+    the log never shows two starts before an end."""
+    log_path = tmp_path / "comp.log"
+    cmd = f"echo start >> {log_path}; sleep 2; echo end >> {log_path}"
+    m = mount_factory(rbase, name="orphan")
+    m.call("saga.begin", name="s")
+    m.call("saga.step", name="one", compensate=cmd)
+    put(m.mp / "made.txt", "x\n")
+    th = threading.Thread(target=lambda: pytest.raises(Exception, m.call, "saga.rollback"))
+    th.start()
+    deadline = time.monotonic() + 20
+    while not (log_path.exists() and log_path.read_text()):
+        assert time.monotonic() < deadline, f"the compensation never started\n{m.log()}"
+        time.sleep(0.02)
+    m.kill()  # SIGKILL: the compensation's shell lives on in its own session
+    th.join()
+    assert log_path.read_text() == "start\n"
+    st = restart(m)
+    assert st["saga"]["state"] == "active", st
+    assert [s["state"] for s in st["steps"]] == ["compensated"], st["steps"]
+    lines = log_path.read_text().split()
+    assert lines == ["start", "end", "start", "end"], f"compensation runs overlapped: {lines}"
+    assert not (m.mp / "made.txt").exists()
+    ev = [e for e in m.call("saga.log")["events"] if e["kind"] == "compensate.orphan"]
+    assert ev and ev[0]["outcome"] == "finished", ev
