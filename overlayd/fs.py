@@ -499,7 +499,7 @@ class OverlayFS(pyfuse3.Operations):
                     d_ino = ino
                     break
             else:
-                if node.dead:  # it left the view (a drop, a replacing rename): invariant 10
+                if node.dead:  # it left the view (a drop, a replacing rename): invariant 14
                     raise FUSEError(errno.ESTALE)
                 raise _inconsistent("directory node %d has no copy in layer %d", node.ino, li)
         key = (li, d_ino)
@@ -784,20 +784,6 @@ class OverlayFS(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
-    def _root_attr_layer(self) -> int:
-        """The layer whose root directory gives the view's root its attributes: the highest one
-        that changed it. Every layer has a root, which a push creates as a copy of the one below
-        (mode, owner, times, xattrs): until something changes it, the root keeps the attributes of
-        the layer below, so that pushes and drops of unchanged layers change no attribute of the
-        view (invariant 11). A copy-up into a root restores its times: no change either."""
-        for li in range(self.top, 0, -1):
-            layer = self.layers[li]
-            if layer.same_root is None:
-                layer.same_root = osutil.same_dir_meta(layer.fd, self.layers[li - 1].fd)
-            if not layer.same_root:
-                return li
-        return 0
-
     def _negative(self) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
@@ -825,6 +811,20 @@ class OverlayFS(pyfuse3.Operations):
             return node.st[1]
         parent, name = link
         return os.stat(name, dir_fd=self._dirfd(parent, node.li), follow_symlinks=False)
+
+    def _root_attr_layer(self) -> int:
+        """The layer whose root directory gives the view's root its attributes: the highest one
+        that changed it. Every layer has a root, which a push creates as a copy of the one below
+        (mode, owner, times, xattrs): until something changes it, the root keeps the attributes of
+        the layer below, so that pushes and drops of unchanged layers change no attribute of the
+        view (invariant 15). A copy-up into a root restores its times: no change either."""
+        for li in range(self.top, 0, -1):
+            layer = self.layers[li]
+            if layer.same_root is None:
+                layer.same_root = osutil.same_dir_meta(layer.fd, self.layers[li - 1].fd)
+            if not layer.same_root:
+                return li
+        return 0
 
     # ------------------------------------------------------------------ copy-up
 
@@ -1902,7 +1902,7 @@ class OverlayFS(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         h = self.handles[fh]
         # the worker thread syncs a duplicate: a reopen (_refresh_handle, _reopen_handles) or the
-        # release may close h.fd meanwhile, and its number be reused by another file (invariant 9)
+        # release may close h.fd meanwhile, and its number be reused by another file (invariant 13)
         fd = os.dup(h.fd)
         try:
             def sync():

@@ -466,7 +466,7 @@ class SagaEngine:
             self.cutting = None
 
     def _refuse_while_cutting(self) -> None:
-        """No stack operation may slip in between a budget trigger and its cut (invariant 8):
+        """No stack operation may slip in between a budget trigger and its cut (invariant 12):
         the cut waits for the operation in flight, and one arriving meanwhile is refused."""
         if self.cutting is not None:
             raise OpError("cutting", f"step {self.cut_step} is being cut by its budget ({self.cutting}); "
@@ -559,7 +559,7 @@ class SagaEngine:
             prev = steps[-1] if steps and steps[-1]["state"] == "open" else None
             self._refuse_while_cutting()
             # Seal first: from the snapshot of touched until the new layer is pushed, a write gets
-            # EROFS instead of landing in the finished step unrecorded (invariant 7).
+            # EROFS instead of landing in the finished step unrecorded (invariant 11).
             was_writable = self.fs.writable()
             old_top = self.fs.layers[-1]
             self.fs.seal_top()
@@ -805,7 +805,7 @@ class SagaEngine:
         """An attempt journaled as running is not ours if we are here: a previous daemon died
         during it, and its process group (its own session) may still run. Wait for it to end,
         until its own timeout, then kill the group (SIGTERM, then SIGKILL): never two attempts
-        of a compensation at once (invariant 12)."""
+        of a compensation at once (invariant 16)."""
         rec = [r for r in self.steps(sid) if r["index"] == step["index"]][0]
         run = rec.get("running")
         if not run:
@@ -1130,12 +1130,9 @@ class SagaEngine:
         keep = _number(args, "keep", None, int, 0, 1 << 31) if args.get("keep") is not None else None
         with self.d.exclusive("collect garbage"):
             await self.flush_audit()  # no batch of an ended saga may be journaled after its removal
-            def usage():
-                crash_point("gc")  # OVERLAYD_STALL_AT=gc:S holds a stack operation in flight (tests)
-                return self.ws.disk_usage()
-
-            before = await trio.to_thread.run_sync(usage)
+            before = await trio.to_thread.run_sync(self.ws.disk_usage)
             active = self.active_id()
+            await trio.to_thread.run_sync(crash_point, "gc")  # OVERLAYD_STALL_AT=gc:S (tests): a stack op in flight
             ended = [s for s in self.ws.journal.sagas() if s["id"] != active and s["state"] in ("committed", "aborted")]
             ended.sort(key=lambda s: s.get("ended") or s.get("updated") or 0, reverse=True)
             victims = []
