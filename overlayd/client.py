@@ -43,7 +43,7 @@ class StuckError(ClientError):
 
 
 class BusyError(ClientError):
-    """Another stack operation (commit, rollback, step) is in flight."""
+    """Another stack operation (commit, rollback, step, a budget cut) is in flight."""
 
 
 class PermissionDenied(ClientError):
@@ -55,7 +55,8 @@ class WrongDaemon(ClientError):
     user's, or one serving another mountpoint under the same name): nothing was sent to it."""
 
 
-_ERRORS = {"conflict": ConflictError, "stuck": StuckError, "busy": BusyError, "no-daemon": NoDaemon,
+_ERRORS = {"conflict": ConflictError, "stuck": StuckError, "busy": BusyError, "cutting": BusyError,
+           "no-daemon": NoDaemon,
            "permission": PermissionDenied, "wrong-daemon": WrongDaemon}
 
 

@@ -10,7 +10,7 @@ directories below it. See docs/ARCHITECTURE.md for the model and its invariants.
 
 Locking model (as in s3ql): handlers are ``async`` but the work they do has no ``await`` in it,
 so under trio each handler's critical section runs atomically. The only awaits are around
-``fsync`` (in a worker thread, on an fd that cannot be closed meanwhile) and the kernel cache
+``fsync`` (in a worker thread, on a duplicate fd that nothing else closes) and the kernel cache
 invalidation after a stack change.
 
 Caveats (knowingly not done):
@@ -55,7 +55,7 @@ WHITEOUT = "whiteout"  # the shared whiteout's name in the work directory
 class Layer:
     """One directory of the stack."""
 
-    __slots__ = ("id", "path", "fd", "dev", "serial", "sealed", "idents", "inos", "entries")
+    __slots__ = ("id", "path", "fd", "dev", "serial", "sealed", "idents", "inos", "entries", "same_root")
 
     _serials = itertools.count(1)
 
@@ -69,6 +69,7 @@ class Layer:
         self.idents = set()  # identities (see _key) registered in by_ident while this layer lives
         self.inos = set()  # view inodes present below this layer whose attributes or data it changed
         self.entries = {}  # parent ino -> {names this layer changed in that directory}
+        self.same_root = None  # does its root directory still look as the one below? (None: unknown)
 
 
 class Listing:
@@ -108,7 +109,7 @@ class Node:
 
 
 class Handle:
-    __slots__ = ("node", "fd", "flags", "loc", "li", "busy", "closed", "wrote", "base")
+    __slots__ = ("node", "fd", "flags", "loc", "li", "wrote", "base")
 
     def __init__(self, node, fd, flags, li, base):
         self.node = node
@@ -116,8 +117,6 @@ class Handle:
         self.flags = flags
         self.loc = node.loc
         self.li = li
-        self.busy = 0
-        self.closed = False
         self.wrote = False
         self.base = base  # fd is a base file (read-only): never to be written, chmod-ed, reopened for writing
 
@@ -536,6 +535,8 @@ class OverlayFS(pyfuse3.Operations):
                     d_ino = ino
                     break
             else:
+                if node.dead:  # it left the view (a drop, a replacing rename): invariant 23
+                    raise FUSEError(errno.ESTALE)
                 raise _inconsistent("directory node %d has no copy in layer %d", node.ino, li)
         key = (li, d_ino)
         fd = self.fds.get(key)
@@ -696,8 +697,8 @@ class OverlayFS(pyfuse3.Operations):
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             dl = self._resolve_dir(parent, name)
-            if dl is None:
-                raise _inconsistent("entry %r of directory %d is a directory that does not resolve", name, parent.ino)
+            if dl is None:  # the entry changed behind the cached listing (the base, under the daemon)
+                raise FUSEError(errno.ESTALE)
             ident = self._key(dl[-1][0], dl[-1][1])
         else:
             ident = self._key(li, st.st_ino)
@@ -850,7 +851,7 @@ class OverlayFS(pyfuse3.Operations):
     def _stat(self, node: Node) -> os.stat_result:
         if node.is_dir:
             if node is self.root:
-                return os.fstat(self.layers[node.li].fd)
+                return os.fstat(self.layers[self._root_attr_layer()].fd)
             return os.fstat(self._dirfd(node, node.li))
         link = self._link_of(node)
         if link is None:
@@ -862,6 +863,20 @@ class OverlayFS(pyfuse3.Operations):
             return node.st[1]
         parent, name = link
         return os.stat(name, dir_fd=self._dirfd(parent, node.li), follow_symlinks=False)
+
+    def _root_attr_layer(self) -> int:
+        """The layer whose root directory gives the view's root its attributes: the highest one
+        that changed it. Every layer has a root, which a push creates as a copy of the one below
+        (mode, owner, times, xattrs): until something changes it, the root keeps the attributes of
+        the layer below, so that pushes and drops of unchanged layers change no attribute of the
+        view (invariant 24). A copy-up into a root restores its times: no change either."""
+        for li in range(self.top, 0, -1):
+            layer = self.layers[li]
+            if layer.same_root is None:
+                layer.same_root = osutil.same_dir_meta(layer.fd, self.layers[li - 1].fd)
+            if not layer.same_root:
+                return li
+        return 0
 
     # ------------------------------------------------------------------ copy-up
 
@@ -877,6 +892,8 @@ class OverlayFS(pyfuse3.Operations):
         in proportion to the directories it touched, not to the files it created.
         """
         layer = self.layers[-1]
+        if node is self.root or (entry is not None and entry[0] == ROOT):
+            layer.same_root = None  # to be compared again (_root_attr_layer)
         if node is not None and node.ino not in layer.inos:
             if any(i not in layer.idents for i in node.idents) or node is self.root:
                 layer.inos.add(node.ino)
@@ -1386,8 +1403,10 @@ class OverlayFS(pyfuse3.Operations):
         entry = self.dirhandles[fh]
         node = entry[0]
         self._fresh(node)
+        if node.dead:  # opened before a drop that took it, or before a rename replaced it
+            raise FUSEError(errno.ESTALE)
         if entry[1] is None or start_id == 0:
-            entry[1] = [b".", b".."] + sorted(self._merged(node)) if not node.dead else [b".", b".."]
+            entry[1] = [b".", b".."] + sorted(self._merged(node))
         names = entry[1]
         for i in range(start_id, len(names)):
             name = names[i]
@@ -1950,15 +1969,13 @@ class OverlayFS(pyfuse3.Operations):
         h = self.handles.pop(fh, None)
         if h is None:
             return
-        h.closed = True
         h.node.opens -= 1
         if h.wrote and self.on_release is not None:
             try:
                 self.on_release(h.node, h.fd)
             except Exception:  # a hook must never break release
                 log.exception("release hook failed")
-        if not h.busy:
-            os.close(h.fd)
+        os.close(h.fd)
         node = h.node
         if node.dead and not node.opens and node.lookups <= 0 and node.ino in self.nodes:
             del self.nodes[node.ino]
@@ -1968,25 +1985,29 @@ class OverlayFS(pyfuse3.Operations):
     @_fuse_errors
     async def fsync(self, fh, datasync):
         h = self.handles[fh]
-        h.busy += 1
+        # the worker thread syncs a duplicate: a reopen (_refresh_handle, _reopen_handles) or the
+        # release may close h.fd meanwhile, and its number be reused by another file (invariant 22)
+        fd = os.dup(h.fd)
         try:
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
-            if h.li == self.top and self.top > 0 and not h.node.dead:
-                link = self._link_of(h.node)
-                if link is not None:
-                    # the file's name, and the directories a copy-up created for it, up to the
-                    # layer's root: duplicated fds, so that the LRU may close its own meanwhile
-                    fds = []
-                    d = link[0]
-                    while d is not None and d.li == h.li:
-                        fds.append(os.dup(self._dirfd(d, h.li)))
-                        d = d.parent
-                    try:
-                        await trio.to_thread.run_sync(lambda: [os.fsync(fd) for fd in fds])
-                    finally:
-                        for fd in fds:
-                            os.close(fd)
+            def sync():
+                osutil.stall_point("fsync")  # OVERLAYD_STALL_AT=fsync:S (tests)
+                (os.fdatasync if datasync else os.fsync)(fd)
+
+            await trio.to_thread.run_sync(sync)
         finally:
-            h.busy -= 1
-            if h.closed and not h.busy:
-                os.close(h.fd)
+            os.close(fd)
+        if h.li == self.top and self.top > 0 and not h.node.dead:
+            link = self._link_of(h.node)
+            if link is not None:
+                # the file's name, and the directories a copy-up created for it, up to the
+                # layer's root: duplicated fds, so that the LRU may close its own meanwhile
+                fds = []
+                d = link[0]
+                while d is not None and d.li == h.li:
+                    fds.append(os.dup(self._dirfd(d, h.li)))
+                    d = d.parent
+                try:
+                    await trio.to_thread.run_sync(lambda: [os.fsync(fd) for fd in fds])
+                finally:
+                    for fd in fds:
+                        os.close(fd)

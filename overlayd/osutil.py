@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,55 @@ PRIVATE_XATTR = b"user.overlayd."
 OPAQUE_XATTR = "user.overlayd.opaque"
 #: A *metacopy*: a layer file whose data is still the base file named here (see fs.py).
 ORIGIN_XATTR = "user.overlayd.origin"
+
+
+STALL_AT = os.environ.get("OVERLAYD_STALL_AT", "")  # fault injection: "label:seconds"
+
+
+def stall_point(label: str) -> None:
+    """Fault injection for the tests: sleep at *label* (OVERLAYD_STALL_AT=label:seconds).
+    Only ever reached on worker threads."""
+    if STALL_AT and STALL_AT.rpartition(":")[0] == label:
+        time.sleep(float(STALL_AT.rpartition(":")[2]))
+
+
+def same_dir_meta(fd_a: int, fd_b: int) -> bool:
+    """Do two directories carry the same mode, owner, mtime and extended attributes?"""
+    a, b = os.fstat(fd_a), os.fstat(fd_b)
+    if (a.st_mode, a.st_uid, a.st_gid, a.st_mtime_ns) != (b.st_mode, b.st_uid, b.st_gid, b.st_mtime_ns):
+        return False
+    names = sorted(os.listxattr(fd_a))
+    if names != sorted(os.listxattr(fd_b)):
+        return False
+    return all(os.getxattr(fd_a, n) == os.getxattr(fd_b, n) for n in names)
+
+
+def _proc_stat(pid) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (index 0 is field 3, the state)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].decode().split()
+
+
+def process_start_time(pid: int) -> int:
+    """A process's start time (clock ticks after boot): with its pid, it names one process."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else 0
+
+
+def group_alive(pgid: int, start: int) -> bool:
+    """Does a live (not zombie) process remain in process group *pgid*, which is also its session
+    (start_new_session), started no earlier than the group's leader (*start*)?"""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        f = _proc_stat(entry)
+        if f and f[0] != "Z" and int(f[2]) == pgid and int(f[3]) == pgid and int(f[19]) >= start:
+            return True
+    return False
 
 
 def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int = 0) -> None:

@@ -46,14 +46,10 @@ CRASH_AT = os.environ.get("OVERLAYD_CRASH_AT", "")  # fault injection: "label" o
 _crash_counts = {}
 
 
-STALL_AT = os.environ.get("OVERLAYD_STALL_AT", "")  # fault injection: "label:seconds"
-
-
 def crash_point(label: str) -> None:
     """Fault injection for the tests: SIGKILL ourselves at the n-th pass of *label*
     (OVERLAYD_CRASH_AT), or sleep there (OVERLAYD_STALL_AT; only ever reached on worker threads)."""
-    if STALL_AT and STALL_AT.rpartition(":")[0] == label:
-        time.sleep(float(STALL_AT.rpartition(":")[2]))
+    osutil.stall_point(label)
     if not CRASH_AT:
         return
     want, _, nth = CRASH_AT.partition(":")
@@ -219,28 +215,48 @@ def peer_umask(pid) -> int:
     return DEFAULT_UMASK
 
 
-def run_compensation(cmd: str, env: dict, cwd: str, uid: int, gid: int, timeout: float, state_dir,
-                     umask: int = DEFAULT_UMASK) -> tuple[int, str]:
-    """Run one attempt of a compensation command. Returns (exit status, tail of stderr).
+# The compensation's shell first waits for one line on its stdin, which the engine writes once
+# the child's pid is journaled: a crash before that closes the pipe, and the shell exits without
+# running the command (so no attempt ever runs that a restarted daemon could not find again).
+# The shell, not Popen, enters the mountpoint: CPython may vfork() while this thread holds the
+# GIL, and a child that chdir()s into our own FUSE mount before exec waits for the event loop,
+# which waits for the GIL (seen with a non-root daemon: every request hung).
+GATE = 'read -r _ || exit 125; exec </dev/null; cd -- "$2" || exit 126; exec /bin/sh -c "$1"'
 
-    Output goes to files (a command may print megabytes); the whole process group is killed
-    on timeout (status 124, as timeout(1) reports it). The command gets *umask* (the one of the
-    client that registered the step), never the daemon's 0.
-    """
+
+def start_compensation(cmd: str, env: dict, cwd: str, uid: int, gid: int, state_dir,
+                       umask: int = DEFAULT_UMASK):
+    """Start one attempt of a compensation command, held at its gate (see GATE), in its own
+    session and process group, with *umask* (the one of the client that registered the step),
+    never the daemon's 0. Returns (process, output file, gate fd to write to)."""
     kwargs = {}
     if os.geteuid() == 0 and (uid, gid) != (0, 0):
         kwargs = dict(user=uid, group=gid, extra_groups=[])
-    # The shell enters the mountpoint, not Popen: CPython may vfork() while this thread holds
-    # the GIL, and a child that chdir()s into our own FUSE mount before exec waits for the
-    # event loop, which waits for the GIL (seen with a non-root daemon: every request hung).
-    script = 'cd -- "$1" || exit 126\nshift\n' + cmd
     try:
         out = tempfile.TemporaryFile(dir=state_dir)
     except OSError:  # a full state filesystem: the rollback that frees it must still run
         out = tempfile.TemporaryFile()
+    rfd, wfd = os.pipe()
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", GATE, "overlayd-compensate", cmd, cwd], cwd="/", env=env,
+                                stdin=rfd, stdout=out, stderr=out, start_new_session=True, umask=umask,
+                                **kwargs)
+    except BaseException:
+        os.close(wfd)
+        out.close()
+        raise
+    finally:
+        os.close(rfd)
+    return proc, out, wfd
+
+
+def finish_compensation(proc, out, timeout: float) -> tuple[int, str]:
+    """Wait for an attempt to end. Returns (exit status, tail of its output); closes *out*.
+
+    Output goes to a file (a command may print megabytes); the whole process group is killed
+    on timeout (status 124, as timeout(1) reports it).
+    """
     with out:
-        proc = subprocess.Popen(["/bin/sh", "-c", script, "/bin/sh", cwd], cwd="/", env=env, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out, start_new_session=True, umask=umask, **kwargs)
         try:
             status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -275,6 +291,7 @@ class SagaEngine:
         self.step_meter = None  # budgets.Meter of the open step
         self.saga_meter = None  # budgets.Meter of the active saga (since this daemon started)
         self.cutting = None  # the reason of a budget cut in progress
+        self.cut_step = None  # the index of the step it cuts
         self.audit = []  # changes not yet journaled: flushed in batches
         self.audit_sealed = []  # [(saga, step, batch)] closed at step transitions, not yet journaled
         self._flushing = trio.Lock()
@@ -446,6 +463,7 @@ class SagaEngine:
         if not live or live[-1]["state"] != "open":
             return
         self.cutting = reason
+        self.cut_step = live[-1]["index"]
         self.fs.seal_top()
         log.warning("saga %d step %d: %s exceeded; cutting (%s)", sid, live[-1]["index"], reason, policy)
         self.d.nursery.start_soon(self._cut, sid, live[-1]["index"], reason, policy)
@@ -479,6 +497,13 @@ class SagaEngine:
             log.error("cutting step %d: %s; the step stays sealed: roll it back with: saga rollback", index, exc)
         finally:
             self.cutting = None
+
+    def _refuse_while_cutting(self) -> None:
+        """No stack operation may slip in between a budget trigger and its cut (invariant 21):
+        the cut waits for the operation in flight, and one arriving meanwhile is refused."""
+        if self.cutting is not None:
+            raise OpError("cutting", f"step {self.cut_step} is being cut by its budget ({self.cutting}); "
+                                     "wait for the cut to finish (see: saga status), then try again")
 
     def _arm_timer(self, kind: str, sid: int, index: int | None, deadline: float) -> None:
         nursery = getattr(self.d, "nursery", None)
@@ -566,6 +591,12 @@ class SagaEngine:
             steps = self.steps(sid)
             index = (steps[-1]["index"] if steps else 0) + 1
             prev = steps[-1] if steps and steps[-1]["state"] == "open" else None
+            self._refuse_while_cutting()
+            # Seal first: from the snapshot of touched until the new layer is pushed, a write gets
+            # EROFS instead of landing in the finished step unrecorded (invariant 20).
+            was_writable = self.fs.writable()
+            old_top = self.fs.layers[-1]
+            self.fs.seal_top()
             paths = dict(self.touched)
             rec = {"saga": sid, "index": index, "name": name, "state": "open", "layer": None,
                    "compensate": compensate, "uid": peer.get("uid"), "gid": peer.get("gid"),
@@ -592,10 +623,13 @@ class SagaEngine:
             t0 = time.perf_counter()
             try:
                 await self.ws.push_layer(txn_extra=extra)
-            except (JournalFull, OSError) as exc:
-                if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                raise OpError("no-space", self._no_room(exc) + "; the saga is unchanged") from None
+            except BaseException as exc:
+                if was_writable and self.fs.layers[-1] is old_top and self.cutting is None:
+                    self.fs.unseal_top()
+                if isinstance(exc, JournalFull) or (isinstance(exc, OSError)
+                                                    and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+                    raise OpError("no-space", self._no_room(exc) + "; the saga is unchanged") from None
+                raise
             if prev is not None:
                 self._known.update(paths)
             self.touched = {}
@@ -671,6 +705,7 @@ class SagaEngine:
     async def op_rollback(self, args, peer):
         with self.d.exclusive("roll back"):
             saga = self.require_active()
+            self._refuse_while_cutting()
             live = self.live_steps(saga["id"])
             if args.get("to") is None:
                 if not live or live[-1]["state"] != "open":
@@ -688,10 +723,12 @@ class SagaEngine:
     async def op_abort(self, args, peer):
         with self.d.exclusive("abort"):
             saga = self.require_active(states=("active", "stuck"))
+            self._refuse_while_cutting()
             return await self._compensate(saga["id"], 0, "aborted", peer)
 
     async def op_retry(self, args, peer):
         with self.d.exclusive("retry compensation"):
+            self._refuse_while_cutting()
             saga = self.active()
             if saga is None or saga["state"] not in ("stuck", "compensating"):
                 raise OpError("bad-state", "nothing to retry: no saga is stuck")
@@ -801,6 +838,7 @@ class SagaEngine:
 
     async def _compensation_attempts(self, sid, step, saga, cmd, retries, timeout) -> tuple[bool, int, str]:
         status, tail = 0, ""
+        await self._reap_orphan(sid, step)
         for attempt in range(1, retries + 1):
             start = now()
             # the latest moment this compensation can end: what 'saga status' shows as time left
@@ -813,11 +851,35 @@ class SagaEngine:
                    "STEP_INDEX": str(step["index"]), "ATTEMPT": str(attempt), "WORKSPACE": str(self.ws.mountpoint)}
             uid = step.get("uid") if step.get("uid") is not None else os.getuid()
             gid = step.get("gid") if step.get("gid") is not None else os.getgid()
-            status, tail = await trio.to_thread.run_sync(
-                run_compensation, cmd, env, str(self.ws.mountpoint), uid, gid, timeout, str(self.ws.state_dir),
+            proc, out, gate = await trio.to_thread.run_sync(
+                start_compensation, cmd, env, str(self.ws.mountpoint), uid, gid, str(self.ws.state_dir),
                 step.get("umask") if isinstance(step.get("umask"), int) else DEFAULT_UMASK)
+            try:
+                running = {"pid": proc.pid, "pgid": proc.pid, "start": osutil.process_start_time(proc.pid),
+                           "attempt": attempt, "at": now(), "timeout": timeout}
+
+                def started(txn, running=running):
+                    rec = [r for r in txn.steps(sid) if r["index"] == step["index"]][0]
+                    rec["running"] = running
+                    txn.put_step(sid, rec["index"], rec)
+
+                await self.ws.transact(started)
+                try:
+                    os.write(gate, b"go\n")  # journaled: the command may run
+                except BrokenPipeError:
+                    pass  # the shell is gone already: its status says why
+            except BaseException:
+                os.close(gate)  # the shell exits at its gate without running the command
+                out.close()
+                proc.wait()
+                raise
+            os.close(gate)
+            status, tail = await trio.to_thread.run_sync(finish_compensation, proc, out, timeout)
 
             def record(txn, attempt=attempt, status=status, tail=tail):
+                rec = [r for r in txn.steps(sid) if r["index"] == step["index"]][0]
+                rec.pop("running", None)
+                txn.put_step(sid, rec["index"], rec)
                 txn.event("compensate.attempt", saga=sid, step=step["index"], attempt=attempt, status=status,
                           stderr=tail[-1000:])
 
@@ -827,6 +889,50 @@ class SagaEngine:
             if attempt < retries:
                 await trio.sleep(BACKOFF * (2 ** (attempt - 1)))
         return False, status, tail
+
+    async def _reap_orphan(self, sid: int, step) -> None:
+        """An attempt journaled as running is not ours if we are here: a previous daemon died
+        during it, and its process group (its own session) may still run. Wait for it to end,
+        until its own timeout, then kill the group (SIGTERM, then SIGKILL): never two attempts
+        of a compensation at once (invariant 25)."""
+        rec = [r for r in self.steps(sid) if r["index"] == step["index"]][0]
+        run = rec.get("running")
+        if not run:
+            return
+        outcome = "gone"
+        if osutil.group_alive(run["pgid"], run["start"]):
+            log.warning("saga %d step %d: attempt %d of the compensation (pid %d) outlived the daemon; waiting "
+                        "for it", sid, step["index"], run["attempt"], run["pid"])
+            outcome = "finished"
+            deadline = run["at"] + run["timeout"]
+            while osutil.group_alive(run["pgid"], run["start"]) and time.time() < deadline:
+                await trio.sleep(0.05)
+            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                if not osutil.group_alive(run["pgid"], run["start"]):
+                    break
+                outcome = "killed"
+                log.warning("saga %d step %d: killing the orphaned compensation (process group %d) with %s",
+                            sid, step["index"], run["pgid"], sig.name)
+                try:
+                    os.killpg(run["pgid"], sig)
+                except ProcessLookupError:
+                    break
+                with trio.move_on_after(grace):
+                    while osutil.group_alive(run["pgid"], run["start"]):
+                        await trio.sleep(0.05)
+            if osutil.group_alive(run["pgid"], run["start"]):
+                raise OpError("orphan", f"the compensation of step {step['index']} started by a previous daemon "
+                                        f"(process group {run['pgid']}) survives SIGKILL; end it, then run: "
+                                        "saga retry")
+
+        def reaped(txn):
+            r = [r for r in txn.steps(sid) if r["index"] == step["index"]][0]
+            r.pop("running", None)
+            txn.put_step(sid, r["index"], r)
+            txn.event("compensate.orphan", saga=sid, step=step["index"], attempt=run["attempt"], pid=run["pid"],
+                      outcome=outcome)
+
+        await self.ws.transact(reaped)
 
     # ------------------------------------------------------------------ commit
 
@@ -925,6 +1031,7 @@ class SagaEngine:
             saga = self.require_active(states=("active", "committing"))
             if saga["state"] == "committing":
                 return await self._finish_commit(saga, peer)
+            self._refuse_while_cutting()
             sid = saga["id"]
             paths = self._all_paths(sid)
             rules_ = self._rules(args, saga)
@@ -1215,6 +1322,7 @@ class SagaEngine:
             await self.flush_audit(essential=True)  # no batch of an ended saga may be journaled after its removal
             before = await trio.to_thread.run_sync(self.ws.disk_usage)
             active = self.active_id()
+            await trio.to_thread.run_sync(crash_point, "gc")  # OVERLAYD_STALL_AT=gc:S (tests): a stack op in flight
             ended = [s for s in self.ws.journal.sagas() if s["id"] != active and s["state"] in ("committed", "aborted")]
             ended.sort(key=lambda s: s.get("ended") or s.get("updated") or 0, reverse=True)
             victims = []
