@@ -764,6 +764,13 @@ class SagaEngine:
                 os.close(fd)
         return out
 
+    def _refusals(self, ops) -> list[dict]:
+        base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
+        try:
+            return merge.refusals(base_fd, ops)
+        finally:
+            os.close(base_fd)
+
     def _plan(self, for_commit: bool = False) -> list[dict]:
         """The commit plan. *for_commit*: also give metacopies their data and make the layers
         durable (one syncfs of their filesystem) before the plan is journaled."""
@@ -774,6 +781,9 @@ class SagaEngine:
                 fds.append((layer.id, os.open(layer.path, osutil.DIR_FLAGS)))
             ops = merge.plan_commit(base_fd, fds)
             if for_commit:
+                refused = merge.refusals(base_fd, ops)
+                if refused:
+                    raise merge.Refused(refused)
                 merge.materialize(base_fd, dict(fds), ops)
                 if fds:
                     osutil.syncfs(fds[0][1])
@@ -797,6 +807,7 @@ class SagaEngine:
             if dry_run:
                 ops = await trio.to_thread.run_sync(self._plan)
                 conflicts = await trio.to_thread.run_sync(self._conflicts, paths)
+                conflicts += await trio.to_thread.run_sync(self._refusals, ops)
                 return {"saga": saga, "changes": self._annotate(merge.summarize(ops), sid), "conflicts": conflicts,
                         "dry_run": True}
             t0 = time.perf_counter()
@@ -822,6 +833,14 @@ class SagaEngine:
                                                   "untouched", conflicts=conflicts)
                     try:
                         full = await trio.to_thread.run_sync(self._plan, True)
+                    except merge.Refused as exc:
+                        def refused_(txn):
+                            txn.event("commit.conflict", saga=sid, paths=[c["path"] for c in exc.conflicts][:1000],
+                                      **self._event_details(peer))
+
+                        await self.ws.transact(refused_)
+                        raise OpError("conflict", f"commit refused: {exc}; the saga is still active and untouched",
+                                      conflicts=exc.conflicts) from None
                     except (OSError, merge.MergeError) as exc:
                         raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
                                                        "nothing was applied and the saga is still active: fix "
