@@ -447,3 +447,33 @@ def test_created_and_moved_directories_keep_the_times_the_view_showed(mount_fact
     assert got == view
     assert os.stat(base / "through").st_mtime_ns >= before  # passed through: the commit's time
     assert private_xattrs(base) == []
+
+
+def test_recovery_never_crosses_a_mount_point(mount_factory, mounts, tmp_path, monkeypatch):
+    """A commit interrupted after staging; a file system is mounted where it deletes before the
+    daemon comes back: the daemon refuses to start, saying so, and deletes nothing; once it is
+    unmounted, the next start finishes the commit."""
+    from test_saga import restart, wait_dead
+
+    base = tmp_path / "base"
+    (base / "sub" / "cache").mkdir(parents=True)
+    put(base / "sub" / "plain", "plain\n")
+    monkeypatch.setenv("OVERLAYD_CRASH_AT", "commit.staged")
+    m = mount_factory(base)
+    begin(m)
+    subprocess.run(["rm", "-rf", str(m.mp / "sub")], check=True)
+    with pytest.raises((ClientError, OSError)):
+        m.call("saga.commit")
+    wait_dead(m)
+    monkeypatch.delenv("OVERLAYD_CRASH_AT")
+    _outside(tmp_path, "bind", mounts, base / "sub" / "cache")
+    with pytest.raises(RuntimeError) as exc:
+        m.start()
+    m.proc = None
+    assert "a file system is mounted at sub/cache inside the base" in str(exc.value)
+    assert read(base / "sub" / "cache" / "precious") == b"must survive\n"
+    assert read(base / "sub" / "plain") == b"plain\n"
+    subprocess.run(["umount", str(base / "sub" / "cache")], check=True)
+    restart(m)
+    assert not os.path.lexists(base / "sub") and staged_names(base) == []
+    assert m.call("saga.status")["saga"] is None
