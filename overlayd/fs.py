@@ -921,9 +921,10 @@ class OverlayFS(pyfuse3.Operations):
     def _metacopy_blocks(self, node: Node, blocks: int) -> int:
         """st_blocks of a metacopy: its origin's (the data it shows); *blocks* for any other
         file. Whether it is a metacopy is asked of its xattr (cached per loc with the origin),
-        never guessed from its block count: an xattr too big for the inode takes a block. Never fails, and reads an origin only through
-        names known to be current (the node is fresh): it runs inside lookup and readdir, where
-        a node found by identity may still carry names from before a drop (see _fresh)."""
+        never guessed from its block count: an xattr too big for the inode takes a block. Never
+        fails, and reads an origin only through names known to be current (the node is fresh):
+        it runs inside lookup and readdir, where a node found by identity may still carry names
+        from before a drop (see _fresh)."""
         if node.epoch != self.epoch and (node.mc is None or node.mc[0] != node.loc):
             return blocks
         try:
@@ -1212,6 +1213,8 @@ class OverlayFS(pyfuse3.Operations):
             self.listings[(self.top, st.st_ino)] = Listing()
         res = self._lookup_node(parent, name)
         node, st = res
+        if not node.is_dir:
+            node.mc = (node.loc, None)  # no metacopy: _attrs need not ask its xattr
         node.lookups += 1
         self._touch(node, (parent.ino, name))
         self._changed("create", parent, name)

@@ -8,7 +8,6 @@ checks that no ``user.overlayd.*`` xattr reached the base. Real mounts throughou
 and tmpfs mounts are made and always unmounted by the test that made them.
 """
 
-import errno
 import os
 import stat
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 
 from overlayd.client import ClientError
 from test_commit_move import private_xattrs
-from test_saga import assert_same, expected_tree, put, read, snap, staged_names
+from test_saga import assert_same, expected_tree, put, read, restart, staged_names, wait_dead
 
 SIZES = (0, 1, 18, 4095, 4096, 4097, 65535, 65536, 65537)
 # a path of about 200 characters: ext4 cannot keep the origin xattr in the inode, so it takes a
@@ -44,15 +43,6 @@ def file_times(root) -> dict:
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for n in filenames:
-            p = os.path.join(dirpath, n)
-            out[os.path.relpath(p, root)] = os.lstat(p).st_mtime_ns
-    return out
-
-
-def dir_times(root) -> dict:
-    out = {}
-    for dirpath, dirnames, _ in os.walk(root):
-        for n in dirnames:
             p = os.path.join(dirpath, n)
             out[os.path.relpath(p, root)] = os.lstat(p).st_mtime_ns
     return out
@@ -110,6 +100,22 @@ def test_metadata_changes_of_small_files_commit_their_data(mount_factory, tmp_pa
     assert_same(base, expected, "the base after the commit")
     assert file_times(base) == view_times
     assert_same(m.mp, expected, "the view after the commit")
+
+
+def test_the_view_counts_the_blocks_of_a_metacopy_under_a_long_path(mount_factory, tmp_path):
+    """du in the view: a chmod-ed base file is a metacopy whose blocks are its origin's, even
+    when its origin xattr takes a block of its own (a sparse base file shows 0 blocks)."""
+    base = tmp_path / "base"
+    os.makedirs(base / LONG)
+    with open(base / LONG / "sparse", "wb") as f:
+        f.truncate(4000)
+    assert os.stat(base / LONG / "sparse").st_blocks == 0
+    m = mount_factory(base)
+    begin(m)
+    os.chmod(m.mp / LONG / "sparse", 0o600)
+    layer_copy = next((m.state / "layers").iterdir()) / LONG / "sparse"
+    assert os.stat(layer_copy).st_blocks > 0  # the xattr's block
+    assert os.stat(m.mp / LONG / "sparse").st_blocks == 0
 
 
 def test_git_freshening_an_object_keeps_the_repository_sound(mount_factory, tmp_path):
@@ -330,8 +336,6 @@ def test_a_move_journaled_on_one_mount_is_built_when_the_base_comes_through_anot
     ops_bind(m.mp)
     with pytest.raises((ClientError, OSError)):
         m.call("saga.commit")
-    from test_saga import restart, wait_dead
-
     wait_dead(m)
     monkeypatch.delenv("OVERLAYD_CRASH_AT")
     m.base = bound
@@ -453,8 +457,6 @@ def test_recovery_never_crosses_a_mount_point(mount_factory, mounts, tmp_path, m
     """A commit interrupted after staging; a file system is mounted where it deletes before the
     daemon comes back: the daemon refuses to start, saying so, and deletes nothing; once it is
     unmounted, the next start finishes the commit."""
-    from test_saga import restart, wait_dead
-
     base = tmp_path / "base"
     (base / "sub" / "cache").mkdir(parents=True)
     put(base / "sub" / "plain", "plain\n")
