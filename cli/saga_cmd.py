@@ -385,7 +385,8 @@ def commit(ctx, dry_run, workspace, as_json):
                                                                                          dry_run=False)
         if dry_run:
             lines = [f"{c['change']:9} {c['path']}  (step {c['step']} {c['step_name']})" for c in r["changes"]]
-            lines += [f"CONFLICT  {c['path']}" for c in r["conflicts"]]
+            lines += [f"CONFLICT  {c['path']}" + (f"  ({c['reason']})" if c.get("reason") else "")
+                      for c in r["conflicts"]]
             emit(ctx, r, "\n".join(lines) or "nothing to commit")
             if r["conflicts"]:
                 sys.exit(3)
@@ -397,7 +398,7 @@ def commit(ctx, dry_run, workspace, as_json):
     except SagaError as exc:
         if exc.exit_code == 3 and not ctx.obj["json"]:
             for c in exc.data.get("conflicts", []):
-                click.echo(f"conflict: {c['path']}", err=True)
+                click.echo(f"conflict: {c['path']}" + (f" ({c['reason']})" if c.get("reason") else ""), err=True)
         raise
 
 

@@ -250,7 +250,8 @@ def refusals(base_fd: int, ops) -> list[dict]:
         if op.get("clash"):
             out.append({"path": op["path"], "recorded": "directory", "now": "directory",
                         "reason": f"the saga and the base both changed the {' and '.join(op['clash'])} of the "
-                                  f"directory {op['path']}"})
+                                  f"directory {op['path']}: make them the same on both sides, or roll back "
+                                  "the step that changed it"})
     return out
 
 
