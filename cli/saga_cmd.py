@@ -515,7 +515,8 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
             lines = [f"{c['change']:9} {quote_path(c['path'])}  (step {c['step']} {c['step_name']})"
                      for c in r["changes"]]
             lines += _left_out_lines(r.get("left_out", []))
-            lines += [f"CONFLICT  {quote_path(c['path'])}" for c in r["conflicts"]]
+            lines += [f"CONFLICT  {quote_path(c['path'])}" + (f"  ({c['reason']})" if c.get("reason") else "")
+                      for c in r["conflicts"]]
             emit(ctx, r, "\n".join(lines) or "nothing to commit")
             if r["conflicts"]:
                 sys.exit(3)
@@ -529,7 +530,7 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
     except SagaError as exc:
         if exc.exit_code == 3 and not ctx.obj["json"]:
             for c in exc.data.get("conflicts", []):
-                click.echo(f"conflict: {quote_path(c['path'])}", err=True)
+                click.echo(f"conflict: {quote_path(c['path'])}" + (f" ({c['reason']})" if c.get("reason") else ""), err=True)
         raise
 
 

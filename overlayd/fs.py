@@ -27,6 +27,7 @@ Caveats (knowingly not done):
 
 import errno
 import itertools
+import json
 import logging
 import os
 import stat
@@ -813,7 +814,7 @@ class OverlayFS(pyfuse3.Operations):
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
         e.st_blocks = st.st_blocks
-        if st.st_blocks * 512 < st.st_size and not node.is_dir and node.li > 0 and stat.S_ISREG(st.st_mode):
+        if not node.is_dir and node.li > 0 and stat.S_ISREG(st.st_mode):
             e.st_blocks = self._metacopy_blocks(node, st.st_blocks)  # du counts a renamed file
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
@@ -918,6 +919,14 @@ class OverlayFS(pyfuse3.Operations):
         fd = os.open(node.name, DIR_FLAGS, dir_fd=pfd)
         try:
             _restore_times(pfd, pst)  # a copy-up is no change of the parent, in the view
+            # the base's attributes as the saga found them: a commit carries over only those
+            # the saga changed, and refuses one the base changed too (merge.dir_fields)
+            snap = json.dumps(osutil.dir_attrs(src, st)).encode() if node.li == 0 else \
+                osutil.get_private(src, osutil.BASE_ATTRS_XATTR)
+            if snap is not None:
+                os.setxattr(fd, osutil.BASE_ATTRS_XATTR, snap)
+            if node.li > 0 and osutil.get_private(src, osutil.UTIME_XATTR) is not None:
+                os.setxattr(fd, osutil.UTIME_XATTR, b"y")
             self.copy_meta(src, fd, st)
             new_ino = os.fstat(fd).st_ino
         except BaseException:
@@ -990,9 +999,11 @@ class OverlayFS(pyfuse3.Operations):
 
     def _metacopy_blocks(self, node: Node, blocks: int) -> int:
         """st_blocks of a metacopy: its origin's (the data it shows); *blocks* for any other
-        sparse file. Cached with the origin. Never fails, and reads an origin only through
-        names known to be current (the node is fresh): it runs inside lookup and readdir, where
-        a node found by identity may still carry names from before a drop (see _fresh)."""
+        file. Whether it is a metacopy is asked of its xattr (cached per loc with the origin),
+        never guessed from its block count: an xattr too big for the inode takes a block. Never
+        fails, and reads an origin only through names known to be current (the node is fresh):
+        it runs inside lookup and readdir, where a node found by identity may still carry names
+        from before a drop (see _fresh)."""
         if node.epoch != self.epoch and (node.mc is None or node.mc[0] != node.loc):
             return blocks
         try:
@@ -1292,6 +1303,8 @@ class OverlayFS(pyfuse3.Operations):
             self.listings[(self.top, st.st_ino)] = Listing()
         res = self._lookup_node(parent, name)
         node, st = res
+        if not node.is_dir:
+            node.mc = (node.loc, None)  # no metacopy: _attrs need not ask its xattr
         node.lookups += 1
         self._touch(node, (parent.ino, name))
         self._changed("create", parent, name)
@@ -1770,6 +1783,8 @@ class OverlayFS(pyfuse3.Operations):
             a = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
             m = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
             if "fd" in target:
+                if node.is_dir:  # an explicit change of a directory's times: committed (merge.dir_fields)
+                    os.setxattr(target["fd"], osutil.UTIME_XATTR, b"y")
                 os.utime(target["fd"], ns=(a, m))
             else:
                 os.utime(target["name"], ns=(a, m), dir_fd=target["dir_fd"], follow_symlinks=False)

@@ -29,6 +29,7 @@ O_NOFOLLOW at each component, so no symlink (nor a directory swapped for one) le
 """
 
 import errno
+import json
 import logging
 import os
 import stat
@@ -73,6 +74,15 @@ class MergeError(Exception):
     """The commit cannot proceed; the message says why and what to do."""
 
 
+class Refused(MergeError):
+    """The commit is refused before it begins, like a conflict: ``conflicts`` (see refusals)."""
+
+    def __init__(self, conflicts):
+        super().__init__("; ".join(c["reason"] for c in conflicts[:3]) +
+                         (f" (and {len(conflicts) - 3} more)" if len(conflicts) > 3 else ""))
+        self.conflicts = conflicts
+
+
 def _kind(st) -> str:
     m = st.st_mode
     if stat.S_ISDIR(m):
@@ -106,7 +116,12 @@ def plan_commit(base_fd: int, layers) -> list[dict]:
     a copy (its children are then left out of the journaled plan, see `compact`)."""
     ops = []
     top_down = list(reversed(layers))
-    _plan_dir(ops, b"", base_fd, [(lid, fd, False) for lid, fd in top_down], -1, os.fstat(base_fd).st_dev)
+    # a layer on another mount than the base (a bind mount of the same filesystem: same st_dev)
+    # cannot be renamed into it (EXDEV): its new directories are built entry by entry
+    base_mnt = osutil.mount_id(base_fd)
+    movable = {lid for lid, fd in layers if os.fstat(fd).st_dev == os.fstat(base_fd).st_dev
+               and osutil.mount_id(fd) == base_mnt}
+    _plan_dir(ops, b"", base_fd, [(lid, fd, False) for lid, fd in top_down], -1, movable)
     return ops
 
 
@@ -154,8 +169,9 @@ def count_entries(ops) -> int:
     return sum(1 + op.get("entries", 0) for op in ops)
 
 
-def _plan_dir(ops, rel: bytes, base_fd, chain, root: int, dev: int, movable: dict | None = None) -> None:
+def _plan_dir(ops, rel: bytes, base_fd, chain, root: int, same_mount: set, movable: dict | None = None) -> None:
     """*chain*: [(layer id, dir fd, close?)] top-down where the directory exists in the view.
+    *same_mount*: the layers on the base's mount (whose directories can be renamed into it).
     *movable*: inside a newdir, {"ok": bool} cleared by whatever forbids moving it whole."""
     scans = []
     try:
@@ -188,9 +204,10 @@ def _plan_dir(ops, rel: bytes, base_fd, chain, root: int, dev: int, movable: dic
             if kind != "d":
                 ops.append({"op": "put", "path": os.fsdecode(path), "layer": lid, "kind": kind, "root": root,
                             "ino": st.st_ino, "replaces": _kind(base_names[name]) if name in base_names else None})
-                if kind == "f" and 0 < st.st_size and st.st_blocks * 512 < st.st_size \
-                        and osutil.get_origin(f"/proc/self/fd/{fd}/{os.fsdecode(name)}") is not None:
-                    ops[-1]["origin"] = True  # a metacopy (sparse, so cheap to test): see materialize
+                # a metacopy (see materialize): asked of every regular file, never guessed from
+                # st_blocks (an xattr that does not fit in the inode takes a block of its own)
+                if kind == "f" and osutil.get_origin(b"/proc/self/fd/%d/" % fd + name) is not None:
+                    ops[-1]["origin"] = True
                 continue
             # a directory: which lower copies merge with it?
             sub = []
@@ -212,7 +229,8 @@ def _plan_dir(ops, rel: bytes, base_fd, chain, root: int, dev: int, movable: dic
             base_child = None
             if reaches_base and root < 0 and name in base_names and _kind(base_names[name]) == "d":
                 base_child = os.open(name, DIR_FLAGS, dir_fd=base_fd)
-                ops.append({"op": "dir", "path": os.fsdecode(path), "layer": lid, "root": root})
+                ops.append({"op": "dir", "path": os.fsdecode(path), "layer": lid, "root": root,
+                            **dir_fields(base_child, [cfd for _, cfd, _ in sub])})
                 child_root = root
                 child_movable = None
             else:
@@ -221,14 +239,14 @@ def _plan_dir(ops, rel: bytes, base_fd, chain, root: int, dev: int, movable: dic
                 child_root = len(ops) - 1 if root < 0 else root
                 if root < 0:
                     # moved whole when one layer holds all of it, on the base's filesystem
-                    child_movable = {"ok": len(sub) == 1 and st.st_dev == dev}
+                    child_movable = {"ok": len(sub) == 1 and lid in same_mount}
                     if len(sub) == 1 and osutil.is_opaque(sub[0][1]):
                         ops[-1]["opaque"] = True  # the xattr is removed once it is in the base
                 else:
                     child_movable = movable
             newdir_at = len(ops) - 1
             try:
-                _plan_dir(ops, path, base_child, sub, child_root, dev, child_movable)
+                _plan_dir(ops, path, base_child, sub, child_root, same_mount, child_movable)
             finally:
                 if base_child is not None:
                     os.close(base_child)
@@ -238,6 +256,51 @@ def _plan_dir(ops, rel: bytes, base_fd, chain, root: int, dev: int, movable: dic
         for lid, fd, close in chain:
             if close:
                 os.close(fd)
+
+
+DIR_FIELDS = ("mode", "owner", "xattrs")
+
+
+def dir_fields(base_dir: int, copies) -> dict:
+    """Which attributes of a base directory the saga changed (``set``: taken from the top layer
+    by the commit) and which of those the base changed too since the saga first copied it up
+    (``clash``: the commit is refused). *copies*: the directory's fds in the layers, top-down.
+
+    Changed means: the top copy differs from the base's attributes recorded at copy-up
+    (BASE_ATTRS_XATTR) for mode, owner and xattrs; for times, an explicit utime in the view
+    (UTIME_XATTR). A directory the saga only passed through (entries changed in it) keeps the
+    base's current attributes; its mtime is the one the commit's changes give it. A copy made
+    before the base's attributes were recorded gives every attribute (``set`` absent)."""
+    recorded, times = None, False
+    for fd in copies:
+        if recorded is None:
+            recorded = osutil.get_private(fd, osutil.BASE_ATTRS_XATTR)
+        times = times or osutil.get_private(fd, osutil.UTIME_XATTR) is not None
+    if recorded is None:
+        return {}
+    then = json.loads(recorded)
+    mine = osutil.dir_attrs(copies[0])
+    now = osutil.dir_attrs(base_dir)
+    out = {"set": [f for f in DIR_FIELDS if mine[f] != then[f]] + (["times"] if times else [])}
+    clash = [f for f in out["set"] if f != "times" and now[f] != then[f] and now[f] != mine[f]]
+    if clash:
+        out["clash"] = clash
+    return out
+
+
+def refusals(base_fd: int, ops) -> list[dict]:
+    """What refuses a commit of *ops* before anything is journaled, as conflicts: a file system
+    mounted where the plan writes (mount_points), a directory attribute both the saga and the
+    base changed (dir_fields)."""
+    out = [{"path": p, "recorded": None, "now": "mount point", "reason": mounted_message([p])}
+           for p in mount_points(base_fd, ops)]
+    for op in ops:
+        if op.get("clash"):
+            out.append({"path": op["path"], "recorded": "directory", "now": "directory",
+                        "reason": f"the saga and the base both changed the {' and '.join(op['clash'])} of the "
+                                  f"directory {op['path']}: make them the same on both sides, or roll back "
+                                  "the step that changed it"})
+    return out
 
 
 def materialize(base_fd: int, layer_fds: dict, ops) -> int:
@@ -293,6 +356,7 @@ class Merger:
         self.ops = ops
         self.base_dev = os.fstat(base_fd).st_dev
         self._dirs = {}
+        self._dir_times = []  # (dir fd, name, layer stat) of the staged directories
         # (layer dev, layer ino) -> base ino of every entry staged as a new inode (directories,
         # symlinks, fifos, copies); linked files and moved directories keep their inode
         self.inomap = {}
@@ -332,7 +396,10 @@ class Merger:
         """Build every top-level put/newdir under its temporary name. Idempotent."""
         links = {}  # (layer, ino) -> (dir fd, name) of the first staged copy, for hard links
         for i, op in enumerate(self.ops):
-            if op["op"] in ("delete", "dir") or op.get("move"):
+            if op.get("move"):
+                self._check_move(op)
+                continue
+            if op["op"] in ("delete", "dir"):
                 continue
             path = os.fsencode(op["path"])
             name = os.path.basename(path)
@@ -357,6 +424,56 @@ class Merger:
                 self._stage_one(op, path, dst_fd, dst_name, links)
             if progress:
                 progress(i + 1, len(self.ops))
+        # a directory's times once its entries are in place (creating them changed its mtime),
+        # deepest first: the base shows the times the view showed
+        for dst_fd, dst_name, st in reversed(self._dir_times):
+            os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+
+    def _check_move(self, op) -> None:
+        """Refuse to move a layer directory into the base if anything in it still carries a
+        private xattr (a metacopy that was not given its data, say): only its own opaque mark,
+        which the move removes, may be there."""
+        lfd = self._layer_parent(op["layer"], os.fsencode(op["path"]))
+        name = os.path.basename(os.fsencode(op["path"]))
+        fd = os.open(name, DIR_FLAGS, dir_fd=lfd)
+        try:
+            self._strip_dir_marks(fd)
+            allowed = {osutil.OPAQUE_XATTR} if op.get("opaque") else set()
+            self._refuse_private(fd, op, os.fsencode(op["path"]), allowed)
+            self._check_tree(fd, op, os.fsencode(op["path"]))
+        finally:
+            os.close(fd)
+
+    def _check_tree(self, fd: int, op, rel: bytes) -> None:
+        for de in os.scandir(fd):
+            name = os.fsencode(de.name)
+            path = rel + b"/" + name
+            if de.is_dir(follow_symlinks=False):
+                cfd = os.open(name, DIR_FLAGS, dir_fd=fd)
+                try:
+                    self._strip_dir_marks(cfd)
+                    self._refuse_private(cfd, op, path)
+                    self._check_tree(cfd, op, path)
+                finally:
+                    os.close(cfd)
+            elif de.is_file(follow_symlinks=False):
+                self._refuse_private(b"/proc/self/fd/%d/" % fd + name, op, path)
+
+    @staticmethod
+    def _strip_dir_marks(fd: int) -> None:
+        """A directory copied up from the base carries marks for dir_fields; moved into the base
+        as part of a new directory, it needs none of them."""
+        for name in (osutil.BASE_ATTRS_XATTR, osutil.UTIME_XATTR):
+            osutil.discard_xattr(fd, name)
+
+    @staticmethod
+    def _refuse_private(target, op, path: bytes, allowed=()) -> None:
+        private = [x for x in osutil.private_xattrs(target) if x not in allowed]
+        if private:
+            raise MergeError(f"{os.fsdecode(path)} in layer {op['layer']} still carries overlayd's private xattr "
+                             f"{', '.join(private)}: committing it would put wrong data or private marks into the "
+                             "base, so the commit is refused; nothing was applied and the saga is still active "
+                             "(this is a bug of overlayd: please report it)")
 
     def _stage_one(self, op, path: bytes, dst_fd: int, dst_name: bytes, links) -> None:
         lfd = self._layer_parent(op["layer"], path)
@@ -373,6 +490,7 @@ class Merger:
             finally:
                 os.close(src)
                 os.close(dst)
+            self._dir_times.append((dst_fd, dst_name, st))
             return
         kind = op["kind"]
         key = (op["layer"], st.st_ino)
@@ -388,21 +506,30 @@ class Merger:
             os.mknod(dst_name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev if kind == "dev" else 0, dir_fd=dst_fd)
             self._lmeta(dst_fd, dst_name, st)
             os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
-        else:
-            self._stage_file(lfd, name, st, dst_fd, dst_name)
-        if kind != "f" or st.st_dev != self.base_dev:
+        linked = False
+        if kind == "f":
+            self._refuse_private(b"/proc/self/fd/%d/" % lfd + name, op, path)
+            linked = self._stage_file(lfd, name, st, dst_fd, dst_name)
+        if not linked:
             self.inomap[(st.st_dev, st.st_ino)] = os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False).st_ino
         if st.st_nlink > 1:
             links[key] = (dst_fd, dst_name)
 
-    def _stage_file(self, lfd, name, st, dst_fd, dst_name) -> None:
+    def _stage_file(self, lfd, name, st, dst_fd, dst_name) -> bool:
+        """Stage a regular file; True if the layer's file itself was linked (same inode)."""
         if st.st_dev == self.base_dev:
-            # same filesystem: the layer's file becomes the base's, no data is copied
-            fault("stage.link")
-            os.link(name, dst_name, src_dir_fd=lfd, dst_dir_fd=dst_fd, follow_symlinks=False)
-            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
-            return
+            # same filesystem: the layer's file becomes the base's, no data is copied; unless
+            # the base is another mount of it (a bind mount): link() then fails with EXDEV
+            try:
+                fault("stage.link")
+                os.link(name, dst_name, src_dir_fd=lfd, dst_dir_fd=dst_fd, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+            else:
+                if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    os.chmod(dst_name, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID), dir_fd=dst_fd)
+                return True
         src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lfd)
         try:
             dst = os.open(dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -415,6 +542,7 @@ class Merger:
                 os.close(dst)
         finally:
             os.close(src)
+        return False
 
     @staticmethod
     def _meta(src_fd, dst_fd, st) -> None:
@@ -429,6 +557,22 @@ class Merger:
         os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     @staticmethod
+    def _dir_meta(src_fd, dst_fd, st, fields) -> None:
+        """The attributes *fields* (see dir_fields) of a layer directory given to the base's."""
+        if "xattrs" in fields:
+            want = osutil.visible_xattrs(src_fd)
+            for name in osutil.visible_xattrs(dst_fd):
+                if name not in want and name.startswith("user."):
+                    osutil.discard_xattr(dst_fd, name)
+            osutil.copy_xattrs(src_fd, dst_fd)
+        if "owner" in fields and os.geteuid() == 0:
+            os.fchown(dst_fd, st.st_uid, st.st_gid)
+        if "mode" in fields:
+            os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+        if "times" in fields:
+            os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    @staticmethod
     def _lmeta(dfd, name, st) -> None:
         if os.geteuid() == 0:
             os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
@@ -437,7 +581,12 @@ class Merger:
     # -- phase 2
 
     def apply(self, progress=None) -> None:
-        """Deletions, renames of staged entries into place, directory attributes. Idempotent."""
+        """Deletions, renames of staged entries into place, directory attributes. Idempotent.
+        Refused before any change if a file system is mounted where the plan writes (a mount made
+        after the plan was checked): the commit stays to be finished once it is unmounted."""
+        mounted = mount_points(self.base_fd, self.ops)
+        if mounted:
+            raise MergeError(mounted_message(mounted))
         dir_ops = []
         for i, op in enumerate(self.ops):
             if op["root"] >= 0:
@@ -471,13 +620,18 @@ class Merger:
                 self._install(pfd, name, self.stage_name(i))
             if progress:
                 progress(i + 1, len(self.ops))
-        for op in reversed(dir_ops):
+        for op in reversed(dir_ops):  # deepest first: after every entry is in place
+            if op.get("set") == []:
+                continue  # passed through: the base's attributes stay
             path = os.fsencode(op["path"])
             lfd = osutil.open_beneath(self.layer_fds[op["layer"]], path)
             try:
                 dfd = self._base_dir(path)
-                self._meta(lfd, dfd, os.fstat(lfd))
-                osutil.drop_missing_xattrs(lfd, dfd)  # an xattr the saga removed goes too
+                if "set" in op:
+                    self._dir_meta(lfd, dfd, os.fstat(lfd), op["set"])
+                else:
+                    self._meta(lfd, dfd, os.fstat(lfd))  # a plan journaled before dir_fields
+                    osutil.drop_missing_xattrs(lfd, dfd)  # an xattr the saga removed goes too
             finally:
                 os.close(lfd)
 
@@ -486,12 +640,62 @@ class Merger:
         The layer is not needed afterwards: the commit drops it. Idempotent: a directory no
         longer in the layer has been moved (nothing else removes names from a sealed layer)."""
         lfd = self._layer_parent(op["layer"], os.fsencode(op["path"]))
+        try:
+            cross = osutil.mount_id(lfd, name) != osutil.mount_id(pfd)
+        except FileNotFoundError:
+            cross = False  # moved by the run that crashed
+        if cross:
+            # the base is on another mount now (it was not when planned): a rename would fail
+            # with EXDEV, so the directory is built in the base entry by entry, then renamed into
+            # place (a re-run builds it again from the layer, which still holds it)
+            log.warning("%s: the base is on another mount than its layer now; built entry by entry", op["path"])
+            self._copy_in(op, pfd, tmp)
+            self._install(pfd, name, tmp)
+            return
         self._install(pfd, name, tmp, src=(lfd, name))
         if op.get("opaque"):
             fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
             try:
                 osutil.discard_xattr(fd, osutil.OPAQUE_XATTR)
             finally:
+                os.close(fd)
+
+    def _copy_in(self, op, pfd: int, tmp: bytes) -> None:
+        """Build a copy of the moved directory of *op* at *tmp* in *pfd*, as staging builds one."""
+        try:
+            osutil.rmtree_at(pfd, tmp)
+        except FileNotFoundError:
+            pass
+        links = {}
+
+        def build(path: bytes, dst_fd: int, dst_name: bytes, st) -> None:
+            kind = _kind(st)
+            if kind == "dev":
+                raise MergeError(f"{os.fsdecode(path)} in layer {op['layer']} is a device file; devices are never "
+                                 "committed")
+            sub = {"op": "newdir" if kind == "d" else "put", "kind": kind, "layer": op["layer"],
+                   "path": os.fsdecode(path), "root": -1}
+            self._stage_one(sub, path, dst_fd, dst_name, links)
+            if kind != "d":
+                return
+            src = osutil.open_beneath(self.layer_fds[op["layer"]], path)
+            try:
+                dst = os.open(dst_name, DIR_FLAGS, dir_fd=dst_fd)
+                opened.append(dst)  # kept open: *links* may name a file in it
+                for name in os.listdir(src):
+                    name = os.fsencode(name)
+                    build(path + b"/" + name, dst, name, os.stat(name, dir_fd=src, follow_symlinks=False))
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))  # its entries changed its mtime
+            finally:
+                os.close(src)
+
+        opened = []
+        path = os.fsencode(op["path"])
+        lfd = self._layer_parent(op["layer"], path)
+        try:
+            build(path, pfd, tmp, os.stat(os.path.basename(path), dir_fd=lfd, follow_symlinks=False))
+        finally:
+            for fd in opened:
                 os.close(fd)
 
     def _install(self, pfd: int, name: bytes, tmp: bytes, src=None) -> None:
@@ -628,6 +832,57 @@ def same_identity(then, now) -> bool:
     if len(then) == 5:  # recorded before identities had nlink
         return then == now[:5]
     return then[:4] == now[:4] and now[5] < then[5]
+
+
+def mount_points(base_fd: int, ops) -> list[str]:
+    """The paths in the base where a file system is mounted (a bind mount, another file system)
+    that the plan *ops* would write in (a ``dir``), replace or delete (whole subtrees): a commit
+    never crosses a mount point, so these refuse it."""
+    out = []
+
+    def walk(pfd: int, name: bytes, rel: bytes) -> None:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if osutil.is_mount_root(pfd, name, st):
+                out.append(os.fsdecode(rel))
+                return
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+            try:
+                for child in os.listdir(fd):
+                    child = os.fsencode(child)
+                    walk(fd, child, rel + b"/" + child)
+            finally:
+                os.close(fd)
+
+    for op in ops:
+        if op["root"] >= 0 or (op["op"] in ("put", "newdir") and op.get("replaces") is None):
+            continue
+        path = os.fsencode(op["path"])
+        try:
+            pfd = osutil.open_beneath(base_fd, os.path.dirname(path))
+        except OSError:
+            continue
+        try:
+            if op["op"] == "dir":
+                if osutil.is_mount_root(pfd, os.path.basename(path)):
+                    out.append(op["path"])
+            else:
+                walk(pfd, os.path.basename(path), path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(pfd)
+    return out
+
+
+def mounted_message(paths) -> str:
+    return (f"a file system is mounted at {paths[0]} inside the base" +
+            (f" (and at {len(paths) - 1} more path(s))" if len(paths) > 1 else "") +
+            ": a commit never writes across a mount point; unmount it, or roll back the step that changed or "
+            "removed it")
 
 
 def base_idents(base_fd: int, ops) -> list:

@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import stat
+import struct
 import time
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ PRIVATE_XATTR = b"user.overlayd."
 OPAQUE_XATTR = "user.overlayd.opaque"
 #: A *metacopy*: a layer file whose data is still the base file named here (see fs.py).
 ORIGIN_XATTR = "user.overlayd.origin"
+#: On a layer's copy of a base directory: the base's attributes when it was copied up (dir_attrs),
+#: so that a commit knows which of them the saga changed and which the base changed meanwhile.
+BASE_ATTRS_XATTR = "user.overlayd.base"
+#: On a layer's copy of a directory whose times were set (utime) in the view.
+UTIME_XATTR = "user.overlayd.utime"
 
 
 STALL_AT = os.environ.get("OVERLAYD_STALL_AT", "")  # fault injection: "label:seconds"
@@ -157,6 +163,57 @@ def drop_missing_xattrs(src, dst) -> None:
             discard_xattr(dst, name)
 
 
+def private_xattrs(target) -> list[str]:
+    """The names of *target*'s xattrs in overlayd's private namespace (an fd, or a path whose last
+    component is not followed)."""
+    try:
+        names = os.listxattr(target) if isinstance(target, int) else os.listxattr(target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return []
+        raise
+    return [n for n in names if n.encode().startswith(PRIVATE_XATTR)]
+
+
+def visible_xattrs(fd: int) -> dict:
+    """name -> value of *fd*'s xattrs outside overlayd's namespace."""
+    try:
+        names = os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+    out = {}
+    for name in names:
+        if not name.encode().startswith(PRIVATE_XATTR):
+            try:
+                out[name] = os.getxattr(fd, name)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+    return out
+
+
+def dir_attrs(fd: int, st: os.stat_result | None = None) -> dict:
+    """The attributes of a directory that a commit may carry over: mode, owner, xattrs (a digest)."""
+    import hashlib
+
+    st = st or os.fstat(fd)
+    h = hashlib.sha256()
+    for name, value in sorted(visible_xattrs(fd).items()):
+        h.update(name.encode() + b"\0" + value + b"\0")
+    return {"mode": stat.S_IMODE(st.st_mode), "owner": [st.st_uid, st.st_gid], "xattrs": h.hexdigest()[:32]}
+
+
+def get_private(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(fd, name)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
 def is_opaque(dirfd: int) -> bool:
     try:
         return os.getxattr(dirfd, OPAQUE_XATTR) == b"y"
@@ -179,7 +236,8 @@ def check_name(name: bytes) -> None:
 
 
 def rmtree_at(dirfd: int, name: bytes, on_dir=None) -> None:
-    """Remove *name* (a file, or a directory tree) relative to *dirfd*, never following a symlink.
+    """Remove *name* (a file, or a directory tree) relative to *dirfd*, never following a symlink
+    and never entering a mount point (EBUSY, before anything below it is removed).
 
     *on_dir(st)* is called with the stat of every directory removed (for cache purges).
     """
@@ -187,6 +245,8 @@ def rmtree_at(dirfd: int, name: bytes, on_dir=None) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dirfd)
         return
+    if is_mount_root(dirfd, name, st):  # never remove what another file system (or a bind mount) holds
+        raise OSError(errno.EBUSY, "a file system is mounted there: unmount it first", name)
     fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
     try:
         if on_dir is not None:
@@ -258,7 +318,7 @@ def discard_xattr(fd: int, name: str) -> None:
     try:
         os.removexattr(fd, name)
     except OSError as exc:
-        if exc.errno != errno.ENODATA:
+        if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
 
 
@@ -285,6 +345,43 @@ def open_beneath(rootfd: int, relpath: bytes) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+STATX_MNT_ID = 0x1000
+STATX_ATTR_MOUNT_ROOT = 0x2000
+
+
+def _statx(dirfd: int, name: bytes, mask: int) -> bytes:
+    buf = ctypes.create_string_buffer(256)
+    flags = AT_SYMLINK_NOFOLLOW | (AT_EMPTY_PATH if not name else 0)
+    if _libc.statx(dirfd, name, flags, mask, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), name)
+    return buf.raw
+
+
+def mount_id(dirfd: int, name: bytes = b"") -> int:
+    """The id of the mount *name* (relative to *dirfd*; *dirfd* itself if empty) is on: two
+    mounts of one file system (a bind mount) have the same st_dev but not the same mount id,
+    and link() or rename() between them fails with EXDEV."""
+    raw = _statx(dirfd, name, STATX_MNT_ID)
+    if not struct.unpack_from("=I", raw, 0)[0] & STATX_MNT_ID:
+        return os.stat(name or ".", dir_fd=dirfd, follow_symlinks=False).st_dev  # a kernel before 5.8
+    return struct.unpack_from("=Q", raw, 144)[0]
+
+
+def is_mount_root(dirfd: int, name: bytes, st: os.stat_result | None = None) -> bool:
+    """True if a file system is mounted at *name* in *dirfd* (a bind mount or another file system):
+    a commit must never enter, remove or replace it."""
+    raw = _statx(dirfd, name, 0)
+    attributes, mask = struct.unpack_from("=Q", raw, 8)[0], struct.unpack_from("=Q", raw, 56)[0]
+    if mask & STATX_ATTR_MOUNT_ROOT:
+        return bool(attributes & STATX_ATTR_MOUNT_ROOT)
+    st = st or os.stat(name, dir_fd=dirfd, follow_symlinks=False)  # a kernel before 5.8
+    return st.st_dev != os.fstat(dirfd).st_dev
 
 
 _libc.syncfs.argtypes = [ctypes.c_int]

@@ -962,6 +962,13 @@ class SagaEngine:
                 os.close(fd)
         return out
 
+    def _refusals(self, ops) -> list[dict]:
+        base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
+        try:
+            return merge.refusals(base_fd, ops)
+        finally:
+            os.close(base_fd)
+
     def _plan(self, for_commit: bool = False, rules_: rules.Rules | None = None):
         """(the commit plan, what *rules_* leave out of it: see rules.summarize). *for_commit*:
         also give metacopies their data and make the layers durable (one syncfs of their
@@ -983,6 +990,9 @@ class SagaEngine:
                     left = rules.summarize(out, info)
                     ops = merge.leave_out(ops, out)
             if for_commit:
+                refused = merge.refusals(base_fd, ops)
+                if refused:
+                    raise merge.Refused(refused)
                 merge.materialize(base_fd, dict(fds), ops)
                 if fds:
                     osutil.syncfs(fds[0][1])
@@ -1040,6 +1050,7 @@ class SagaEngine:
                     ops, left = await trio.to_thread.run_sync(self._plan, False, rules_)
                     conflicts = await trio.to_thread.run_sync(self._conflicts, paths)
                     conflicts = await trio.to_thread.run_sync(self._without_left_out, rules_, conflicts)
+                    conflicts += await trio.to_thread.run_sync(self._refusals, ops)
                 except rules.RulesError as exc:
                     raise OpError("commit-failed", str(exc)) from None
                 return {"saga": saga, "changes": self._annotate(merge.summarize(ops), sid), "conflicts": conflicts,
@@ -1072,6 +1083,14 @@ class SagaEngine:
                                                   "untouched", conflicts=conflicts)
                     try:
                         full, left = await trio.to_thread.run_sync(self._plan, True, rules_)
+                    except merge.Refused as exc:
+                        def refused_(txn):
+                            txn.event("commit.conflict", saga=sid, paths=[c["path"] for c in exc.conflicts][:1000],
+                                      **self._event_details(peer))
+
+                        await self.ws.transact(refused_)
+                        raise OpError("conflict", f"commit refused: {exc}; the saga is still active and untouched",
+                                      conflicts=exc.conflicts) from None
                     except (OSError, merge.MergeError, rules.RulesError) as exc:
                         raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
                                                        "nothing was applied and the saga is still active: fix "
