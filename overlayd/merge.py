@@ -817,21 +817,26 @@ def base_identity(base_fd: int, path: str, with_listing: bool = False, dirs: dic
             _walk_names(fd, b"", out)
             return ["D", listing_digest(out)]
         return ["d"]
-    return [k, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink]
+    return [k, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink,
+            st.st_mode, st.st_uid, st.st_gid]
 
 
 def same_identity(then, now) -> bool:
     """Whether the base entry a saga recorded (`base_identity`) is still there, unchanged. A file
     that only lost hard links is: a file committed by a hard link from its layer keeps that
     link until the reaper deletes the dropped layer, and the unlink changes its ctime, maybe
-    after the next saga recorded it (identities of journals before this check have no nlink)."""
+    after the next saga recorded it. Since the ctime then says nothing, mode and owner are
+    compared on their own (a chmod behind the workspace's back changes nothing else).
+    Identities of older journals have no nlink (5 fields) or no mode and owner (6)."""
     if then == now:
         return True
-    if then is None or now is None or then[0] in ("d", "D") or len(now) != 6:
+    if then is None or now is None or then[0] in ("d", "D") or len(now) != 9:
         return False
-    if len(then) == 5:  # recorded before identities had nlink
+    if len(then) == 5:
         return then == now[:5]
-    return then[:4] == now[:4] and now[5] < then[5]
+    if len(then) == 6:
+        return then[:4] == now[:4] and now[5] < then[5]
+    return then[:4] == now[:4] and then[6:] == now[6:] and (then[4:6] == now[4:6] or now[5] < then[5])
 
 
 def mount_points(base_fd: int, ops) -> list[str]:

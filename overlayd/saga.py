@@ -1084,9 +1084,10 @@ class SagaEngine:
                     try:
                         full, left = await trio.to_thread.run_sync(self._plan, True, rules_)
                     except merge.Refused as exc:
+                        refused_paths = [c["path"] for c in exc.conflicts][:1000]
+
                         def refused_(txn):
-                            txn.event("commit.conflict", saga=sid, paths=[c["path"] for c in exc.conflicts][:1000],
-                                      **self._event_details(peer))
+                            txn.event("commit.conflict", saga=sid, paths=refused_paths, **self._event_details(peer))
 
                         await self.ws.transact(refused_)
                         raise OpError("conflict", f"commit refused: {exc}; the saga is still active and untouched",
