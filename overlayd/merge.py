@@ -559,6 +559,7 @@ class Merger:
     @staticmethod
     def _dir_meta(src_fd, dst_fd, st, fields) -> None:
         """The attributes *fields* (see dir_fields) of a layer directory given to the base's."""
+        fault("setxattr")
         if "xattrs" in fields:
             want = osutil.visible_xattrs(src_fd)
             for name in osutil.visible_xattrs(dst_fd):

@@ -19,8 +19,8 @@ matrix (tests/fsmatrix.py: base and state directory on ext4, xfs, btrfs, tmpfs, 
 file systems, or the base through a bind mount), and each sequence ENDS WITH A COMMIT: the base
 must then equal the plain directory byte for byte (content, mode, owner, user xattrs, no
 private xattr, hard-link groups, symlink targets), and the view as it was just before the
-commit in the mtimes of files and symlinks, and of directories (issue 15 item 14: that
-sub-check is an expected failure until it is fixed).
+commit in the mtimes of files and symlinks, and of the directories the commit created or moved
+in (one the saga only passed through gets the commit's own mtime).
 
 The seed is printed on failure. Environment: OVERLAYD_DIFF_SEQUENCES / OVERLAYD_DIFF_OPS (view
 test; CI: 30 x 50), OVERLAYD_DIFF_COMMITS / OVERLAYD_DIFF_COMMIT_OPS (commit test, per combo;
@@ -29,7 +29,6 @@ OVERLAYD_TORTURE=1 (every combo, 10x the commits), OVERLAYD_FS_COMBOS.
 """
 
 import errno
-import hashlib
 import os
 import random
 import shutil
@@ -489,78 +488,24 @@ def test_committed_entries_of_a_listed_directory_are_visible(filesystems, mount_
     assert sorted(os.listdir(m.mp / "d")) == ["deeper", "f"]
 
 
-ZERO_SHA = {}
-
-
-def _zero_sha(size):
-    if size not in ZERO_SHA:
-        ZERO_SHA[size] = hashlib.sha256(bytes(size)).hexdigest()
-    return ZERO_SHA[size]
-
-
-def item1_only(got, want) -> bool:
-    """True if every difference between the committed base (*got*) and the plain tree (*want*) is
-    issue 15 item 1: a file committed as NUL bytes, or carrying the private origin xattr."""
-    (sa, ga), (sb, gb) = got, want
-    if set(sa) != set(sb) or ga != gb:
-        return False
-    bad = [p for p in sa if sa[p] != sb[p]]
-    for p in bad:
-        a, b = sa[p], sb[p]
-        zeroed = a.get("sha") == _zero_sha(a.get("size", 0)) and a.get("sha") != b.get("sha")
-        private = any(x.startswith("user.overlayd.") for x, _ in (a.get("xattrs") or ()))
-        rest = {k for k in set(a) | set(b) if a.get(k) != b.get(k)} - {"sha", "xattrs", "mtime"}
-        if not (zeroed or private) or rest:
-            return False
-    return bool(bad)
-
-
-def check_commit(problems_where, base, ref, view_before, seed, seq, history):
-    """The committed base against the plain tree and the view: returns the known-issue item whose
-    signature the only differences have (then the caller stops with an xfail), else None; any
-    other difference fails the test."""
+def check_commit(problems_where, base, ref, view_before, old_dirs, seed, seq, history):
+    """The committed base against the plain tree (everything but mtimes), and against the view
+    just before the commit: the mtimes of files and symlinks, and of the directories the commit
+    created or moved in (*old_dirs*: the base's directories before the saga; a directory the
+    saga only passed through gets the commit's own mtime, see docs/ARCHITECTURE.md)."""
     where = f"seed={seed} seq={seq} ({problems_where})"
-    got = snapshot(base)
-    want = snapshot(ref)
-    lines = diff(got, want)
-    if lines:
-        if item1_only(got, want):
-            return 1, [p for p in got[0] if got[0][p] != want[0][p]], lines
-        pytest.fail(f"{where}: the committed base differs from the plain directory:\n  "
-                    + "\n  ".join(lines[:20]) + f"\nhistory={history}")
+    lines = diff(snapshot(base), snapshot(ref))
+    assert not lines, (f"{where}: the committed base differs from the plain directory:\n  "
+                       + "\n  ".join(lines[:20]) + f"\nhistory={history}")
     files_before, groups_before, dirs_before = view_before
     lines = diff(snapshot(base, mtimes=True), (files_before, groups_before))
     assert not lines, (f"{where}: the committed base differs from the view before the commit in the mtimes "
                        "of files or symlinks:\n  " + "\n  ".join(lines[:20]) + f"\nhistory={history}")
-    lines = diff(snapshot(base, dir_mtimes=True), dirs_before)
-    if lines:
-        return 14, [], lines
-    return None
-
-
-def repair_item1(m, base, ref, paths, view_before):
-    """Undo what issue 15 item 1 did to the base (files of NULs, the private origin xattr), with
-    the daemon stopped, so that the run goes on looking for other failures."""
-    m.stop()
-    files_before = view_before[0]
-    for p in paths:
-        fd = open_entry(str(ref), p, os.O_RDONLY)
-        try:
-            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
-        finally:
-            os.close(fd)
-        fd = open_entry(str(base), p, os.O_WRONLY | os.O_TRUNC)
-        try:
-            os.write(fd, data)
-            try:
-                os.removexattr(fd, "user.overlayd.origin")
-            except OSError:
-                pass
-            mtime = files_before[p]["mtime"]
-            os.utime(fd, ns=(mtime, mtime))
-        finally:
-            os.close(fd)
-    m.start()
+    got, _ = snapshot(base, dir_mtimes=True)
+    new = {p for p, d in dirs_before[0].items() if d["type"] == stat.S_IFDIR and p not in old_dirs}
+    lines = diff(({p: got.get(p) for p in new}, set()), ({p: dirs_before[0][p] for p in new}, set()))
+    assert not lines, (f"{where}: a directory the commit created has another mtime than the view showed:\n  "
+                       + "\n  ".join(lines[:20]) + f"\nhistory={history}")
 
 
 def view_snapshot(mp):
@@ -572,16 +517,7 @@ def view_snapshot(mp):
 COMMIT_COMBOS = fsmatrix.combos(["ext4", "tmpfs", "ext4/tmpfs", "bind:ext4"])
 
 
-def combo_param(combo):
-    marks = []
-    if combo.startswith("bind:"):
-        marks.append(pytest.mark.xfail(reason="issue 15 item 5: a base reached through a bind mount of the "
-                                              "state dir's file system: link() gives EXDEV, every commit fails",
-                                       strict=False))
-    return pytest.param(combo, marks=marks, id=combo)
-
-
-@pytest.mark.parametrize("combo", [combo_param(c) for c in COMMIT_COMBOS])
+@pytest.mark.parametrize("combo", COMMIT_COMBOS)
 def test_differential_commit(filesystems, mount_factory, combo):
     seed = int(os.environ.get("OVERLAYD_DIFF_SEED", random.randrange(1 << 30)))
     place = fsmatrix.Place(filesystems, combo, "diffc")
@@ -596,13 +532,13 @@ def test_differential_commit(filesystems, mount_factory, combo):
 
 
 def run_commit_sequences(m, place, combo, seed):
-    known = {}
     total_ops = 0
     t0 = time.monotonic()
     for seq in range(COMMITS):
         rng = random.Random(seed + seq)
         runner = Runner(rng, m.mp, place.ref, place.xattr_max)
         history = []
+        old_dirs = {p for p, d in snapshot(place.base, data=False)[0].items() if d["type"] == stat.S_IFDIR}
         m.call("saga.begin", name=f"seq{seq}")
         m.call("saga.step", name="s1")
         for i in range(COMMIT_OPS):
@@ -626,23 +562,8 @@ def run_commit_sequences(m, place, combo, seed):
             pytest.fail(f"seed={seed} seq={seq} [{combo}]: the commit failed: {exc.code}: {exc.message} "
                         f"{str(exc.data)[:2000]}\nhistory={history}")
         assert res["saga"]["state"] == "committed", res
-        found = check_commit(combo, place.base, place.ref, view_before, seed, seq, history)
-        if found:
-            item, paths, lines = found
-            known.setdefault(item, (seq, lines))
-            if item == 1:
-                repair_item1(m, place.base, place.ref, paths, view_before)
-                lines = diff(snapshot(place.base), snapshot(place.ref))
-                assert not lines, f"seed={seed} seq={seq}: the base after repairing item 1: {lines[:10]}"
+        check_commit(combo, place.base, place.ref, view_before, old_dirs, seed, seq, history)
         lines = diff(snapshot(m.mp), snapshot(place.ref))
         assert not lines, f"seed={seed} seq={seq}: view != plain after the commit: {lines[:10]}\nhistory={history}"
     print(f"differential commit [{combo}]: seed={seed} {COMMITS} commits, {total_ops} ops "
           f"in {time.monotonic() - t0:.1f}s")
-    if 1 in known:
-        seq, lines = known[1]
-        pytest.xfail(f"issue 15 item 1 (small files committed as NULs / with the private origin xattr), "
-                     f"seed={seed} seq={seq}: " + "; ".join(lines[:3]))
-    if 14 in known:
-        seq, lines = known[14]
-        pytest.xfail(f"issue 15 item 14 (directory mtimes after a commit), seed={seed} seq={seq}: "
-                     + "; ".join(lines[:3]))

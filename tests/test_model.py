@@ -26,9 +26,7 @@ The drawn shapes vary as in tests/test_differential.py (docs/TESTING.md): a 255-
 among the names, a 256-byte name (ENAMETOOLONG), a chain of directories down to PATH_MAX
 (paths are relative to the mount's root, the test's current directory), sizes and offsets
 around 4 KiB and 64 KiB, xattr values up to 4 KiB, chown. A commit is compared with the view
-just before it, also in the mtimes of files (and of directories: issue 15 item 14, an expected
-failure until fixed); a base corrupted as issue 15 item 1 describes ends the run as an
-expected failure.
+just before it, also in the mtimes of files and of the directories it created.
 
 Settings (environment):
     OVERLAYD_MODEL_EXAMPLES   examples to run (default 100, the CI setting; 3000 with
@@ -49,7 +47,6 @@ import stat
 import sys
 import time
 
-import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
@@ -58,7 +55,6 @@ from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
 import fsmatrix
 import treecmp
 from overlayd.client import ClientError
-from test_differential import item1_only
 
 EXAMPLES = int(os.environ.get("OVERLAYD_MODEL_EXAMPLES", "3000" if fsmatrix.TORTURE else "100"))
 STEPS = int(os.environ.get("OVERLAYD_MODEL_STEPS", "20"))
@@ -216,7 +212,6 @@ class Env:
     pristine = None
     examples = 0
     xattr_max = 4096
-    known = {}  # issue 15 item -> what showed it (expected failures, reported at the end)
 
 
 def _status(m):
@@ -555,8 +550,8 @@ class SagaWorkspace(RuleBasedStateMachine):
             names.append(f"{len(names):02d}" + "D" * 253)
             length += 1 + 255
         chain = [f"{top}/{'/'.join(names[:i + 1])}" if top else "/".join(names[:i + 1]) for i in range(len(names))]
-        if any(p in self.entries for p in chain):
-            return
+        if not chain or any(p in self.entries for p in chain):
+            return  # *top* is already as deep as a chain may start
         bottom = chain[-1] + "/bottom"
         content = bytes([size % 251]) * size
 
@@ -629,22 +624,22 @@ class SagaWorkspace(RuleBasedStateMachine):
     @rule()
     def commit(self):
         """Commit; the base must then equal the view byte for byte, also in the mtimes of files
-        (and of directories: issue 15 item 14, an expected failure until it is fixed)."""
+        and of the directories the commit created (one the saga only passed through gets the
+        commit's own mtime)."""
+        old_dirs = {p for p, d in treecmp.snapshot(Env.base, data=False)[0].items() if d["type"] == stat.S_IFDIR}
         files_before = treecmp.snapshot(self.mp, mtimes=True)
         dirs_before = treecmp.snapshot(self.mp, dir_mtimes=True)
         res = self._call("saga.commit")
         state = res["saga"]["state"]
         assert state == "committed", f"saga.commit answered with the saga in state {state!r}: {res}"
         after = treecmp.snapshot(Env.base, mtimes=True)
-        if item1_only(after, files_before):
-            Env.known.setdefault(1, treecmp.diff(after, files_before)[:3])
-            # the base is corrupted: stop here, reported as the known issue (no shrinking)
-            raise KnownIssue(1)
         lines = treecmp.diff(after, files_before)
         assert not lines, "the committed base differs from the view before the commit:\n" + "\n".join(lines[:20])
-        lines = treecmp.diff(treecmp.snapshot(Env.base, dir_mtimes=True), dirs_before)
-        if lines:
-            Env.known.setdefault(14, lines[:3])
+        got = treecmp.snapshot(Env.base, dir_mtimes=True)[0]
+        new = {p for p, d in dirs_before[0].items() if d["type"] == stat.S_IFDIR and p not in old_dirs}
+        lines = treecmp.diff(({p: got.get(p) for p in new}, set()), ({p: dirs_before[0][p] for p in new}, set()))
+        assert not lines, "a directory the commit created has another mtime than the view showed:\n" + "\n".join(
+            lines[:20])
         self.base = copy.deepcopy(self.view)
         self.base_changed = True
         self.saga = False
@@ -713,11 +708,6 @@ class SagaWorkspace(RuleBasedStateMachine):
             raise
 
 
-class KnownIssue(BaseException):
-    """A known issue of issue 15 showed (Env.known says what): ends the run, never shrunk
-    (Hypothesis shrinks only Exceptions)."""
-
-
 def _full_reset(m):
     m.kill()
     shutil.rmtree(m.state, ignore_errors=True)
@@ -735,21 +725,13 @@ def test_saga_model(mount_factory, tmp_path):
     Env.mount = mount_factory(base, name="model")
     Env.examples = 0
     Env.xattr_max = fsmatrix.max_xattr_value(tmp_path)
-    Env.known = {}
     t0 = time.monotonic()
     cwd = os.getcwd()
     try:
         run_state_machine_as_test(SagaWorkspace, settings=settings(
             max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
             suppress_health_check=list(HealthCheck)))
-    except KnownIssue:
-        _full_reset(Env.mount)
     finally:
         os.chdir(cwd)
         print(f"\n[model] {Env.examples} examples in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         Env.mount = None
-    if 1 in Env.known:
-        pytest.xfail("issue 15 item 1 (small files committed as NULs / with the private origin xattr): "
-                     + "; ".join(Env.known[1]))
-    if 14 in Env.known:
-        pytest.xfail("issue 15 item 14 (directory mtimes after a commit): " + "; ".join(Env.known[14]))
