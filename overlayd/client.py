@@ -63,7 +63,7 @@ _ERRORS = {"conflict": ConflictError, "stuck": StuckError, "busy": BusyError, "c
 # ---------------------------------------------------------------------- which daemon serves a mount
 
 
-from .paths import MountInfo, mount_of, overlayd_mounts  # noqa: E402,F401 - the one mount-table parser
+from .paths import MountInfo, mount_of  # noqa: E402 - the one mount-table parser is paths.overlayd_mounts
 
 
 def socket_candidates(name: str) -> list[str]:

@@ -863,14 +863,8 @@ def mount_points(base_fd: int, ops) -> list[str]:
             finally:
                 os.close(fd)
 
-    for op in ops:
-        if op["root"] >= 0 or (op["op"] in ("put", "newdir") and op.get("replaces") is None):
-            continue
-        path = os.fsencode(op["path"])
-        try:
-            pfd = osutil.open_beneath(base_fd, os.path.dirname(path))
-        except OSError:
-            continue
+    for op, pfd, path in _base_parents(base_fd, ops, lambda op: op["op"] == "dir" or op.get("replaces") is not None
+                                       or op["op"] == "delete"):
         try:
             if op["op"] == "dir":
                 if osutil.is_mount_root(pfd, os.path.basename(path)):
@@ -879,9 +873,25 @@ def mount_points(base_fd: int, ops) -> list[str]:
                 walk(pfd, os.path.basename(path), path)
         except FileNotFoundError:
             pass
+    return out
+
+
+def _base_parents(base_fd: int, ops, wanted):
+    """(op, fd of its parent directory in the base, its path) for each top-level op of *ops*
+    that *wanted* selects and whose parent exists in the base; the fd is closed after the
+    caller's turn."""
+    for op in ops:
+        if op["root"] >= 0 or not wanted(op):
+            continue
+        path = os.fsencode(op["path"])
+        try:
+            pfd = osutil.open_beneath(base_fd, os.path.dirname(path))
+        except OSError:
+            continue
+        try:
+            yield op, pfd, path
         finally:
             os.close(pfd)
-    return out
 
 
 def mounted_message(paths) -> str:
@@ -910,16 +920,7 @@ def base_idents(base_fd: int, ops) -> list:
             finally:
                 os.close(fd)
 
-    for op in ops:
-        if op["root"] >= 0 or op["op"] == "dir" or (op["op"] != "delete" and op.get("replaces") is None):
-            continue
-        path = os.fsencode(op["path"])
-        try:
-            pfd = osutil.open_beneath(base_fd, os.path.dirname(path))
-        except OSError:
-            continue
-        try:
-            walk(pfd, os.path.basename(path))
-        finally:
-            os.close(pfd)
+    for _, pfd, path in _base_parents(base_fd, ops, lambda op: op["op"] == "delete"
+                                      or (op["op"] != "dir" and op.get("replaces") is not None)):
+        walk(pfd, os.path.basename(path))
     return out

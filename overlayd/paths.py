@@ -36,6 +36,15 @@ def index_dir() -> Path:
     return state_root() / ".index"
 
 
+def fsync_dir(path) -> None:
+    """fsync a directory (after a rename or an unlink in it: the name is durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def register(name: str, state_dir) -> None:
     """Record (durably) that workspace *name* keeps its state in *state_dir*."""
     d = index_dir()
@@ -48,11 +57,7 @@ def register(name: str, state_dir) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, d / f"{name}.json")
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(d)
 
 
 def unregister(name: str) -> None:

@@ -34,17 +34,9 @@ import trio
 from journal import Journal
 
 from .fs import OverlayFS
-from .paths import UsageError, index_dir, is_within, make_parents, register
+from .paths import UsageError, fsync_dir, index_dir, is_within, make_parents, register
 
 log = logging.getLogger(__name__)
-
-
-def fsync_dir(path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_tree(path: str) -> None:
