@@ -199,7 +199,7 @@ class Target:
 
 
 def _offline_diff(j, state_dir, step):
-    from overlayd import merge, osutil
+    from overlayd import commit, osutil
 
     info = json.loads((state_dir / "workspace.json").read_text())
     sid = j.meta("active_saga")
@@ -211,7 +211,7 @@ def _offline_diff(j, state_dir, step):
     try:
         for lid in stack:
             fds.append((lid, os.open(state_dir / "layers" / lid, osutil.DIR_FLAGS)))
-        changes = merge.summarize(merge.plan_commit(base_fd, fds))
+        changes = commit.summarize(commit.plan_commit(base_fd, fds))
     finally:
         os.close(base_fd)
         for _, fd in fds:

@@ -28,7 +28,7 @@ import trio
 
 from journal import JournalError, JournalFull, encode_event
 
-from . import budgets, merge, osutil, rules
+from . import budgets, commit, osutil, rules
 from .control import OpError
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def run_commit_plan(ws, plan: dict, progress=None, before_apply=None) -> dict | 
     try:
         for lid in plan["layers"]:
             layer_fds[lid] = os.open(ws.layers_dir / lid, osutil.DIR_FLAGS)
-        m = merge.Merger(base_fd, layer_fds, plan["saga"], plan["ops"], plan.get("token", ""))
+        m = commit.Merger(base_fd, layer_fds, plan["saga"], plan["ops"], plan.get("token", ""))
         m.rerun = plan["phase"] != "planned"
         try:
             stage_cb = apply_cb = None
@@ -347,12 +347,12 @@ class SagaEngine:
         if listing is not None:
             prev = self.touched.get(p, ["d"])
             if prev is not None and prev[0] == "d":
-                self.touched[p] = ["D", merge.listing_digest(listing)]
+                self.touched[p] = ["D", commit.listing_digest(listing)]
             return
         if p in self.touched or p in self._known:
             return
         try:
-            self.touched[p] = merge.base_identity(self._base_fd, p)
+            self.touched[p] = commit.base_identity(self._base_fd, p)
         except OSError as exc:
             log.warning("cannot record the base identity of %s: %s", p, exc)
             self.touched[p] = None
@@ -951,11 +951,11 @@ class SagaEngine:
         dirs = {}
         try:
             for p, then in sorted(paths.items()):
-                cur = merge.base_identity(self._base_fd, p, with_listing=then is not None and then[0] == "D",
+                cur = commit.base_identity(self._base_fd, p, with_listing=then is not None and then[0] == "D",
                                           dirs=dirs)
                 if then is not None and then[0] == "d" and cur is not None and cur[0] == "d":
                     continue  # a directory that is still a directory: entries are checked one by one
-                if not merge.same_identity(then, cur):
+                if not commit.same_identity(then, cur):
                     out.append({"path": p, "recorded": then, "now": cur})
         finally:
             for fd in dirs.values():
@@ -965,7 +965,7 @@ class SagaEngine:
     def _refusals(self, ops) -> list[dict]:
         base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
         try:
-            return merge.refusals(base_fd, ops)
+            return commit.refusals(base_fd, ops)
         finally:
             os.close(base_fd)
 
@@ -978,22 +978,22 @@ class SagaEngine:
         try:
             for layer in self.fs.layers[1:]:
                 fds.append((layer.id, os.open(layer.path, osutil.DIR_FLAGS)))
-            ops = merge.plan_commit(base_fd, fds)
+            ops = commit.plan_commit(base_fd, fds)
             left = []
             if rules_:
                 out = rules_.left_out(self._entries(base_fd, ops))
                 if out:
-                    info = {c["path"]: {"change": c["change"]} for c in merge.summarize(ops)}
+                    info = {c["path"]: {"change": c["change"]} for c in commit.summarize(ops)}
                     for op in ops:
                         if op["path"] in out:
                             info.setdefault(op["path"], {"change": "modified"})["layer"] = op["layer"]
                     left = rules.summarize(out, info)
-                    ops = merge.leave_out(ops, out)
+                    ops = commit.leave_out(ops, out)
             if for_commit:
-                refused = merge.refusals(base_fd, ops)
+                refused = commit.refusals(base_fd, ops)
                 if refused:
-                    raise merge.Refused(refused)
-                merge.materialize(base_fd, dict(fds), ops)
+                    raise commit.Refused(refused)
+                commit.materialize(base_fd, dict(fds), ops)
                 if fds:
                     osutil.syncfs(fds[0][1])
             return ops, left
@@ -1007,7 +1007,7 @@ class SagaEngine:
         """(path, is a directory) of every op, for the commit rules."""
         for op in ops:
             if op["op"] == "delete":
-                yield op["path"], merge.base_identity(base_fd, op["path"]) == ["d"]
+                yield op["path"], commit.base_identity(base_fd, op["path"]) == ["d"]
             else:
                 yield op["path"], op["op"] in ("newdir", "dir")
 
@@ -1053,7 +1053,7 @@ class SagaEngine:
                     conflicts += await trio.to_thread.run_sync(self._refusals, ops)
                 except rules.RulesError as exc:
                     raise OpError("commit-failed", str(exc)) from None
-                return {"saga": saga, "changes": self._annotate(merge.summarize(ops), sid), "conflicts": conflicts,
+                return {"saga": saga, "changes": self._annotate(commit.summarize(ops), sid), "conflicts": conflicts,
                         "left_out": self._annotate(left, sid), "dry_run": True}
             t0 = time.perf_counter()
             was_writable = self.fs.writable()
@@ -1083,7 +1083,7 @@ class SagaEngine:
                                                   "untouched", conflicts=conflicts)
                     try:
                         full, left = await trio.to_thread.run_sync(self._plan, True, rules_)
-                    except merge.Refused as exc:
+                    except commit.Refused as exc:
                         refused_paths = [c["path"] for c in exc.conflicts][:1000]
 
                         def refused_(txn):
@@ -1092,17 +1092,17 @@ class SagaEngine:
                         await self.ws.transact(refused_)
                         raise OpError("conflict", f"commit refused: {exc}; the saga is still active and untouched",
                                       conflicts=exc.conflicts) from None
-                    except (OSError, merge.MergeError, rules.RulesError) as exc:
+                    except (OSError, commit.MergeError, rules.RulesError) as exc:
                         raise OpError("commit-failed", f"commit failed before the base was changed: {exc}; "
                                                        "nothing was applied and the saga is still active: fix "
                                                        "the cause and commit again") from None
                     finally:
                         self.fs.forget_origins()  # metacopies may have their own data now
-                    changes = self._annotate(merge.summarize(full), sid)
-                    ops = merge.compact(full)
+                    changes = self._annotate(commit.summarize(full), sid)
+                    ops = commit.compact(full)
                     layers = [layer.id for layer in self.fs.layers[1:]]
                     plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops,
-                            "token": merge.new_token(full)}
+                            "token": commit.new_token(full)}
                     open_paths = dict(self.touched)
 
                     def intent(txn):
@@ -1149,19 +1149,19 @@ class SagaEngine:
         # the layers are dropped (fs.pause)
         pause = self._pause_view if any(op.get("move") for op in ops) else None
         try:
-            stale = await trio.to_thread.run_sync(merge.base_idents, self._base_fd, ops)
+            stale = await trio.to_thread.run_sync(commit.base_idents, self._base_fd, ops)
             t2 = time.perf_counter()
 
             def progress(done, total):
                 self.progress = {"op": "commit", "done": done, "total": total}
 
             inomap = await trio.to_thread.run_sync(run_commit_plan, self.ws, plan, progress, pause)
-        except (OSError, merge.MergeError) as exc:
+        except (OSError, commit.MergeError) as exc:
             self.fs.resume()
             err = str(exc)
             cur = self.ws.journal.meta("commit_plan") or {}
             if cur.get("phase") == "planned":
-                await trio.to_thread.run_sync(merge.cleanup_stage, self._base_fd, ops, sid, plan.get("token", ""))
+                await trio.to_thread.run_sync(commit.cleanup_stage, self._base_fd, ops, sid, plan.get("token", ""))
 
                 def give_back(txn):
                     # the steps stay done (sealed): a crash now loses nothing; commit again later
@@ -1195,7 +1195,7 @@ class SagaEngine:
         finally:
             self.fs.resume()
         log.info("saga %d committed: %d entries in %d ops (%d moved whole); flush+check+plan %.3fs, "
-                 "intent %.3fs, merge %.3fs, drop %.3fs", sid, merge.count_entries(ops), len(ops),
+                 "intent %.3fs, merge %.3fs, drop %.3fs", sid, commit.count_entries(ops), len(ops),
                  sum(1 for op in ops if op.get("move")), t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
 
     def _pause_view(self) -> None:
@@ -1219,7 +1219,7 @@ class SagaEngine:
         self.step_meter = self.saga_meter = None
         # the journaled plan lists a directory moved whole, not the entries below it
         ops = plan["ops"]
-        changes = self._annotate(merge.summarize(ops), saga["id"])
+        changes = self._annotate(commit.summarize(ops), saga["id"])
         count = len(changes) + sum(op.get("entries", 0) for op in ops)
         return {"saga": self.ws.journal.saga(saga["id"]), "changes": changes, "count": count,
                 "seconds": time.perf_counter() - t0}
@@ -1278,7 +1278,7 @@ class SagaEngine:
             ops, left = await trio.to_thread.run_sync(self._plan, False, rules_)
         except rules.RulesError as exc:
             raise OpError("error", f"{exc} (saga diff leaves out what a commit would)") from None
-        changes = self._attribute(self._annotate(merge.summarize(ops), saga["id"]), saga["id"])
+        changes = self._attribute(self._annotate(commit.summarize(ops), saga["id"]), saga["id"])
         for c in changes:
             if c["path"] in self.writers:
                 c["process"] = self.writers[c["path"]]

@@ -1,6 +1,6 @@
 """The fault matrix of a commit: ENOSPC and EIO at each kind of system call it makes.
 
-``OVERLAYD_FAIL_AT=label:ERRNO[:n]`` (overlayd/merge.py, ``fault``) makes the n-th pass of a
+``OVERLAYD_FAIL_AT=label:ERRNO[:n]`` (overlayd/commit/apply.py, ``fault``) makes the n-th pass of a
 label raise that error once, in the daemon: stage.link, stage.copy, stage.mkdir, setxattr,
 rename, unlink, syncfs. The saga is the two-step, ~30-change saga of tests/test_saga_crash.py
 (new, modified, deleted files, hard links, a replaced directory, a directory replaced by a
@@ -31,7 +31,7 @@ import time
 import pytest
 
 import fsmatrix
-from overlayd import merge
+from overlayd import commit
 from overlayd.client import ClientError
 from test_saga import assert_same, put, read, daemon_env, restart, snap, staged_names, status
 from test_saga_crash import build_crash_base, prepare_two_step_saga
@@ -66,7 +66,7 @@ ALL_CASES = [(label, err, where, how) for label, wheres in LABELS.items()
 
 
 def test_every_label_is_in_the_matrix():
-    assert {label.partition(":")[0] for label in LABELS} == set(merge.FAULT_LABELS)
+    assert {label.partition(":")[0] for label in LABELS} == set(commit.FAULT_LABELS)
 
 
 def fail_at(label, err):
