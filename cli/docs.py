@@ -20,6 +20,12 @@ and its uid (SO_PEERCRED) must be root's, yours or the mount owner's, and it mus
 very mount the command is about (its device number, from the kernel's mount table). A daemon
 that fails the check gets nothing and the command exits 1 ("impersonating", "serves ...").
 
+Durations (`DUR`: `--timeout`, `--compensate-timeout`, `--older-than`) are seconds (`90`, `2.5`)
+or a number with a unit: `250ms`, `30s`, `5m`, `1.5h`, `7d`. Sizes (`--max-bytes`) are bytes
+(`4096`) or a whole number with a binary unit: `512K`, `100M`, `2G`, `1T` (`100MiB` and `100MB`
+mean the same). A time limit or a size must be more than 0, and a time limit at most `7d`; an
+age (`--older-than`) may be 0. Saga definitions take the same values (`overlayd/units.py`).
+
 File names in human-readable output (`saga diff`, `saga commit --dry-run`, conflicts, `saga
 status`) are quoted the way git quotes unusual paths (`core.quotePath`): a name with a control
 character, a `"` or `\\`, bytes that are not UTF-8, or invisible or line-breaking Unicode is

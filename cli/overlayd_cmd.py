@@ -16,7 +16,7 @@ from cli.common import Group
 from overlayd import __version__, config
 from overlayd.client import Client, ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
 from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, known_workspaces,
-                            index_dir, mount_command, mountinfo_path, overlayd_mounts, quote_path, socket_path,
+                            index_dir, mount_command, mountinfo_path, mounts_at, overlayd_mounts, quote_path, socket_path,
                             state_root, unregister)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -395,16 +395,8 @@ def _human(n: int) -> str:
 
 
 def _mounts_at(path: str) -> int:
-    """How many mounts are stacked at *path* (from /proc/self/mountinfo, without touching the mount)."""
-    import re
-
-    count = 0
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), line.split()[4])
-            if os.fsdecode(point) == path:
-                count += 1
-    return count
+    """How many mounts are stacked at *path* (from the mount table, without touching the mount)."""
+    return len(mounts_at(path))
 
 
 def _probe(path: str, timeout: float = 5.0) -> str:

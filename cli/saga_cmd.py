@@ -10,7 +10,6 @@ Exit codes: 0 ok, 1 error, 2 usage error, 3 commit conflict, 4 compensation stuc
 import difflib
 import json
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import click
 import click.shell_completion
 
 from cli.common import Group, json_error
-from overlayd import __version__
+from overlayd import __version__, units
 from overlayd.client import ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
 from overlayd.paths import UsageError, known_workspaces, mount_command, quote_path
 
@@ -199,7 +198,10 @@ class Target:
 
 
 def _offline_diff(j, state_dir, step):
+    """saga diff of a stopped workspace: the plan of its layers (no commit rules: git would read
+    the view), its changes given to steps as the daemon gives them (overlayd.commit.changes)."""
     from overlayd import commit, osutil
+    from overlayd.commit import changes as by_step
 
     info = json.loads((state_dir / "workspace.json").read_text())
     sid = j.meta("active_saga")
@@ -216,13 +218,14 @@ def _offline_diff(j, state_dir, step):
         os.close(base_fd)
         for _, fd in fds:
             os.close(fd)
-    steps = {s["layer"]: s for s in j.steps(sid) if s.get("layer")}
-    for c in changes:
-        s = steps.get(c.pop("layer"), {})
-        c["step"], c["step_name"] = s.get("index"), s.get("name")
+    saga, steps = j.saga(sid), j.steps(sid)
+    changes = by_step.attribute(by_step.annotate(changes, steps), steps, j.step_paths(sid))
     if step is not None:
-        changes = [c for c in changes if str(c["step"]) == str(step) or c["step_name"] == step]
-    return {"saga": j.saga(sid), "changes": changes, "daemon": False}
+        try:
+            changes = by_step.of_step(changes, by_step.resolve_step(saga, steps, step))
+        except by_step.NoStep as exc:
+            raise SagaError(str(exc), 1) from None
+    return {"saga": saga, "changes": changes, "daemon": False}
 
 
 # ---------------------------------------------------------------------- output
@@ -235,25 +238,24 @@ def emit(ctx, data, text):
         click.echo(text)
 
 
-def parse_duration(value, option=None):
+def parse_duration(value, option=None, **limits):
+    """overlayd.units.parse_duration (None stays None), as a usage error naming *option*."""
     if value is None:
         return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
-    if not m:
-        raise click.BadParameter(f"{value!r} is not a duration (examples: 30s, 5m, 1h, 7d, 250ms)",
-                                 param_hint=option)
-    n, unit = float(m.group(1)), m.group(2) or "s"
-    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    try:
+        return units.parse_duration(value, **limits)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def parse_size(value, option=None):
+    """overlayd.units.parse_size (None stays None), as a usage error naming *option*."""
     if value is None:
         return None
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", value)
-    if not m:
-        raise click.BadParameter(f"{value!r} is not a size (examples: 100M, 2G, 4096)", param_hint=option)
-    unit = (m.group(2) or "b")[0].lower()
-    return int(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    try:
+        return units.parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def _complete_target(ctx):
@@ -383,10 +385,6 @@ def with_budgets(fn):
 
 
 def budget_args(timeout, max_bytes, max_files, max_spins):
-    for flag, value in (("--timeout", parse_duration(timeout, "'--timeout'")),
-                        ("--max-bytes", parse_size(max_bytes, "'--max-bytes'"))):
-        if value is not None and value <= 0:
-            raise click.BadParameter("must be more than 0", param_hint=f"'{flag}'")
     return {k: v for k, v in dict(timeout=parse_duration(timeout, "'--timeout'"),
                                   max_bytes=parse_size(max_bytes, "'--max-bytes'"),
                                   max_files=max_files, max_spins=max_spins).items() if v is not None}
@@ -432,8 +430,6 @@ def step(ctx, name, compensate, timeout, max_bytes, max_files, max_spins, policy
     --compensate-retries x --compensate-timeout (3 minutes by default).
     """
     comp_timeout = parse_duration(compensate_timeout, "'--compensate-timeout'")
-    if not 0 < comp_timeout <= 7 * 86400:
-        raise click.BadParameter("must be more than 0 and at most 7d", param_hint="'--compensate-timeout'")
     args = dict(name=name, compensate=compensate, retries=old_retries or retries, compensate_timeout=comp_timeout,
                 policy=policy, **budget_args(timeout, max_bytes, max_files, max_spins))
 
@@ -807,7 +803,8 @@ def gc(ctx, older_than, keep, remove_all, workspace, as_json):
         keep = GC_KEEP
 
     def go(t):
-        r = t.call("saga.gc", older_than=parse_duration(older_than, "'--older-than'"), keep=keep)
+        r = t.call("saga.gc", older_than=parse_duration(older_than, "'--older-than'", zero=True, maximum=None),
+                   keep=keep)
         emit(ctx, r, f"removed {len(r['sagas'])} saga(s) and {r['events']} event(s); "
                      f"state {r['bytes_before']} -> {r['bytes_after']} bytes")
     run(ctx, workspace, as_json, go)

@@ -29,6 +29,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from . import tomllines
 from .paths import UsageError, check_workspace_name
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -59,15 +60,6 @@ class Config:
     state_dir: str | None = None
 
 
-def _key_line(text: str, key: str) -> int | None:
-    """The 1-based line where *key* is assigned or opens a table (tomllib does not say)."""
-    pattern = re.compile(rf"""^\s*(\[+\s*)?["']?{re.escape(key)}["']?\s*(=|\]|\.)""")
-    for i, line in enumerate(text.splitlines(), 1):
-        if pattern.match(line):
-            return i
-    return None
-
-
 def load(path) -> Config:
     """Read and validate one configuration file. Raises ConfigError with FILE[:LINE]: what and what to do."""
     path = str(path)
@@ -95,7 +87,7 @@ def load(path) -> Config:
         raise ConfigError(f"{where}: invalid TOML: {msg} (write key = value, strings in double quotes)") from None
 
     def fail(key, message):
-        line = _key_line(text, key)
+        line = tomllines.key_line(text, key)
         raise ConfigError(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
     name = Path(path).name

@@ -82,14 +82,12 @@ def clear_stale_mount(mountpoint: str) -> None:
 
 def set_readahead(mountpoint: str, kib: int = 1024) -> None:
     """Larger kernel readahead for the mount: 1 MiB read requests instead of 128 KiB ones."""
+    from .paths import mounts_at
+
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == os.path.abspath(mountpoint):
-                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as bdi:
-                        bdi.write(str(kib))
-                    return
+        for m in mounts_at(os.path.abspath(mountpoint))[-1:]:
+            with open(f"/sys/class/bdi/{m.dev}/read_ahead_kb", "w") as bdi:
+                bdi.write(str(kib))
     except OSError as exc:
         log.debug("readahead not raised: %s", exc)
 
@@ -109,13 +107,9 @@ def mount_dev(real_mountpoint: str, name: str) -> str | None:
 
 
 def is_mounted(mountpoint: str) -> bool:
-    mp = os.path.abspath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4].encode().decode("unicode_escape") == mp:
-                return True
-    return False
+    from .paths import mounts_at
+
+    return bool(mounts_at(os.path.abspath(mountpoint)))
 
 
 def no_space_message(ws: Workspace, exc) -> str:

@@ -1,6 +1,7 @@
-"""Where a workspace keeps its state and its control socket, and how names are checked."""
+"""Where a workspace keeps its state and its control socket, how names are checked, and the one
+parser of the kernel's mount table."""
 
-import dataclasses
+import collections
 import json
 import os
 import re
@@ -9,6 +10,8 @@ import unicodedata
 from pathlib import Path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: saga and step names: 1-128 bytes of UTF-8, printable (no control character), no "/"
+SAGA_NAME_RE = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
 
 
 class UsageError(Exception):
@@ -20,6 +23,20 @@ def check_workspace_name(name: str) -> str:
         raise UsageError(
             f"invalid workspace name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit")
+    return name
+
+
+def check_saga_name(kind: str, name) -> str:
+    """A saga's or a step's name (*kind*: "saga" or "step"), as the daemon and definitions
+    accept it: 1-128 bytes of valid UTF-8, no control character, no "/", not "." or "..".
+    Raises UsageError saying so."""
+    if not isinstance(name, str) or not SAGA_NAME_RE.fullmatch(name) or name in (".", "..") \
+            or len(name.encode("utf-8", "surrogatepass")) > 128:
+        raise UsageError(f"invalid {kind} name {name!r}: use 1-128 printable characters, no '/', not '.' or '..'")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"invalid {kind} name {name!r}: not valid UTF-8") from None
     return name
 
 
@@ -231,43 +248,79 @@ def is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-@dataclasses.dataclass(frozen=True)
-class MountInfo:
-    """An overlayd mount as the kernel's mount table gives it (nobody can forge these fields)."""
+class MountInfo(collections.namedtuple("MountInfo", "point name dev owner")):
+    """An overlayd mount as the kernel's mount table gives it (nobody can forge these fields):
+    ``point`` the canonical path of the mountpoint, ``name`` the workspace name (fsname
+    ``overlayd:NAME``), ``dev`` "MAJOR:MINOR" of the mount, ``owner`` the uid that mounted it
+    (FUSE's ``user_id=``) or None."""
 
-    point: str        # canonical path of the mountpoint
-    name: str         # the workspace name (fsname overlayd:NAME)
-    dev: str          # "MAJOR:MINOR" of the mount
-    owner: int | None  # the uid that mounted it (FUSE's user_id=)
+    __slots__ = ()
 
 
-def _unescape_mountinfo(field: bytes) -> str:
-    """/proc/self/mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
+class Mount(collections.namedtuple("Mount", "id parent dev root point options fstype source super_options")):
+    """One line of /proc/self/mountinfo (proc(5)), its paths unescaped: ``id``/``parent`` mount
+    ids (int), ``dev`` "MAJOR:MINOR", ``root`` and ``point`` (str, as os.fsdecode gives them),
+    ``options`` and ``super_options`` (tuples of str), ``fstype``, ``source``."""
+
+    __slots__ = ()
+
+
+def _unescape(field: bytes) -> str:
+    """The kernel escapes space, tab, newline and backslash in mount table fields as \\ooo
+    (octal); every other byte, non-ASCII ones included, is given as it is."""
+    if b"\\" in field:
+        field = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8) & 0xFF]), field)
+    return os.fsdecode(field)
+
+
+def parse_mountinfo(data: bytes) -> list[Mount]:
+    """The mounts of a /proc/PID/mountinfo text (bytes), in its order; malformed lines are
+    skipped. The one parser of the mount table: everything else asks it."""
+    out = []
+    for line in data.split(b"\n"):
+        fields = line.split(b" ")
+        try:
+            sep = fields.index(b"-", 6)
+        except ValueError:
+            continue
+        if len(fields) < sep + 4:
+            continue
+        try:
+            mid, parent = int(fields[0]), int(fields[1])
+        except ValueError:
+            continue
+        out.append(Mount(mid, parent, fields[2].decode("ascii", "replace"), _unescape(fields[3]), _unescape(fields[4]),
+                         tuple(_unescape(o) for o in fields[5].split(b",")), _unescape(fields[sep + 1]),
+                         _unescape(fields[sep + 2]), tuple(_unescape(o) for o in fields[sep + 3].split(b","))))
+    return out
+
+
+def mount_table() -> list[Mount]:
+    """Every mount of this process's mount namespace, in mount order (read, never stat()ed: a
+    hung FUSE mount cannot block it)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return parse_mountinfo(f.read())
+
+
+def mounts_at(path) -> list[Mount]:
+    """The mounts stacked at *path* (compared as given: pass mountinfo_path(path)), bottom first."""
+    path = os.fsdecode(path)
+    return [m for m in mount_table() if m.point == path]
 
 
 def overlayd_mounts() -> list[MountInfo]:
-    """Every overlayd mount of this mount namespace, in mount order, from /proc/self/mountinfo
-    (read, never stat()ed). The mount's source (fsname) is ``overlayd:NAME``; a mount whose
-    daemon died stays listed until it is cleared. The one parser of the mount table."""
+    """Every overlayd mount of this mount namespace, in mount order, from the mount table. The
+    mount's source (fsname) is ``overlayd:NAME``; a mount whose daemon died stays listed until
+    it is cleared."""
     out = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                sep = fields.index(b"-")
-            except ValueError:
-                continue
-            if len(fields) < sep + 4 or fields[sep + 1] != b"fuse.overlayd" \
-                    or not fields[sep + 2].startswith(b"overlayd:"):
-                continue
-            owner = None
-            for opt in fields[sep + 3].split(b","):
-                if opt.startswith(b"user_id="):
-                    owner = int(opt[8:])
-            out.append(MountInfo(_unescape_mountinfo(fields[4]),
-                                 _unescape_mountinfo(fields[sep + 2]).split(":", 1)[1],
-                                 fields[2].decode(), owner))
+    for m in mount_table():
+        if m.fstype != "fuse.overlayd" or not m.source.startswith("overlayd:"):
+            continue
+        owner = None
+        for opt in m.super_options:
+            if opt.startswith("user_id="):
+                owner = int(opt[8:])
+        out.append(MountInfo(m.point, m.source.split(":", 1)[1], m.dev, owner))
     return out
 
 

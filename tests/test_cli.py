@@ -123,6 +123,35 @@ def test_read_only_commands_without_daemon(cli_ws):
     assert r.stderr.startswith("Error: no daemon serves the workspace cliws")
 
 
+def test_offline_diff_is_the_daemons(cli_ws):
+    """saga diff without the daemon gives the same changes, given to the same steps, as the
+    daemon's (one source: overlayd.commit.changes): a directory created in step 1 and written
+    into in step 2 is step 1's change, with last_step 2."""
+    m = cli_ws
+    sh(m, "begin", "same", check=0)
+    sh(m, "step", "one", check=0)
+    (m.mp / "d").mkdir()
+    (m.mp / "d" / "f").write_text("f")
+    sh(m, "step", "two", check=0)
+    (m.mp / "d" / "g").write_text("g")
+    sh(m, "step", "three", check=0)
+    mp = str(m.mp)
+
+    def diff(*args):
+        out = json.loads(sh(m, "-w", mp, "diff", "--json", *args, cwd="/", check=0).stdout)
+        return sorted(({k: v for k, v in c.items() if k != "process"} for c in out["changes"]),
+                      key=lambda c: c["path"])
+
+    online = {args: diff(*args) for args in ((), ("--step", "one"), ("--step", "2"))}
+    d = next(c for c in online[()] if c["path"] == "d")
+    assert (d["step"], d["step_name"], d["last_step"]) == (1, "one", 2)
+    m.stop()
+    for args, changes in online.items():
+        assert diff(*args) == changes, args
+    r = sh(m, "-w", mp, "diff", "--step", "nine", cwd="/", check=1)
+    assert "has no live step named 'nine'" in r.stderr
+
+
 def test_python_client_context_managers(cli_ws):
     m = cli_ws
     ws = Workspace(socket_path=m.socket)

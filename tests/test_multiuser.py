@@ -19,6 +19,7 @@ import pytest
 
 from conftest import Mount, put, read
 from overlayd.client import Client, ClientError
+from overlayd.paths import mounts_at
 from users import local_users, shared_dir  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -550,7 +551,7 @@ def test_malformed_daemon_replies_are_clear_errors(mount_factory, tmp_path):
     base = tmp_path / "base"
     base.mkdir()
     m = mount_factory(base, name="bad")
-    dev = next(line.split()[2] for line in open("/proc/self/mountinfo") if line.split()[4] == str(m.mp))
+    dev = mounts_at(str(m.mp))[-1].dev
     fake_dir = tmp_path / "fakerun"
     fake_dir.mkdir(mode=0o700)
     status = {"pid": 1, "name": "bad", "mountpoint": str(m.mp), "dev": dev, "layers": []}

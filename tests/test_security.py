@@ -28,6 +28,7 @@ import pytest
 from conftest import O_NF, Mount, put, read
 from overlayd import osutil
 from overlayd.client import Client, ClientError
+from overlayd.paths import mounts_at
 from treecmp import diff, snapshot
 
 DIR_NF = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -90,11 +91,8 @@ def alive(m) -> bool:
 
 
 def mount_options(mp) -> set:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(mp):
-                return set(fields[5].split(","))
+    for m in mounts_at(str(mp)):
+        return set(m.options)
     raise AssertionError(f"{mp} is not mounted")
 
 

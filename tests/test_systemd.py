@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from cli import overlayd_cmd
 from overlayd import config
 from overlayd.client import Client
+from overlayd.paths import mounts_at
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -409,9 +410,8 @@ class Service:
 
 
 def is_mount(path) -> bool:
-    """From /proc/self/mountinfo: does not touch the mount (safe on a dead or stopped one)."""
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
+    """From the mount table: does not touch the mount (safe on a dead or stopped one)."""
+    return bool(mounts_at(str(path)))
 
 
 def mount_state(path) -> str:
