@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -44,6 +45,25 @@ def test_parse_units():
     assert saga_cmd.parse_duration("5m") == 300
     assert saga_cmd.parse_size("100M") == 100 << 20
     assert saga_cmd.parse_size("4096") == 4096
+
+
+#: what the saga CLI must not import: the daemon's world (every saga command pays for its imports)
+DAEMON_MODULES = ["trio", "pyfuse3", "lmdb", "overlayd.daemon", "overlayd.fs", "overlayd.saga", "journal"]
+
+
+@pytest.mark.parametrize("module", [
+    pytest.param("trio", marks=pytest.mark.xfail(
+        strict=True, reason="overlayd.client imports overlayd.control, which imports trio: the trio-free client "
+                            "is R2's part of issue 18; remove this mark when it is merged")),
+    *DAEMON_MODULES[1:]])
+def test_the_saga_cli_imports_nothing_of_the_daemon(module):
+    """``import cli.saga_cmd`` (all that ``saga status`` imports) pulls in none of the daemon's
+    modules; asked of a fresh interpreter."""
+    code = f"import sys, cli.saga_cmd; print(any(m == {module!r} or m.startswith({module!r} + '.') for m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False", f"import cli.saga_cmd imports {module}"
 
 
 def sh(m, *args, cwd=None, check=None):
