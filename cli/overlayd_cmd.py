@@ -5,15 +5,12 @@ Exit codes: 0 ok, 1 error, 2 usage error, 5 no daemon serves the workspace, 7 pe
 
 import json
 import os
-import shlex
-import shutil
-import subprocess
 import sys
 
 import click
 
 from cli.common import Group
-from overlayd import __version__, config
+from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
 from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, known_workspaces,
                             index_dir, mount_command, mountinfo_path, mounts_at, overlayd_mounts, quote_path, socket_path,
@@ -91,6 +88,11 @@ def mount(base, mountpoint, config_path, name, state_dir, foreground, allow_othe
         overlayd mount ./project /mnt/ws --name project
         overlayd mount --config /etc/overlayd/project.conf --foreground   # as systemd runs it
     """
+    import shutil
+    import subprocess
+
+    from overlayd import config
+
     if config_path:
         try:
             cfg = config.load(config_path)
@@ -199,6 +201,8 @@ def wait_exited(pid: int, timeout: float) -> bool:
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 def unmount(mountpoint, timeout):
     """Unmount a workspace cleanly: the journal is flushed and nothing is lost."""
+    import shlex
+
     m = _mount_at(mountpoint)
     name = m.name
     try:
@@ -233,6 +237,8 @@ def list_(as_json):
     """List the workspaces on this machine: mounted, stopped, or dead (the daemon died and left
     its mount: clear it with overlayd clear-mount). Also those with a --state-dir of their own,
     and any overlayd mount whose state is elsewhere."""
+    import shlex
+
     from journal import Journal, JournalError
     from overlayd.saga import status_of
 
@@ -317,6 +323,8 @@ def forget(name, force, yes):
         overlayd unmount /mnt/ws && overlayd forget ws
     """
     import fcntl
+    import shlex
+    import subprocess
 
     from journal import Journal, JournalError
     from overlayd.saga import status_of
@@ -434,6 +442,11 @@ def clear_mount(mountpoint, config_path):
     Example:
         overlayd clear-mount /mnt/ws
     """
+    import shutil
+    import subprocess
+
+    from overlayd import config
+
     if mountpoint is None:
         if not config_path:
             raise click.UsageError("give MOUNTPOINT or --config FILE")
@@ -500,6 +513,8 @@ def install_service(name, base, mountpoint, user, root, executable):
         overlayd install-service --name project --base /srv/project --mountpoint /mnt/project
         systemctl daemon-reload && systemctl enable --now overlayd@project
     """
+    from overlayd import config
+
     if (base or mountpoint) and not name:
         raise click.UsageError("--base and --mountpoint fill in a sample configuration: give --name too")
     try:
