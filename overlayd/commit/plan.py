@@ -41,6 +41,7 @@ class Refused(MergeError):
 
 
 def entry_kind(st) -> str:
+    """The kind of an entry as plans and identities spell it: d, f, l, p, s or dev."""
     m = st.st_mode
     if stat.S_ISDIR(m):
         return "d"
