@@ -234,7 +234,7 @@ def list_(as_json):
     its mount: clear it with overlayd clear-mount). Also those with a --state-dir of their own,
     and any overlayd mount whose state is elsewhere."""
     from journal import Journal, JournalError
-    from overlayd.saga import status_of
+    from overlayd.engine.records import status_of
 
     rows = []
     mounts = {m.name: m.point for m in overlayd_mounts()}
@@ -319,7 +319,7 @@ def forget(name, force, yes):
     import fcntl
 
     from journal import Journal, JournalError
-    from overlayd.saga import status_of
+    from overlayd.engine.records import status_of
 
     try:
         check_workspace_name(name)

@@ -175,7 +175,7 @@ class Target:
             if exc.exit_code != 5 or self.state_dir is None:
                 raise
         from journal import Journal, JournalError
-        from overlayd.saga import status_of
+        from overlayd.engine.records import status_of
 
         try:
             j = Journal.open(self.state_dir, readonly=True)
@@ -845,7 +845,7 @@ class _RunDisplay:
         self.status_shown = True
 
     def __call__(self, ev):
-        from overlayd.definitions import human_size
+        from overlayd.runner import human_size
 
         kind = ev["event"]
         if self.as_json:
@@ -947,7 +947,7 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
     import shlex
     import signal as _signal
 
-    from overlayd.definitions import Coordinator, DefinitionError, load
+    from overlayd.runner import Coordinator, DefinitionError, load
 
     ctx.obj = ctx.obj or {}
     as_json = as_json or ctx.obj.get("json", False)
