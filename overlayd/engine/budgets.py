@@ -175,6 +175,13 @@ class BudgetMixin:
             raise EngineError("cutting", f"step {self.cut_step} is being cut by its budget ({self.cutting}); "
                                          "wait for the cut to finish (see: saga status), then try again")
 
+    def _exclusive(self, name: str):
+        """The stack lock for the saga operation *name*. While a budget cut waits for the lock or
+        holds it, a refusal says so (``cutting``, not ``busy``): nothing slips in before the cut."""
+        if self.cutting is not None and self.lock.locked():
+            self._refuse_while_cutting()
+        return self.lock.hold(name)
+
     def _arm_timer(self, kind: str, sid: int, index: int | None, deadline: float) -> None:
         if self._nursery is not None:
             self._nursery.start_soon(self._timer, kind, sid, index, deadline)

@@ -120,7 +120,7 @@ class CommitMixin:
 
     async def op_commit(self, args, peer):
         dry_run = bool(args.get("dry_run"))
-        with self.lock.hold("commit"):
+        with self._exclusive("commit"):
             saga = self.require_active(states=("active", "committing"))
             if saga["state"] == "committing":
                 return await self._finish_commit(saga, peer)

@@ -147,7 +147,7 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
             budget = budgets.validate({**self.defaults["saga"], **(args.get("budgets") or {})}, "saga budgets")
         except ValueError as exc:
             raise EngineError("bad-request", str(exc)) from None
-        with self.lock.hold("begin a saga"):
+        with self._exclusive("begin a saga"):
             cur = self.active()
             if cur is not None:
                 raise EngineError("saga-active", f"saga {cur['name']!r} (id {cur['id']}) is already active in "
@@ -185,7 +185,7 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
             raise EngineError("bad-request", str(exc)) from None
         retries = number(args, "retries", DEFAULT_RETRIES, int, 1, 100)
         comp_timeout = number(args, "compensate_timeout", DEFAULT_COMP_TIMEOUT, float, 0.001, 86400 * 7)
-        with self.lock.hold("begin a step"):
+        with self._exclusive("begin a step"):
             saga = self.require_active()
             await self._check_room()
             sid = saga["id"]
@@ -302,7 +302,7 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
         return matches[-1]
 
     async def op_rollback(self, args, peer):
-        with self.lock.hold("roll back"):
+        with self._exclusive("roll back"):
             saga = self.require_active()
             self._refuse_while_cutting()
             live = self.live_steps(saga["id"])
@@ -320,13 +320,13 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
             return await self._compensate(saga["id"], target, "active", peer)
 
     async def op_abort(self, args, peer):
-        with self.lock.hold("abort"):
+        with self._exclusive("abort"):
             saga = self.require_active(states=("active", "stuck"))
             self._refuse_while_cutting()
             return await self._compensate(saga["id"], 0, "aborted", peer)
 
     async def op_retry(self, args, peer):
-        with self.lock.hold("retry compensation"):
+        with self._exclusive("retry compensation"):
             self._refuse_while_cutting()
             saga = self.active()
             if saga is None or saga["state"] not in ("stuck", "compensating"):
@@ -429,13 +429,13 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
         try:
             if saga["state"] == "compensating":
                 log.warning("saga %d: finishing an interrupted rollback", saga["id"])
-                with self.lock.hold("recover"):
+                with self._exclusive("recover"):
                     await self._compensate(saga["id"], saga["target"], saga["final"], None)
             elif saga["state"] == "active" and not self.keep_open_step:
                 live = self.live_steps(saga["id"])
                 if live and live[-1]["state"] == "open" and crashed:
                     log.warning("saga %d: rolling back step %d, open at the crash", saga["id"], live[-1]["index"])
-                    with self.lock.hold("recover"):
+                    with self._exclusive("recover"):
                         await self._compensate(saga["id"], live[-1]["index"] - 1, "active", None)
         except EngineError as exc:
             log.error("recovery: %s", exc.message)

@@ -17,7 +17,7 @@ class GcMixin:
         keep = number(args, "keep", None, int, 0, 1 << 31) if args.get("keep") is not None else None
         if older is None and keep is None:
             keep = GC_KEEP  # never every saga's history without being asked
-        with self.lock.hold("collect garbage"):
+        with self._exclusive("collect garbage"):
             await self.audit.flush(essential=True)  # no batch of an ended saga may be journaled after its removal
             before = await trio.to_thread.run_sync(self.ws.disk_usage)
             active = self.active_id()

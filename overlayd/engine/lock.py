@@ -22,6 +22,9 @@ class StackLock:
         if self.stopping:
             raise EngineError("stopping", "the daemon is stopping; run this again once it is back")
 
+    def locked(self) -> bool:
+        return self._lock.locked()
+
     @contextlib.contextmanager
     def hold(self, name: str):
         """Hold the lock for operation *name*; refuse (``busy``) if another one holds it."""
