@@ -29,22 +29,6 @@ class CommitMixin:
             raise EngineError("busy", str(exc)) from None
         return lock
 
-    def _conflicts(self, paths: dict) -> list[dict]:
-        out = []
-        dirs = {}
-        try:
-            for p, then in sorted(paths.items()):
-                cur = merge.base_identity(self._base_fd, p, with_listing=then is not None and then[0] == "D",
-                                          dirs=dirs)
-                if then is not None and then[0] == "d" and cur is not None and cur[0] == "d":
-                    continue  # a directory that is still a directory: entries are checked one by one
-                if not merge.same_identity(then, cur):
-                    out.append({"path": p, "recorded": then, "now": cur})
-        finally:
-            for fd in dirs.values():
-                os.close(fd)
-        return out
-
     def _refusals(self, ops) -> list[dict]:
         base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
         try:
@@ -126,7 +110,7 @@ class CommitMixin:
                 return await self._finish_commit(saga, peer)
             self._refuse_while_cutting()
             sid = saga["id"]
-            paths = self.tracker.all_paths(sid)
+            paths = self.tracker.all_paths(await trio.to_thread.run_sync(self.tracker.stored, sid))
             rules_ = self._rules(args, saga)
             if dry_run:
                 try:

@@ -22,7 +22,8 @@ class GcMixin:
             before = await trio.to_thread.run_sync(self.ws.disk_usage)
             active = self.active_id()
             await trio.to_thread.run_sync(crash_point, "gc")  # OVERLAYD_STALL_AT=gc:S (tests): a stack op in flight
-            ended = [s for s in await trio.to_thread.run_sync(self.ws.journal.sagas) if s["id"] != active and s["state"] in ("committed", "aborted")]
+            sagas = await trio.to_thread.run_sync(self.ws.journal.sagas)
+            ended = [s for s in sagas if s["id"] != active and s["state"] in ("committed", "aborted")]
             ended.sort(key=lambda s: s.get("ended") or s.get("updated") or 0, reverse=True)
             victims = []
             for i, s in enumerate(ended):

@@ -30,8 +30,9 @@ class StackLock:
         """Hold the lock for operation *name*; refuse (``busy``) if another one holds it."""
         self._check_stopping()
         if self._lock.locked():
-            raise EngineError("busy", f"cannot {name} while another operation ({self.busy or 'one that waited for the last'}) "
-                                      "is in progress; wait for it to finish and try again")
+            what = self.busy or "one that waited for the last"
+            raise EngineError("busy", f"cannot {name} while another operation ({what}) is in progress; "
+                                      "wait for it to finish and try again")
         self._lock.acquire_nowait()
         self.busy = name
         try:

@@ -31,11 +31,12 @@ class QueryMixin:
             ops, left = await trio.to_thread.run_sync(self._plan, False, rules_)
         except rules.RulesError as exc:
             raise EngineError("error", f"{exc} (saga diff leaves out what a commit would)") from None
-        changes = self.tracker.attribute(self._annotate(merge.summarize(ops), saga["id"]), saga["id"])
+        stored = await trio.to_thread.run_sync(self.tracker.stored, saga["id"])
+        changes = self.tracker.attribute(self._annotate(merge.summarize(ops), saga["id"]), stored)
         for c in changes:
             if c["path"] in self.audit.writers:
                 c["process"] = self.audit.writers[c["path"]]
-        left = self.tracker.attribute(self._annotate(left, saga["id"]), saga["id"])
+        left = self.tracker.attribute(self._annotate(left, saga["id"]), stored)
         if args.get("step") is not None:
             k = self._resolve_step(saga, args["step"])
             changes = [c for c in changes if k in (c["step"], c.get("last_step"))]

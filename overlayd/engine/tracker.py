@@ -51,11 +51,17 @@ class Tracker:
             log.warning("cannot record the base identity of %s: %s", p, exc)
             self.touched[p] = None
 
-    def all_paths(self, sid) -> dict:
-        """Every path the saga's live steps changed, with its recorded base identity."""
+    def stored(self, sid) -> tuple[dict, list]:
+        """(the journaled paths of saga *sid*'s steps, its live steps): a journal scan that grows
+        with the paths (10,000 are about 1 MB of JSON), for a worker thread."""
+        return self.journal.step_paths(sid), live_steps(self.journal.steps(sid))
+
+    def all_paths(self, stored) -> dict:
+        """Every path the saga's live steps changed, with its recorded base identity. *stored*:
+        what :meth:`stored` returned."""
         paths = {}
-        stored = self.journal.step_paths(sid)
-        records = [stored.get(s["index"], {}) for s in live_steps(self.journal.steps(sid))] + [self.touched]
+        stored, live = stored
+        records = [stored.get(s["index"], {}) for s in live] + [self.touched]
         for rec in records:
             for p, ident in rec.items():
                 if p not in paths or (paths[p] == ["d"] and ident is not None and ident[0] == "D"):
@@ -79,15 +85,15 @@ class Tracker:
                 os.close(fd)
         return out
 
-    def attribute(self, changes, sid):
+    def attribute(self, changes, stored):
         """Each change's ``step`` is the step that first changed the path (the steps' journaled
         paths: a step records a path only if no earlier live step did), or of its nearest
         ancestor that a step recorded (entries of a renamed directory); the layer's step (the
         step of the visible version) is kept as ``last_step`` when it is a later one. A
-        directory created in step 4 and written into in step 5 is step 4's change."""
+        directory created in step 4 and written into in step 5 is step 4's change. *stored*:
+        what :meth:`stored` returned."""
         first = {}
-        stored = self.journal.step_paths(sid)
-        live = live_steps(self.journal.steps(sid))
+        stored, live = stored
         names = {s["index"]: s["name"] for s in live}
         for s in live:
             for p in stored.get(s["index"], ()):
