@@ -11,6 +11,7 @@ REQUEST_TIMEOUT seconds.
 """
 
 import json
+import re
 import socket
 import struct
 
@@ -29,6 +30,22 @@ class OpError(Exception):
         self.code = code
         self.message = message
         self.extra = extra
+
+
+NAME_RE = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
+NAME_RULE = "use 1-128 printable characters, no '/', not '.' or '..'"
+
+
+def name_problem(name) -> str | None:
+    """Why *name* is not a valid saga or step name (the daemon refuses it: ``bad-name``), or None."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", "..") \
+            or len(name.encode("utf-8", "surrogatepass")) > 128:
+        return NAME_RULE
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    return None
 
 
 def peer_credentials(sock) -> tuple[int, int, int]:

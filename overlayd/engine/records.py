@@ -1,12 +1,11 @@
 """Trio-free reads of the journal and checks of request arguments, shared by the engine and
 by the CLI reading a stopped workspace's journal (status_of)."""
 
-import re
 import time
 
+from ..protocol import name_problem
 from .errors import EngineError
 
-NAME_RE = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
 LIVE = ("open", "done", "compensating")  # the states of a step whose layer is on the stack
 
 
@@ -20,14 +19,9 @@ def live_steps(steps: list) -> list:
 
 
 def check_name(kind: str, name) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", "..") \
-            or len(name.encode("utf-8", "surrogatepass")) > 128:
-        raise EngineError("bad-name", f"invalid {kind} name {name!r}: use 1-128 printable characters, "
-                                      "no '/', not '.' or '..'")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise EngineError("bad-name", f"invalid {kind} name {name!r}: not valid UTF-8") from None
+    problem = name_problem(name)
+    if problem is not None:
+        raise EngineError("bad-name", f"invalid {kind} name {name!r}: {problem}")
     return name
 
 

@@ -17,13 +17,14 @@ import re
 import tomllib
 from typing import Any
 
+from ..protocol import name_problem
+
 
 SCHEMA = 1
 MAX_FILE = 256 << 10  # bytes of a definition file
 MAX_STEPS = 200
 TAIL_BYTES = 4096  # output kept per step attempt
 TAIL_ANNOTATED = 2000  # characters of it journaled in the outcome
-NAME_RE = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 COMPENSATABLE = ("full", "partial", "none")
 ON_FAILURE = ("compensate", "retry", "stop")
@@ -203,8 +204,9 @@ def _int(value, low, high=None) -> int:
 def _name(value, kind) -> str:
     if not isinstance(value, str):
         raise _Bad(f"{value!r} is not a string")
-    if not NAME_RE.fullmatch(value) or value in (".", "..") or len(value.encode("utf-8", "surrogatepass")) > 128:
-        raise _Bad(f"invalid {kind} name {value!r}: use 1-128 printable characters, no '/', not '.' or '..'")
+    problem = name_problem(value)
+    if problem is not None:
+        raise _Bad(f"invalid {kind} name {value!r}: {problem}")
     return value
 
 
