@@ -51,7 +51,7 @@ class ControlServer:
         self.auth = authorizer
 
     def _bind(self):
-        # the directory was created and verified (ours, not writable by others) by claim_name(),
+        # the directory was created and verified (ours, not writable by others) by claim.claim(),
         # whose lock proves that no live daemon serves this name: a socket left here is stale
         try:
             os.unlink(self.path)
