@@ -240,7 +240,7 @@ def list_(as_json):
     import shlex
 
     from journal import Journal, JournalError
-    from overlayd.saga import status_of
+    from overlayd.engine.records import status_of
 
     rows = []
     mounts = {m.name: m.point for m in overlayd_mounts()}
@@ -327,7 +327,7 @@ def forget(name, force, yes):
     import subprocess
 
     from journal import Journal, JournalError
-    from overlayd.saga import status_of
+    from overlayd.engine.records import status_of
 
     try:
         check_workspace_name(name)

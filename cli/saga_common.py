@@ -169,7 +169,7 @@ class Target:
             if exc.exit_code != 5 or self.state_dir is None:
                 raise
         from journal import Journal, JournalError
-        from overlayd.saga import status_of
+        from overlayd.engine.records import status_of
 
         try:
             j = Journal.open(self.state_dir, readonly=True)

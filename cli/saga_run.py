@@ -38,7 +38,7 @@ class _RunDisplay:
         self.status_shown = True
 
     def __call__(self, ev):
-        from overlayd.definitions import human_size
+        from overlayd.runner import human_size
 
         kind = ev["event"]
         if self.as_json:
@@ -140,7 +140,7 @@ def run_cmd(ctx, file, commit, resume, workspace, as_json):
     import shlex
     import signal as _signal
 
-    from overlayd.definitions import Coordinator, DefinitionError, load
+    from overlayd.runner import Coordinator, DefinitionError, load
 
     ctx.obj = ctx.obj or {}
     as_json = as_json or ctx.obj.get("json", False)

@@ -1,4 +1,8 @@
-"""A small synchronous client of the control socket, for the CLI, tests and agent frameworks."""
+"""A small synchronous client of the control socket, for the CLI, tests and agent frameworks.
+
+A leaf: it imports the protocol (overlayd.protocol) and the mount table (overlayd.paths), never
+trio, the daemon or the runner (running saga definitions from Python: overlayd.runner, whose
+Workspace is this one with ``Saga.run``)."""
 
 import errno
 import itertools
@@ -7,7 +11,7 @@ import os
 import socket
 import stat
 
-from .control import PROTOCOL, peer_credentials
+from .protocol import encode_request, peer_credentials
 
 
 class ClientError(Exception):
@@ -213,7 +217,7 @@ class Client:
             self._sock.settimeout(io_timeout)
         rid = next(self._ids)
         try:
-            self._sock.sendall(json.dumps({"v": PROTOCOL, "id": rid, "op": op, "args": args}).encode() + b"\n")
+            self._sock.sendall(encode_request(rid, op, args))
         except OSError as exc:  # a refused peer is answered, then disconnected: the answer is still readable
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
                 raise
@@ -266,6 +270,8 @@ class Workspace:
     ``err.saga.abort()``. ``ws.saga(NAME, on_conflict="abort")`` aborts it instead.
     """
 
+    saga_class = None  # the Saga class that begin() and saga() make (overlayd.runner's adds run())
+
     def __init__(self, mountpoint=None, *, name=None, socket_path=None, timeout=600.0):
         from .paths import socket_path as _socket_path
 
@@ -295,7 +301,7 @@ class Workspace:
 
     def begin(self, name) -> "Saga":
         rec = self.call("saga.begin", name=name)["saga"]
-        return Saga(self, rec)
+        return (self.saga_class or Saga)(self, rec)
 
     def saga(self, name, *, commit=True, on_conflict="keep") -> "Saga":
         """A saga as a context manager: begun on entry; on exit committed (unless
@@ -304,7 +310,7 @@ class Workspace:
         ``ConflictError`` is raised either way."""
         if on_conflict not in ("keep", "abort"):
             raise ValueError(f"on_conflict must be 'keep' or 'abort', not {on_conflict!r}")
-        return Saga(self, None, name=name, commit_on_exit=commit, on_conflict=on_conflict)
+        return (self.saga_class or Saga)(self, None, name=name, commit_on_exit=commit, on_conflict=on_conflict)
 
 
 class Saga:
@@ -403,64 +409,3 @@ def _mount_containing(mountpoint) -> MountInfo:
     if m is None:
         raise NoDaemon("no-daemon", f"{mp} is not inside a mounted overlayd workspace")
     return m
-
-
-# ---------------------------------------------------------------------- saga definitions
-
-
-def run_definition(ws: Workspace, definition, *, name=None, commit=True, resume=False, on_event=None):
-    """Run a whole saga from a definition; returns an ``overlayd.definitions.RunResult``.
-
-    *definition*: a path to a TOML file, a ``Definition``, or a list of steps (dicts with the
-    keys of a ``[[step]]`` table, *name* then names the saga). A step's ``run`` and
-    ``compensate`` may be shell commands (run in the mount; a compensate command is run by
-    the daemon when the step's layer is dropped) or Python callables ``f(ctx)`` getting a
-    ``StepContext`` (``ctx.workspace`` is the mountpoint); they run in this process. A run
-    callable fails by raising. A callable compensate is called here, right before the daemon
-    drops that step's layer (on a failure of the step or a later one, and on a retry or a
-    resume); if it raises on every attempt (``compensate_retries``, 3 by default) the run
-    ends ``stuck``. Compensations must tolerate a half-done step. Resume with the same steps
-    (``resume=True``); the check covers names, commands and the callables' qualified names.
-
-    Example::
-
-        ws = Workspace("/mnt/ws")
-        r = run_definition(ws, [
-            {"name": "fetch", "run": "curl -so data.json https://example.org/data.json"},
-            {"name": "convert", "run": convert, "compensate": forget_conversion},
-            {"name": "test", "run": "python -m unittest -q", "retries": 1},
-        ], name="refresh-data")
-        if not r.ok:
-            print(r.status, r.message)
-    """
-    from . import definitions
-
-    if isinstance(definition, (list, tuple)):
-        definition = definitions.from_steps(definition, name or "saga")
-    elif not isinstance(definition, definitions.Definition):
-        definition = definitions.load(definition)
-    return definitions.Coordinator(definition, ws.socket_path, commit=commit, on_event=on_event,
-                                   expect=ws.expect).run(resume=resume)
-
-
-def _saga_run(self, steps, *, commit=None, on_event=None):
-    """Run *steps* (as for :func:`run_definition`) in this saga; returns the RunResult, raises
-    ``RunFailed`` (a ClientError, with ``.result``) if the run did not finish.
-
-    Inside ``with ws.saga(NAME) as s:`` the steps join the active saga: a failure compensates
-    only these steps, then raises, so the ``with`` block aborts the saga; the block commits.
-    On a saga not begun yet, ``s.run(steps)`` begins it and commits (``commit=False``: leave
-    it open)."""
-    from . import definitions
-
-    defn = definitions.from_steps(steps, self.name) if isinstance(steps, (list, tuple)) else steps
-    attach = self.rec is not None
-    coord = definitions.Coordinator(defn, self.ws.socket_path, on_event=on_event, attach=attach, expect=self.ws.expect,
-                                    commit=(not attach) if commit is None else commit)
-    result = coord.run()
-    if not attach and result.saga_id is not None:
-        self.rec = {"id": result.saga_id, "name": self.name}
-    return result.raise_for_status()
-
-
-Saga.run = _saga_run

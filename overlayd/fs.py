@@ -923,7 +923,7 @@ class OverlayFS(pyfuse3.Operations):
         try:
             _restore_times(pfd, pst)  # a copy-up is no change of the parent, in the view
             # the base's attributes as the saga found them: a commit carries over only those
-            # the saga changed, and refuses one the base changed too (merge.dir_fields)
+            # the saga changed, and refuses one the base changed too (commit.dir_fields)
             snap = json.dumps(osutil.dir_attrs(src, st)).encode() if node.li == 0 else \
                 osutil.get_private(src, osutil.BASE_ATTRS_XATTR)
             if snap is not None:
@@ -977,7 +977,7 @@ class OverlayFS(pyfuse3.Operations):
         (or a hard link, chmod, xattr change) of a base file copies only the metadata up, with
         ORIGIN_XATTR naming the base file; the data is read from the base until the first open
         for writing (or truncation) copies it (:meth:`_materialize`), and a commit copies it
-        before planning (``merge.materialize``). The base never changes under a mounted
+        before planning (``commit.materialize``). The base never changes under a mounted
         workspace, and :func:`osutil.open_origin` checks the inode number anyway.
         """
         if node.is_dir or node.li == 0:
@@ -994,7 +994,7 @@ class OverlayFS(pyfuse3.Operations):
 
     def forget_origins(self) -> None:
         """Forget every cached metacopy origin: a commit gave the metacopies their own data
-        (``merge.materialize``) behind the view's back, and is about to replace their base files,
+        (``commit.materialize``) behind the view's back, and is about to replace their base files,
         so the next access reads the layer's copy (a cached origin would give EIO once the base
         file is replaced, "the base file ... was replaced behind the workspace's back")."""
         for node in self.nodes.values():
@@ -1786,7 +1786,7 @@ class OverlayFS(pyfuse3.Operations):
             a = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
             m = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
             if "fd" in target:
-                if node.is_dir:  # an explicit change of a directory's times: committed (merge.dir_fields)
+                if node.is_dir:  # an explicit change of a directory's times: committed (commit.dir_fields)
                     os.setxattr(target["fd"], osutil.UTIME_XATTR, b"y")
                 os.utime(target["fd"], ns=(a, m))
             else:

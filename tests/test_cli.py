@@ -48,14 +48,11 @@ def test_parse_units():
 
 
 #: what the saga CLI must not import: the daemon's world (every saga command pays for its imports)
-DAEMON_MODULES = ["trio", "pyfuse3", "lmdb", "overlayd.daemon", "overlayd.fs", "overlayd.saga", "journal"]
+DAEMON_MODULES = ["trio", "pyfuse3", "lmdb", "overlayd.daemon", "overlayd.fs", "overlayd.layers", "overlayd.engine",
+                  "overlayd.runner", "overlayd.commit", "journal"]
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param("trio", marks=pytest.mark.xfail(
-        strict=True, reason="overlayd.client imports overlayd.control, which imports trio: the trio-free client "
-                            "is R2's part of issue 18; remove this mark when it is merged")),
-    *DAEMON_MODULES[1:]])
+@pytest.mark.parametrize("module", DAEMON_MODULES)
 def test_the_saga_cli_imports_nothing_of_the_daemon(module):
     """``import cli.saga_cmd`` (all that ``saga status`` imports) pulls in none of the daemon's
     modules; asked of a fresh interpreter."""

@@ -1,4 +1,4 @@
-"""Saga definitions (overlayd/definitions.py, ``saga run``): validation, the five-step refactor of
+"""Saga definitions (overlayd/runner/, ``saga run``): validation, the five-step refactor of
 a real small Python project, failure policies, pivots, and resume after SIGKILL of the runner
 or of the daemon. ``saga run`` runs as a subprocess against a real daemon."""
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tree_digest
-from overlayd import definitions
-from overlayd.client import Workspace, run_definition
-from overlayd.definitions import DefinitionError, RunFailed, kill_token, parse
+from overlayd import runner as definitions
+from overlayd.runner import Workspace, run_definition
+from overlayd.runner import DefinitionError, RunFailed, kill_token, parse
 from treecmp import diff, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -74,7 +74,7 @@ def refused_start(m) -> str:
 def offline_status(m) -> dict:
     """saga status read from the journal with the daemon down."""
     from journal import Journal
-    from overlayd.saga import status_of
+    from overlayd.engine.records import status_of
 
     with Journal.open(m.state, readonly=True) as j:
         st = status_of(j)

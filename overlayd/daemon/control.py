@@ -1,12 +1,8 @@
-"""The control socket: newline-delimited JSON over a Unix socket, peers authenticated by SO_PEERCRED.
+"""The control socket server: the protocol of overlayd.protocol over a Unix socket, peers
+authenticated by SO_PEERCRED.
 
-Request:  {"v": 1, "id": 7, "op": "status", "args": {...}}
-Response: {"v": 1, "id": 7, "ok": true, "result": {...}}
-      or  {"v": 1, "id": 7, "ok": false, "error": {"code": "conflict", "message": "...", ...}}
-
-Frames are bounded (MAX_FRAME bytes) and a client must finish a request line within
-REQUEST_TIMEOUT seconds; a client breaking either rule is answered with an error and
-disconnected, without disturbing anybody else.
+A client breaking the frame rules (MAX_FRAME bytes, a request line within REQUEST_TIMEOUT
+seconds) is answered with an error and disconnected, without disturbing anybody else.
 """
 
 import errno
@@ -14,31 +10,12 @@ import grp
 import json
 import logging
 import os
-import socket
-import struct
 
 import trio
 
+from ..protocol import MAX_FRAME, PROTOCOL, REQUEST_TIMEOUT, OpError, encode_response, peer_credentials
+
 log = logging.getLogger(__name__)
-
-PROTOCOL = 1
-MAX_FRAME = 1 << 20
-REQUEST_TIMEOUT = 10.0
-
-
-class OpError(Exception):
-    """An operation failed in a way the client should see: code, message, extra fields."""
-
-    def __init__(self, code: str, message: str, **extra):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.extra = extra
-
-
-def peer_credentials(sock) -> tuple[int, int, int]:
-    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", data)  # pid, uid, gid
 
 
 class Authorizer:
@@ -74,7 +51,7 @@ class ControlServer:
         self.auth = authorizer
 
     def _bind(self):
-        # the directory was created and verified (ours, not writable by others) by claim_name(),
+        # the directory was created and verified (ours, not writable by others) by claim.claim(),
         # whose lock proves that no live daemon serves this name: a socket left here is stale
         try:
             os.unlink(self.path)
@@ -184,9 +161,4 @@ class ControlServer:
 
     @staticmethod
     async def _send(stream, rid, result=None, error: OpError | None = None):
-        msg = {"v": PROTOCOL, "id": rid, "ok": error is None}
-        if error is None:
-            msg["result"] = result
-        else:
-            msg["error"] = {"code": error.code, "message": error.message, **error.extra}
-        await stream.send_all(json.dumps(msg).encode() + b"\n")
+        await stream.send_all(encode_response(rid, result, error))

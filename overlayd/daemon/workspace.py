@@ -33,8 +33,8 @@ import trio
 
 from journal import Journal
 
-from .fs import OverlayFS
-from .paths import UsageError, fsync_dir, index_dir, is_within, make_parents, register
+from ..fs import OverlayFS
+from ..paths import UsageError, fsync_dir, index_dir, is_within, make_parents, register
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,10 @@ class Workspace:
         txn.set_meta("pending_layer", f"{n:016x}")
         return f"{n:016x}"
 
+    def _sync_new_layer(self, fd: int) -> None:
+        os.fsync(fd)
+        fsync_dir(self.layers_dir)
+
     async def push_layer(self, txn_extra=None) -> str:
         """Journal and push a new empty writable layer. *txn_extra(txn, layer_id)* joins the transaction."""
         def reserve(txn):
@@ -279,14 +283,14 @@ class Workspace:
         os.mkdir(path, 0o700)
         try:
             # the root directory is in every layer: the new one starts as the view's root is now
+            # (copied in this turn: no request changes the root meanwhile); the fsyncs on a thread
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             try:
                 src = self.fs.layers[-1].fd
                 self.fs.copy_meta(src, fd, os.fstat(src))
-                os.fsync(fd)
+                await trio.to_thread.run_sync(self._sync_new_layer, fd)
             finally:
                 os.close(fd)
-            fsync_dir(self.layers_dir)
             await self.transact(commit, essential=False)
         except BaseException:
             # not journaled: nothing names the directory, and nothing was written in it

@@ -1,0 +1,130 @@
+"""Running a journaled commit plan: the base lock, the redo of a plan from its phase, its
+finalization, and the roll-forward of an interrupted commit at start (docs/ARCHITECTURE.md,
+Commit protocol and Recovery). Sync: the engine calls these on worker threads.
+"""
+
+import fcntl
+import logging
+import os
+import time
+
+from . import Merger
+from .. import osutil
+from ..faults import crash_point
+
+log = logging.getLogger(__name__)
+
+
+class LockTimeout(Exception):
+    """Another commit on the base held its lock for too long."""
+
+
+def now() -> float:
+    return time.time()
+
+
+class BaseLock:
+    """flock on the base directory itself: commits on one base are serialized across daemons,
+    whoever runs them. Every daemon over a base can open it (O_RDONLY|O_DIRECTORY needs no
+    writable path, no lock directory another user could empty), and the lock dies with the
+    process. Nothing else in overlayd flocks a base."""
+
+    def __init__(self, base):
+        self.path = str(base)
+        self.fd = None
+
+    def acquire(self, timeout: float = 600.0) -> None:
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    self.fd = None
+                    raise LockTimeout(f"another commit on the base {self.path} has held its lock for "
+                                     f"{timeout:.0f} s; try again later")
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def run_commit_plan(ws, plan: dict, progress=None, before_apply=None) -> dict | None:
+    """Execute a journaled plan from its recorded phase to the end. Sync, idempotent.
+    *before_apply* is called (in this thread) once the base is about to be changed. Returns
+    the Merger's inomap when this call staged the whole plan (else None: not known)."""
+    inomap = None
+    base_fd = os.open(ws.base, osutil.DIR_FLAGS)
+    layer_fds = {}
+    try:
+        for lid in plan["layers"]:
+            layer_fds[lid] = os.open(ws.layers_dir / lid, osutil.DIR_FLAGS)
+        m = Merger(base_fd, layer_fds, plan["saga"], plan["ops"], plan.get("token", ""))
+        m.rerun = plan["phase"] != "planned"
+        try:
+            stage_cb = apply_cb = None
+            if progress is not None:  # two passes over the ops: one bar
+                stage_cb = lambda d, t: progress(d, 2 * t)  # noqa: E731
+                apply_cb = lambda d, t: progress(t + d, 2 * t)  # noqa: E731
+            if plan["phase"] == "planned":
+                m.stage(stage_cb)
+                inomap = m.inomap
+                m.sync()
+                crash_point("commit.staged")
+                ws.journal.transact(lambda txn: set_phase(txn, "staged"))
+                plan["phase"] = "staged"
+            crash_point("commit.apply")
+            if before_apply is not None:
+                before_apply()
+            m.apply(apply_cb)
+            crash_point("commit.applied")
+            m.sync()
+        finally:
+            m.close()
+    finally:
+        os.close(base_fd)
+        for fd in layer_fds.values():
+            os.close(fd)
+    return inomap
+
+
+def set_phase(txn, phase):
+    plan = txn.get_meta("commit_plan")
+    plan["phase"] = phase
+    txn.set_meta("commit_plan", plan)
+    txn.event("commit.phase", saga=plan["saga"], phase=phase)
+
+
+def finalize_commit(txn, saga_id: int, stack_keep=()) -> None:
+    saga = txn.saga(saga_id)
+    saga.update(state="committed", updated=now(), ended=now())
+    txn.put_saga(saga_id, saga)
+    for step in txn.steps(saga_id):
+        if step["state"] in ("open", "done"):
+            step["state"] = "committed"
+            txn.put_step(saga_id, step["index"], step)
+    txn.set_meta("commit_plan", None)
+    txn.set_meta("active_saga", None)
+    txn.set_meta("stack", {"layers": list(stack_keep), "sealed": True})
+    txn.event("saga.committed", saga=saga_id)
+
+
+def recover_commit(ws) -> None:
+    """Before mounting: roll an interrupted commit forward (runs twice harmlessly)."""
+    plan = ws.journal.meta("commit_plan")
+    if not plan:
+        return
+    log.warning("saga %d: finishing an interrupted commit (phase %s)", plan["saga"], plan["phase"])
+    lock = BaseLock(ws.base)
+    lock.acquire()
+    try:
+        run_commit_plan(ws, plan)
+        ws.journal.transact(lambda txn: finalize_commit(txn, plan["saga"]))
+    finally:
+        lock.release()
+    log.info("saga %d: commit finished", plan["saga"])
