@@ -416,7 +416,7 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         ws.close()
         release_name(name)
         return 1
-    from .fs import find_fuse_fd
+    from .layers import find_fuse_fd
 
     ws.fs.fuse_fd = find_fuse_fd()
     daemon.mount_dev = mount_dev(real_mountpoint, name)
