@@ -187,8 +187,9 @@ class Entries(CopyUp):
                 (dst[0].li < top and (dst[1].st_nlink > 1 or dst[0].opens))
                 or (dst[0].opens and self._origin(dst[0]))):
             self._copy_up(dst[0])
-            self._reopen_handles(dst[0])
             dst = (dst[0], os.stat(name_new, dir_fd=self._dirfd(pnew, top), follow_symlinks=False))
+        if dst is not None and not dst[0].is_dir and dst[0].opens:
+            self._reopen_handles(dst[0])  # also after a copy made in a thread (Blocked)
         self._copy_up_for_move(snode)
         opfd = self._dirfd(pold, top)
         npfd = self._copy_up_dir(pnew)

@@ -260,8 +260,9 @@ class OverlayFS(Entries, pyfuse3.Operations):
             # a lower hard link: the other names' st_nlink must drop; an open file: its handles
             # must keep a private copy they may change (fchmod, write) after the unlink
             self._copy_up(node)
-            self._reopen_handles(node)
             st = os.stat(name, dir_fd=self._dirfd(parent, self.top), follow_symlinks=False)
+        if node.opens:  # also after a copy made in a thread (Blocked), which ran the handler again
+            self._reopen_handles(node)
         li = node.li
         self._remove_entry(parent, name, False)
         node.links.discard((parent, name))
