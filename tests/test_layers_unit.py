@@ -226,3 +226,30 @@ def test_merged_listing_follows_creation_and_removal_in_the_top_layer(stack):
         assert fs2._node(ROOT) is fs2.root
     finally:
         fs2.close()
+
+
+def test_wait_idle_returns_once_the_work_in_threads_is_done(stack, small_threshold, monkeypatch):
+    fs = stack
+    monkeypatch.setattr(osutil, "STALL_AT", "copyup:0.2")
+    y = node_at(fs, b"a/y")
+    order = []
+
+    async def main():
+        with pytest.raises(Blocked) as info:
+            fs._copy_up(y)
+
+        async def work():
+            await fs.unblock(info.value)
+            order.append("copied")
+
+        async def idle():
+            await trio.sleep(0.05)
+            await fs.wait_idle()
+            order.append("idle")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(work)
+            n.start_soon(idle)
+
+    trio.run(main)
+    assert order == ["copied", "idle"] and y.li == 2

@@ -145,6 +145,13 @@ class CopyUp(Stack):
             del self.in_flight[blocked.key]
             ev.set()
 
+    async def wait_idle(self) -> None:
+        """Until no work of a request runs in a thread. For a stack operation that must not
+        overlap one (a commit, after sealing the top: no new copy can start, and a
+        materialisation in flight still writes a layer file it may move into the base)."""
+        while self.in_flight:
+            await next(iter(self.in_flight.values())).wait()
+
     def _wait_in_flight(self, node: Node) -> None:
         """Requests for a node whose copy runs in a thread wait for it (then run again)."""
         if node.ino in self.in_flight:
