@@ -216,8 +216,6 @@ class CopyUp(Stack):
                     raise
         osutil.make_whiteout(dirfd, name)
 
-    # ------------------------------------------------------------------ copy-up
-
     # ------------------------------------------------------------------ the top layer
 
     def _check_writable(self) -> None:

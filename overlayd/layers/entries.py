@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Entries(CopyUp):
     """The view with copy-up, plus the namespace changes and the handles of the handlers."""
 
-    # ------------------------------------------------------------------ removal helpers
+    # ------------------------------------------------------------------ removal
 
     def _lower_has(self, parent: Node, name: bytes) -> bool:
         """True if a layer below the top shows *name* in *parent* (so removal needs a whiteout)."""
@@ -68,7 +68,7 @@ class Entries(CopyUp):
         if li == self.top and (st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode)):
             self._unregister(node, self._key(li, st.st_ino))
 
-    # ------------------------------------------------------------------ creation helpers
+    # ------------------------------------------------------------------ creation
 
     def _prepare_create(self, parent_ino: int, name: bytes):
         self._check_writable()
@@ -123,7 +123,6 @@ class Entries(CopyUp):
         self._touch(node, (parent.ino, name))
         self._changed("create", parent, name)
         return node, st
-
 
     # ------------------------------------------------------------------ removal and rename
 

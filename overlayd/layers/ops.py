@@ -83,7 +83,6 @@ class OverlayFS(Entries, pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-
     # ------------------------------------------------------------------ handlers: lookup
 
     @fuse_errors

@@ -462,7 +462,6 @@ class Resolver:
                 return li
         return 0
 
-
     # ------------------------------------------------------------------ paths
 
     def _walk(self, path):
@@ -519,7 +518,6 @@ class Resolver:
             node = node.parent
         return tuple(reversed(out))
 
-
     # ------------------------------------------------------------------ metacopies (reading)
 
     def _origin(self, node: Node):
@@ -543,7 +541,6 @@ class Resolver:
         origin = osutil.get_origin(f"/proc/self/fd/{self._dirfd(parent, node.li)}/{os.fsdecode(name)}")
         node.mc = (node.loc, origin)
         return origin
-
 
     def _metacopy_blocks(self, node: Node, blocks: int) -> int:
         """st_blocks of a metacopy: its origin's (the data it shows); *blocks* for any other

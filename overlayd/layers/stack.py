@@ -213,7 +213,6 @@ class Stack(Resolver):
             os.close(self.workfd)
             self.workfd = None
 
-
     def forget_origins(self) -> None:
         """Forget every cached metacopy origin: a commit gave the metacopies their own data
         (``merge.materialize``) behind the view's back, and is about to replace their base files,
