@@ -1,6 +1,6 @@
 """``python -m overlayd`` with every FUSE handler wrapped to count requests and the time spent
 in each handler (for bench/profile.py; never used for the timed benchmark). The daemon's code
-is not changed: the handlers of ``overlayd.fs.OverlayFS`` are wrapped at import time.
+is not changed: the handlers of ``overlayd.layers.OverlayFS`` are wrapped at import time.
 
 SIGUSR1 writes the counts since the previous SIGUSR1 to $OVERLAYD_BENCH_COUNTS (JSON, with a
 sequence number) and resets them. Same arguments as ``python -m overlayd``.
@@ -16,7 +16,7 @@ import time
 
 import pyfuse3
 
-from overlayd import fs as ofs
+from overlayd import layers as ofs
 
 COUNTS = collections.Counter()
 TIMES = collections.Counter()

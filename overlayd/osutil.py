@@ -30,7 +30,7 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Extended attributes in this namespace belong to overlayd; the view hides them.
 PRIVATE_XATTR = b"user.overlayd."
 OPAQUE_XATTR = "user.overlayd.opaque"
-#: A *metacopy*: a layer file whose data is still the base file named here (see fs.py).
+#: A *metacopy*: a layer file whose data is still the base file named here (see overlayd/layers).
 ORIGIN_XATTR = "user.overlayd.origin"
 #: On a layer's copy of a base directory: the base's attributes when it was copied up (dir_attrs),
 #: so that a commit knows which of them the saga changed and which the base changed meanwhile.

@@ -48,7 +48,7 @@ def test_parse_units():
 
 
 #: what the saga CLI must not import: the daemon's world (every saga command pays for its imports)
-DAEMON_MODULES = ["trio", "pyfuse3", "lmdb", "overlayd.daemon", "overlayd.fs", "overlayd.layers", "overlayd.engine",
+DAEMON_MODULES = ["trio", "pyfuse3", "lmdb", "overlayd.daemon", "overlayd.layers", "overlayd.engine",
                   "overlayd.runner", "overlayd.commit", "journal"]
 
 

@@ -66,7 +66,7 @@ def test_engine_does_not_reach_up():
         if not name.startswith(("overlayd.engine", "overlayd.commit")):
             continue
         up = {m for m in imports(name, path, known)
-              if m.startswith(("overlayd.daemon", "overlayd.client", "overlayd.runner", "overlayd.fs"))}
+              if m.startswith(("overlayd.daemon", "overlayd.client", "overlayd.runner", "overlayd.layers"))}
         assert not up, f"{name} imports {sorted(up)}"
         tree = ast.parse(path.read_text())
         uses = [n for n in ast.walk(tree) if (isinstance(n, ast.Name) and n.id == "OpError")

@@ -24,7 +24,7 @@ from ..commit.run import recover_commit
 from ..engine.core import SagaEngine
 from ..engine.errors import EngineError
 from ..engine.lock import StackLock
-from ..fs import find_fuse_fd
+from ..layers import find_fuse_fd
 from ..paths import UsageError, socket_path
 from .claim import claim, clear_stale_mount, mount_dev, release_name, set_readahead
 from .control import Authorizer, ControlServer

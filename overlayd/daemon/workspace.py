@@ -33,7 +33,7 @@ import trio
 
 from journal import Journal
 
-from ..fs import OverlayFS
+from ..layers import OverlayFS
 from ..paths import UsageError, fsync_dir, index_dir, is_within, make_parents, register
 
 log = logging.getLogger(__name__)
