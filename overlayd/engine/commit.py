@@ -127,6 +127,10 @@ class CommitMixin:
             self.fs.seal_top()  # quiesce: from here a write fails with EROFS, it is never lost
             self.audit.seal()
             try:
+                # a copy running in a worker thread (copy-up, materialisation) ends before the plan
+                # reads the layers: none can start on a sealed top (invariant 1: the commit alone
+                # writes the base)
+                await self.fs.wait_idle()
                 lock = await self._lock_base()
                 try:
                     conflicts = await trio.to_thread.run_sync(self.tracker.conflicts, paths)
