@@ -236,7 +236,9 @@ def unmount(mountpoint, timeout):
 def list_(as_json):
     """List the workspaces on this machine: mounted, stopped, or dead (the daemon died and left
     its mount: clear it with overlayd clear-mount). Also those with a --state-dir of their own,
-    and any overlayd mount whose state is elsewhere."""
+    and any overlayd mount whose state is elsewhere. BASE VIEW (base_view in --json) says how a
+    mounted workspace sees changes made to the base outside it: "live (inotify)", or
+    "revalidating" (events were lost or cannot be had: changes show within a second anyway)."""
     import shlex
 
     from journal import Journal, JournalError
@@ -247,7 +249,7 @@ def list_(as_json):
     for info in known_workspaces():
         entry = info["state_dir"]
         row = {**info, "mounted": False, "state": "stopped", "layers": None, "saga": None,
-               "disk_bytes": _disk_use(entry)}
+               "disk_bytes": _disk_use(entry), "base_view": None}
         saga = _live_status(row)
         if not row["mounted"]:
             if info.get("mountpoint") and mounts.get(info["name"]) == mountinfo_path(info["mountpoint"]):
@@ -264,7 +266,7 @@ def list_(as_json):
         rows.append(row)
     for name, point in sorted(mounts.items()):  # mounted, but its state is not known here
         row = {"name": name, "mountpoint": point, "base": None, "state_dir": None, "mounted": False,
-               "state": "stopped", "layers": None, "saga": None, "disk_bytes": None}
+               "state": "stopped", "layers": None, "saga": None, "disk_bytes": None, "base_view": None}
         saga = _live_status(row)
         if not row["mounted"]:
             row["state"] = {"ok": "mounted", "dead": "dead"}.get(_probe(point, timeout=2.0), "hung")
@@ -277,11 +279,11 @@ def list_(as_json):
     if not rows:
         click.echo(f"no workspaces under {state_root()}")
         return
-    click.echo("NAME\tSTATE\tSAGA\tDISK\tBASE\tMOUNTPOINT")
+    click.echo("NAME\tSTATE\tSAGA\tDISK\tBASE\tMOUNTPOINT\tBASE VIEW")
     for r in rows:
         saga = f"{r['saga']['name']} ({r['saga']['state']})" if r["saga"] else "-"
         disk = "-" if r["disk_bytes"] is None else _human(r["disk_bytes"])
-        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{quote_path(r['base']) if r['base'] else '-'}\t{quote_path(r['mountpoint'])}")
+        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{quote_path(r['base']) if r['base'] else '-'}\t{quote_path(r['mountpoint'])}\t{r['base_view'] or '-'}")
     dead = [r for r in rows if r["state"] == "dead"]
     for r in dead:
         click.echo(f"{r['name']}: its daemon died; clear the dead mount with: overlayd clear-mount "
@@ -301,6 +303,7 @@ def _live_status(row):
             st = c.identity
             saga = c.call("saga.status")["saga"]
         row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"],
+                   base_view=st.get("base_view"),
                    base=row.get("base") or st["base"], state_dir=row.get("state_dir") or st["state_dir"])
     except (ClientError, OSError, UsageError, KeyError, TypeError):
         return None

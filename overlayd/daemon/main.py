@@ -25,6 +25,7 @@ from ..engine.core import SagaEngine
 from ..engine.errors import EngineError
 from ..engine.lock import StackLock
 from ..layers import find_fuse_fd
+from ..layers.basewatch import BaseWatch
 from ..paths import UsageError, socket_path
 from .claim import claim, clear_stale_mount, mount_dev, release_name, set_readahead
 from .control import Authorizer, ControlServer
@@ -66,6 +67,7 @@ class Daemon:
             "layers": [layer.id for layer in fs.layers[1:]], "writable": fs.writable(),
             "busy": self.lock.busy, "uptime": time.time() - self.started,
             "quarantined": self.ws.quarantined(),
+            "base_view": fs.base_watch.mode if fs.base_watch is not None else None,
         }
 
     async def op_push(self, args, peer):
@@ -128,6 +130,9 @@ class Daemon:
             nursery.start_soon(watchdog)
             stack.enter_context(self._reaper())
             nursery.start_soon(self.ws.purge_loop)
+            watch = BaseWatch(self.ws.fs)  # a live view of the base (inotify), or revalidation
+            stack.callback(watch.close)
+            nursery.start_soon(watch.run)
             await nursery.start(self.engine.run)
             nursery.start_soon(self._ready_after_start, ready)
             try:

@@ -12,8 +12,9 @@ awaits are before the body (the commit's pause gate, the work of a ``Blocked``),
 ``fsync`` (in a worker thread, on a duplicate fd that nothing else closes).
 
 Caveats (knowingly not done):
-- changes made to the base behind the daemon's back are not noticed until the directory
-  listing cache is refreshed (after a layer drop);
+- changes made to the base behind the daemon's back show through inotify (:mod:`.basewatch`),
+  or by revalidation where events are lost or cannot be had; a metacopy (a renamed or chmod-ed
+  base file) shows the base file's current data until the saga gives it its own;
 - renaming a directory that has entries in lower layers copies its whole subtree up (its
   files as metacopies: metadata only; the walk runs on the event loop, only large data copies
   in worker threads);
@@ -98,7 +99,7 @@ class OverlayFS(Entries, pyfuse3.Operations):
         else:
             res = self._lookup_node(parent, name)
             if res is None:
-                return self._negative()
+                return self._negative(parent, name)
             node, st = res
         node.lookups += 1
         return self._attrs(node, st)
@@ -453,7 +454,7 @@ class OverlayFS(Entries, pyfuse3.Operations):
         if flags & os.O_TRUNC:
             os.ftruncate(fd, 0)
             self._touch(node)
-        return pyfuse3.FileInfo(fh=self._new_handle(node, fd, flags), keep_cache=True)
+        return pyfuse3.FileInfo(fh=self._new_handle(node, fd, flags), keep_cache=self._keep_cache(node))
 
     @fuse_errors
     async def read(self, fh, off, size):

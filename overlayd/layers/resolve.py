@@ -63,6 +63,7 @@ class Resolver:
         self.ctx = None  # the RequestContext of the request being served (handlers are atomic)
         self.fuse_fd = None  # /dev/fuse of this mount, for notifications pyfuse3 lacks (set by the daemon)
         self.workfd = None  # the work directory (its whiteout template: copyup)
+        self.base_watch = None  # the watches on the base (basewatch.BaseWatch, set by the daemon)
 
     @property
     def top(self) -> int:
@@ -88,7 +89,10 @@ class Resolver:
         if lst is not None:
             return lst
         lst = Listing()
-        fd = osutil.reopen_dir(fd_getter())  # never read a cached fd (btrfs: see reopen_dir)
+        dfd = fd_getter()
+        if li == 0 and self.base_watch is not None:
+            self.base_watch.add(d_ino, dfd)  # before reading it: a change meanwhile is an event
+        fd = osutil.reopen_dir(dfd)  # never read a cached fd (btrfs: see reopen_dir)
         try:
             with os.scandir(fd) as it:
                 for de in it:
@@ -382,8 +386,7 @@ class Resolver:
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = self.generation
-        e.entry_timeout = TIMEOUT
-        e.attr_timeout = TIMEOUT
+        e.entry_timeout = e.attr_timeout = self._timeout(node)
         e.st_mode = st.st_mode
         if node.is_dir and len(node.dlayers or ()) > 1:
             e.st_nlink = self._dir_nlink(node)
@@ -420,11 +423,27 @@ class Resolver:
         node.nsub = (merged, n)
         return 2 + n
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
+    def _negative(self, parent: Node | None = None, name: bytes | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
         e.entry_timeout = TIMEOUT
+        if self.base_watch is not None and parent is not None:
+            e.entry_timeout = self.base_watch.negative(parent.ino, name) or TIMEOUT
         return e
+
+    def _timeout(self, node: Node) -> float:
+        """The kernel's entry and attribute timeout for *node*: short for the base's entries
+        while the base is revalidated instead of watched (basewatch)."""
+        w = self.base_watch
+        if w is None or w.live:
+            return TIMEOUT
+        from_base = any(li == 0 for li, _ in node.dlayers or ()) if node.is_dir else node.li == 0
+        return w.timeout(from_base) or TIMEOUT
+
+    def _keep_cache(self, node: Node) -> bool:
+        """May the kernel keep an opened file's pages? Not a base file's while the base is
+        revalidated (basewatch): its pages are read again at each open."""
+        return node.li != 0 or self.base_watch is None or self.base_watch.live
 
     def _link_of(self, node: Node):
         """(parent node, name) of a live name of a file node, or None."""
