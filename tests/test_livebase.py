@@ -219,3 +219,122 @@ def test_overflow_falls_back_to_revalidation(mount_factory, tmp_path, tiny_inoti
     # after the overflow, the view is live again
     put(base / "d" / "late.txt", "late\n")
     eventually(lambda: "late.txt" in listing(m.mp / "d"), timeout=2 * LIVE)
+
+
+def same_tree(view: Path, want: dict) -> bool:
+    got = tree(view)
+    if got == want:
+        return True
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    return Diff(diff, {k: got.get(k) for k in diff[:5]}, {k: want.get(k) for k in diff[:5]})
+
+
+class Diff(tuple):
+    def __new__(cls, *parts):
+        return super().__new__(cls, parts)
+
+    def __bool__(self):
+        return False
+
+
+def tree(root: Path) -> dict:
+    """relative path -> content (files), "dir" (directories), ("link", target) (symlinks)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        dirnames[:] = [d for d in dirnames if d != ".git"]
+        for d in dirnames:
+            out[os.path.normpath(os.path.join(rel, d))] = "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            key = os.path.normpath(os.path.join(rel, f))
+            out[key] = ("link", os.readlink(p)) if os.path.islink(p) else content(p)
+    return out
+
+
+def put_in(path: Path, data: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    put(path, data)
+
+
+def git(cwd, *args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_git_checkout_in_the_base(mount_factory, tmp_path):
+    """The person switches branches in the base: the whole view (read before) becomes the other
+    branch's tree, files and directories appearing, vanishing and changing."""
+    base = tmp_path / "base"
+    base.mkdir()
+    git(base, "init", "-q", "-b", "main")
+    for i in range(40):
+        put_in(base / "src" / f"m{i % 4}" / f"f{i}.py", f"main {i}\n")
+    put(base / "README", "main\n")
+    git(base, "add", "-A")
+    git(base, "commit", "-qm", "main")
+    git(base, "checkout", "-qb", "other")
+    subprocess.run(["rm", "-rf", str(base / "src" / "m1")], check=True)
+    for i in range(0, 40, 3):
+        put_in(base / "src" / f"m{i % 4}" / f"f{i}.py", f"other {i}\n")
+    (base / "docs").mkdir()
+    put(base / "docs" / "new.md", "# new\n")
+    os.symlink("../README", base / "docs" / "readme")
+    git(base, "add", "-A")
+    git(base, "commit", "-qm", "other")
+    git(base, "checkout", "-q", "main")
+    m = mount_factory(base)
+    m.push()
+    assert tree(m.mp) == tree(base)  # everything read (and watched)
+    git(base, "checkout", "-q", "other")
+    want = tree(base)
+    took = eventually(lambda: same_tree(m.mp, want))
+    assert took < 2 * LIVE, f"took {took:.2f} s"
+    git(base, "checkout", "-q", "main")
+    want = tree(base)
+    eventually(lambda: same_tree(m.mp, want), timeout=2 * LIVE)
+    assert base_view(m) == "live (inotify)"
+
+
+@pytest.fixture
+def no_inotify_watches():
+    """fs.inotify.max_user_watches set to 1 while a daemon starts (restored after): its watches
+    cannot be had."""
+    path = Path("/proc/sys/fs/inotify/max_user_watches")
+    old = path.read_text()
+    path.write_text("1\n")
+
+    def restore():
+        path.write_text(old)
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+def test_without_watches_the_view_revalidates(mount_factory, tmp_path, no_inotify_watches):
+    base = make_base(tmp_path)
+    m = mount_factory(base)
+    m.push()
+    assert listing(m.mp / "d") == ["a.txt", "b.txt", "c.txt"]
+    assert content(m.mp / "d" / "b.txt") == b"b\n"
+    no_inotify_watches()
+    assert base_view(m) == "revalidating"
+    assert "watch limit" in m.log()
+    put(base / "d" / "n.txt", "n\n")
+    os.unlink(base / "d" / "a.txt")
+    took = eventually(lambda: listing(m.mp / "d") == ["b.txt", "c.txt", "n.txt"])
+    assert took < LIVE + 0.5, f"took {took:.2f} s"
+    put(base / "d" / "b.tmp", "b is new\n")
+    os.rename(base / "d" / "b.tmp", base / "d" / "b.txt")
+    took = eventually(lambda: content(m.mp / "d" / "b.txt") == b"b is new\n")
+    assert took < LIVE + 0.5, f"took {took:.2f} s"
+    with open(base / "d" / "c.txt", "r+b") as w:
+        w.write(b"NEW")
+    eventually(lambda: content(m.mp / "d" / "c.txt") == b"NEW c\n", timeout=LIVE + 0.5)
+    # the saga's own paths keep the saga's view here too
+    put(m.mp / "d" / "n.txt", "mine\n")
+    put(base / "d" / "n.txt", "theirs\n")
+    time.sleep(1.0)
+    assert content(m.mp / "d" / "n.txt") == b"mine\n"

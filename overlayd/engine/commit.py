@@ -210,6 +210,10 @@ class CommitMixin:
     async def _execute_plan(self, plan, peer, t0=None, t1=None, gone=((), ())) -> None:
         """Run a journaled plan to the end, then finalize. On failure before anything was renamed
         into the base, undo the staging and give the saga back; after, stay committing."""
+        with self.fs.base_held():  # the base's events wait until the view has adopted the commit
+            await self._run_plan(plan, peer, t0, t1, gone)
+
+    async def _run_plan(self, plan, peer, t0, t1, gone) -> None:
         sid, ops, layers = plan["saga"], plan["ops"], plan["layers"]
         t0 = t0 or time.perf_counter()
         t1 = t1 or t0

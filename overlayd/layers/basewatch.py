@@ -76,6 +76,7 @@ LIVE = "live (inotify)"
 REVALIDATING = "revalidating"
 TICK = 0.25  # while revalidating: the base's cached state is forgotten this often
 SHORT_TIMEOUT = 0.5  # while revalidating: the kernel's entry and attribute timeout of base entries
+HELD_POLL = 0.05  # while a commit holds the base's events: how often the queue is read meanwhile
 CALM = 5.0  # after an overflow, revalidate until the queue has not overflowed for this long
 MAX_NEGATIVES = 100_000  # negative entries remembered (to expire after an overflow); others get SHORT_TIMEOUT
 
@@ -174,8 +175,10 @@ class BaseWatch:
 
     def add(self, d_ino: int, dirfd: int) -> None:
         """Watch the base directory *d_ino* (open as *dirfd*) before its listing is read."""
-        if self.permanent is not None or d_ino in self.by_dir:
+        if self.permanent is not None:
             return
+        # asked again even if d_ino is watched: a directory removed (its events not read yet)
+        # and a new one with the same inode number need a watch of their own (another wd)
         try:
             wd = _check(_inotify().inotify_add_watch(self.fd, f"/proc/self/fd/{dirfd}".encode(), MASK))
         except OSError as exc:
@@ -207,22 +210,25 @@ class BaseWatch:
 
     async def run(self) -> None:
         log.info("base view: %s%s", self.mode, f" ({self.permanent})" if self.permanent else "")
+        events = []
         while True:
+            held = self.fs.gate is not None or self.fs.base_hold > 0
             try:
-                if self.fd is not None and self.live:
+                if self.fd is not None and self.live and not held:
                     await trio.lowlevel.wait_readable(self.fd)
                 else:
-                    with trio.move_on_after(TICK):
+                    with trio.move_on_after(HELD_POLL if held else TICK):
                         if self.fd is not None:
                             await trio.lowlevel.wait_readable(self.fd)
                         else:
                             await trio.sleep_forever()
             except trio.ClosedResourceError:
                 pass  # the watches were given up (_go_permanent)
-            events = self._read()
-            while self.fs.gate is not None:  # a commit is moving layers into the base
-                await self.fs.gate.wait()
-            inos, entries = self.apply(events)
+            events.extend(self._read())  # read even while held: the kernel's queue is bounded
+            if self.fs.gate is not None or self.fs.base_hold > 0:
+                continue  # a commit is changing the base: its drop adopts the result first
+            events, batch = [], events
+            inos, entries = self.apply(batch)
             if not self.live:
                 self._forget_base()
                 if self.calm_at is not None and time.monotonic() >= self.calm_at:
@@ -269,9 +275,9 @@ class BaseWatch:
                 continue
             if mask & IN_IGNORED:  # the directory was removed (or the watch dropped)
                 del self.wds[wd]
-                if self.by_dir.get(d_ino) == wd:
+                if self.by_dir.get(d_ino) == wd:  # else a new directory has the inode number now
                     del self.by_dir[d_ino]
-                self._dir_gone(d_ino)
+                    self._dir_gone(d_ino)
                 continue
             names = changed.setdefault(d_ino, {})
             names[name] = names.get(name, 0) | mask
@@ -339,7 +345,7 @@ class BaseWatch:
             if node is not None and node.is_dir:
                 fs._unregister(node, ident)
                 node.merged = None
-                fs.epoch += 1
+        fs.epoch += 1  # merged listings built from it are recomputed
 
     def _from_base(self, dnode, name) -> bool:
         """Does the view show *name* of directory *dnode* (or *dnode* itself, name None) from the

@@ -64,6 +64,7 @@ class Resolver:
         self.fuse_fd = None  # /dev/fuse of this mount, for notifications pyfuse3 lacks (set by the daemon)
         self.workfd = None  # the work directory (its whiteout template: copyup)
         self.base_watch = None  # the watches on the base (basewatch.BaseWatch, set by the daemon)
+        self.base_hold = 0  # > 0 while a commit changes the base: its events wait (Stack.base_held)
 
     @property
     def top(self) -> int:
@@ -295,7 +296,7 @@ class Resolver:
             node.dead = False
             if node.is_dir:
                 node.parent, node.name = parent, name
-                if node.dlayers != dl:
+                if node.dlayers != dl or node.epoch != self.epoch:  # (a base listing may have changed)
                     node.dlayers = dl
                     node.merged = None
                 node.li = dl[0][0]

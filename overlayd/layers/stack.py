@@ -7,6 +7,7 @@ moves layer directories into the base, and adopting the committed base entries a
 new identities. A drop's kernel invalidations are computed here and sent by :mod:`.kernel`.
 """
 
+import contextlib
 import logging
 import os
 
@@ -47,6 +48,28 @@ class Stack(Resolver):
         if self.gate is not None:
             self.gate.set()
             self.gate = None
+
+    @contextlib.contextmanager
+    def base_held(self):
+        """While a commit changes the base and until its drop has adopted the result, the view
+        keeps the base as it knew it: the base's events (basewatch) wait, so that no node is
+        resolved again between the apply and the adoption (``committed_identities`` needs the
+        layers' identities as they were). Entering, the layers' nodes are made fresh: a change
+        of the base seen before (an epoch bump) must not make one resolve again after the apply,
+        when the base holds what the layers held (and moved directories have left the layers)."""
+        self.base_hold += 1
+        for li in range(1, len(self.layers)):
+            for ident in list(self.layers[li].idents):
+                node = self.by_ident.get(ident)
+                if node is not None and not node.dead:
+                    try:
+                        self._fresh(node)
+                    except (OSError, FUSEError):
+                        pass
+        try:
+            yield
+        finally:
+            self.base_hold -= 1
 
     def seal_top(self) -> None:
         if self.top > 0:
