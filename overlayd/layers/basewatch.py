@@ -129,7 +129,9 @@ class BaseWatch:
         try:
             self.fd = _check(_inotify().inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
         except (OSError, AttributeError) as exc:
-            self.permanent = f"inotify is not available ({exc})"
+            more = (f"; fs.inotify.max_user_instances: {_read_sysctl('max_user_instances')}"
+                    if getattr(exc, "errno", None) == errno.EMFILE else "")
+            self.permanent = f"inotify is not available ({exc}{more})"
         fs.base_watch = self
         self._forget_base()  # listings read before now have no watch: read them again
 
@@ -175,13 +177,15 @@ class BaseWatch:
 
     def add(self, d_ino: int, dirfd: int) -> None:
         """Watch the base directory *d_ino* (open as *dirfd*) before its listing is read."""
-        if self.permanent is not None:
+        if self.permanent is not None or self.fd is None:
             return
         # asked again even if d_ino is watched: a directory removed (its events not read yet)
         # and a new one with the same inode number need a watch of their own (another wd)
         try:
             wd = _check(_inotify().inotify_add_watch(self.fd, f"/proc/self/fd/{dirfd}".encode(), MASK))
         except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return  # removed meanwhile: its listing cannot be read either
             if exc.errno == errno.ENOSPC:
                 why = ("the inotify watch limit is reached (fs.inotify.max_user_watches: "
                        f"{_read_sysctl('max_user_watches')})")
@@ -198,7 +202,7 @@ class BaseWatch:
     def _go_permanent(self, why: str) -> None:
         self.permanent = why
         log.warning("base view: revalidating from now on: %s; changes made to the base outside "
-                    "this workspace show within %.1f s", why, SHORT_TIMEOUT + TICK)
+                    "this workspace show within %.2f s", why, SHORT_TIMEOUT + TICK)
         self._close_fd()
         self.wds.clear()
         self.by_dir.clear()
@@ -209,7 +213,11 @@ class BaseWatch:
     # ------------------------------------------------------------------ the task
 
     async def run(self) -> None:
-        log.info("base view: %s%s", self.mode, f" ({self.permanent})" if self.permanent else "")
+        if self.permanent:
+            log.warning("base view: %s (%s): changes made to the base outside this workspace show within "
+                        "%.2f s", self.mode, self.permanent, SHORT_TIMEOUT + TICK)
+        else:
+            log.info("base view: %s", self.mode)
         events = []
         while True:
             held = self.fs.gate is not None or self.fs.base_hold > 0
