@@ -338,3 +338,36 @@ def test_without_watches_the_view_revalidates(mount_factory, tmp_path, no_inotif
     put(base / "d" / "n.txt", "theirs\n")
     time.sleep(1.0)
     assert content(m.mp / "d" / "n.txt") == b"mine\n"
+
+
+def test_the_inotify_reader(tmp_path):
+    """basewatch's ctypes reader against the kernel: a watch through /proc/self/fd, the events of
+    a create, a write, a rename and a removal, with their names, in order."""
+    from overlayd.layers import basewatch as bw
+
+    d = tmp_path / "w"
+    d.mkdir()
+    libc = bw._inotify()
+    ifd = bw._check(libc.inotify_init1(bw.IN_NONBLOCK | bw.IN_CLOEXEC))
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        wd = bw._check(libc.inotify_add_watch(ifd, f"/proc/self/fd/{dfd}".encode(), bw.MASK))
+        assert bw._check(libc.inotify_add_watch(ifd, str(d).encode(), bw.MASK)) == wd  # the same inode
+        with pytest.raises(BlockingIOError):
+            os.read(ifd, 4096)
+        put(d / "x", "x\n")
+        os.rename(d / "x", d / "y")
+        os.unlink(d / "y")
+        (d / "sub").mkdir()
+        events = bw.parse(os.read(ifd, 65536))
+        got = [(w, name, mask & (bw.NAMESPACE | bw.CONTENT)) for w, mask, name in events]
+        assert got[0] == (wd, b"x", bw.IN_CREATE)
+        assert (wd, b"x", bw.IN_MOVED_FROM) in got and (wd, b"y", bw.IN_MOVED_TO) in got
+        assert (wd, b"y", bw.IN_DELETE) in got
+        assert any(name == b"sub" and mask & bw.IN_ISDIR and mask & bw.IN_CREATE for _, mask, name in events)
+        with pytest.raises(OSError) as err:
+            bw._check(libc.inotify_add_watch(ifd, str(d / "nothing").encode(), bw.MASK))
+        assert err.value.errno == 2
+    finally:
+        os.close(dfd)
+        os.close(ifd)
