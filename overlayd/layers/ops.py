@@ -12,9 +12,11 @@ awaits are before the body (the commit's pause gate, the work of a ``Blocked``),
 ``fsync`` (in a worker thread, on a duplicate fd that nothing else closes).
 
 Caveats (knowingly not done):
-- changes made to the base behind the daemon's back show through inotify (:mod:`.basewatch`),
-  or by revalidation where events are lost or cannot be had; a metacopy (a renamed or chmod-ed
-  base file) shows the base file's current data until the saga gives it its own;
+- changes made to the base behind the daemon's back show within a second (inotify, or
+  revalidation where events are lost or cannot be had: :mod:`.basewatch`), except a change
+  made through a hard link in a base directory the view has not listed and changes of a network
+  file system made by another machine; a metacopy (a renamed or chmod-ed base file) shows the
+  base file's current data until it gets its own;
 - renaming a directory that has entries in lower layers copies its whole subtree up (its
   files as metacopies: metadata only; the walk runs on the event loop, only large data copies
   in worker threads);
