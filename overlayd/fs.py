@@ -42,7 +42,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from . import osutil
+from . import fusecaps, osutil
 from .osutil import DIR_FLAGS, PRIVATE_XATTR
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ ROOT = pyfuse3.ROOT_INODE
 TIMEOUT = 300.0  # entry and attribute timeout given to the kernel, in seconds
 FD_CACHE = 1024  # directory fds kept open
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+FALLOC_FL_PUNCH_HOLE = 0x02
 K_DIR, K_FILE, K_WHITEOUT, K_OTHER = 1, 2, 3, 4
 SYNTHETIC_INO = 1 << 48
 WHITEOUT = "whiteout"  # the shared whiteout's name in the work directory
@@ -320,6 +321,9 @@ class OverlayFS(pyfuse3.Operations):
                 node = self.nodes.get(p)
                 if node is not None and node.lookups > 0 and not gone(node):
                     inval_entries.extend((p, n) for n in names)
+                    if p not in inos:  # its listing (cached by the kernel: cache_readdir) changes
+                        inos.add(p)
+                        inval_inos.append(p)
         log.info("dropped %d layer(s): %s", count, ", ".join(layer.id for layer in dropped))
         return dropped, (inval_inos, inval_entries)
 
@@ -1412,6 +1416,8 @@ class OverlayFS(pyfuse3.Operations):
         fh = self.next_fh
         self.next_fh += 1
         self.dirhandles[fh] = [node, None]
+        if fusecaps.CACHE_READDIR:  # the kernel keeps the listing until invalidate_inode (drop_layers)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
         return fh
 
     @_fuse_errors
@@ -1985,6 +1991,19 @@ class OverlayFS(pyfuse3.Operations):
         if self.on_write is not None:
             self.on_write(h.node, n)
         return n
+
+    @_fuse_errors
+    async def fallocate(self, fh, mode, offset, length):
+        # as a write: the handle's file is copied up (a metacopy gets its data) into the top layer
+        h = self.handles[fh]
+        if h.li != self.top or h.loc != h.node.loc or not self.writable() or h.node.epoch != self.epoch:
+            self._refresh_handle(h, write=True)
+        osutil.fallocate(h.fd, mode, offset, length)  # a mode the layer's fs lacks: its errno
+        if h.node.ino not in self.layers[-1].inos:
+            self._touch(h.node)
+        h.wrote = True
+        if self.on_write is not None:
+            self.on_write(h.node, 0 if mode & FALLOC_FL_PUNCH_HOLE else length)
 
     async def flush(self, fh):
         # Writes reach the layer synchronously: nothing to flush on close(). ENOSYS tells the
