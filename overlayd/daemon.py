@@ -18,7 +18,7 @@ import time
 import pyfuse3
 import trio
 
-from . import osutil
+from . import fusecaps, osutil
 from journal import JournalError, JournalFull
 
 from .control import Authorizer, ControlServer, OpError
@@ -253,6 +253,7 @@ class Daemon:
             "layers": [layer.id for layer in fs.layers[1:]], "writable": fs.writable(),
             "busy": self.busy, "uptime": time.time() - self.started,
             "quarantined": self.ws.quarantined(),
+            "pyfuse3": fusecaps.describe(),
         }
 
     async def op_push(self, args, peer):
@@ -350,6 +351,7 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         ready_fd: int | None = None, group: str | None = None, debug_fuse: bool = False,
         keep_open_step: bool = False) -> int:
     """Mount and serve until unmounted. Returns the exit status."""
+    log.info("overlayd daemon pid %d for %s: %s", os.getpid(), mountpoint, fusecaps.describe())
     def report(msg: str) -> None:
         if ready_fd is not None:
             try:
