@@ -21,8 +21,8 @@ Caveats (knowingly not done):
 - a character device 0/0 cannot be created in the view (EPERM, as in kernel overlayfs): in a
   layer it is a whiteout; other devices can, by root only (the mount is ``nodev``: they cannot
   be opened through it);
-- ``fallocate(2)`` is not supported (EOPNOTSUPP): pyfuse3 (3.5.0) has no handler for it, so
-  libfuse answers ENOSYS and the kernel stops asking (``posix_fallocate`` falls back to writes);
+- on a stock pyfuse3 (without patches/pyfuse3), ``fallocate(2)`` gets EOPNOTSUPP (libfuse
+  answers ENOSYS, the kernel stops asking) and every directory listing reaches the daemon;
 - a file system mounted inside the base is shown, but keyed by the base's ``st_dev``;
 - a directory whose xattrs leave no room for the record of the base's attributes loses it
   (its commit then gives every attribute of the view's copy).
