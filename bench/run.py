@@ -71,6 +71,7 @@ def make_workloads(base: Path, sc: dict, archive: Path) -> list[Workload]:
         W("read_warm", "read every file, warm", "read", warm=True),
         W("git_status_cold", "`git status`, cold", "git_status", {"prewarm_tools": True}, cold=True),
         W("git_status_warm", "`git status`, warm", "git_status", warm=True),
+        W("find_warm", "`find -type f`, warm", "find", warm=True),
         W("grep", "`grep -r` (warm)", "grep", {"needle": "overlayd-bench-needle"}, warm=True),
         W("compileall", f"`python -m compileall` ({compile_dir}, no tests)", "compileall",
           {"dir": compile_dir, "exclude": r"/(test|tests|idlelib|lib2to3|tkinter)/"}),
