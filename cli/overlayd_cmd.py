@@ -232,7 +232,8 @@ def unmount(mountpoint, timeout):
 def list_(as_json):
     """List the workspaces on this machine: mounted, stopped, or dead (the daemon died and left
     its mount: clear it with overlayd clear-mount). Also those with a --state-dir of their own,
-    and any overlayd mount whose state is elsewhere."""
+    and any overlayd mount whose state is elsewhere. FUSE (`pyfuse3` in --json) says which
+    pyfuse3 a mounted workspace's daemon runs on: patched (and with what) or stock."""
     from journal import Journal, JournalError
     from overlayd.saga import status_of
 

@@ -11,6 +11,7 @@ that overlayd keeps working without it.
 
 import ctypes
 import errno
+import json
 import os
 import re
 
@@ -18,6 +19,7 @@ import pytest
 
 from conftest import read, put
 from overlayd import fusecaps
+from test_cli import od
 from test_saga import assert_same, snap
 
 needs_cache = pytest.mark.skipif(
@@ -69,6 +71,11 @@ def test_the_daemon_says_which_pyfuse3_it_runs_on(mount_factory, base):
     assert fusecaps.describe() in m.log().splitlines()[0]
     assert m.call("status")["pyfuse3"] == fusecaps.describe()
     assert re.fullmatch(r"pyfuse3 \S+ \((stock|patched: [a-z_, ]+)\)", fusecaps.describe())
+    rows = json.loads(od(m, "list", "--json", check=0).stdout)["workspaces"]
+    assert [w["pyfuse3"] for w in rows if w["name"] == m.name] == [fusecaps.describe()]
+    lines = od(m, "list", check=0).stdout.splitlines()
+    assert lines[0].endswith("\tMOUNTPOINT\tFUSE")
+    assert [line.split("\t")[-1] for line in lines if line.startswith(m.name + "\t")] == [fusecaps.describe()]
 
 
 @needs_cache
