@@ -201,3 +201,16 @@ def test_fallocate_is_not_supported_on_stock_pyfuse3(mount_factory, base):
     with pytest.raises(OSError) as ei:
         fallocate(m.mp / "big", 0, 0, 1 << 20)
     assert ei.value.errno == errno.EOPNOTSUPP
+
+
+def test_a_commit_that_strips_set_id_bits_shows_it(mount_factory, base):
+    m = mount_factory(base)
+    m.call("saga.begin", name="setid")
+    m.call("saga.step", name="s1")
+    os.mkdir(m.mp / "new")  # a directory of the step: the drop expires no name inside it
+    put(m.mp / "new" / "s", "s\n", mode=0o755)
+    os.chmod(m.mp / "new" / "s", 0o4755)
+    assert os.lstat(m.mp / "new" / "s").st_mode & 0o7777 == 0o4755  # cached by the kernel
+    assert m.call("saga.commit")["saga"]["state"] == "committed"
+    assert os.lstat(base / "new" / "s").st_mode & 0o7777 == 0o755
+    assert os.lstat(m.mp / "new" / "s").st_mode & 0o7777 == 0o755, "the kernel kept the attributes from before"
