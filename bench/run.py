@@ -254,6 +254,8 @@ def main() -> int:
     ap.add_argument("--no-soak", action="store_true")
     ap.add_argument("--code", default="worktree", help="daemon code: worktree (default), HEAD or a directory")
     ap.add_argument("--timeout", type=float, help="per-measurement time limit, seconds")
+    ap.add_argument("--python", action="append", default=[], metavar="NAME=PYTHON",
+                    help="another target: overlayd run by PYTHON (another venv: stock or patched pyfuse3)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (mounts, drop_caches)", file=sys.stderr)
@@ -290,6 +292,10 @@ def main() -> int:
                        "fuse-overlayfs": lambda: FuseOverlayfs(base, work),
                        "overlayd": lambda: Overlayd(base, work, 1, code=code),
                        "overlayd-10": lambda: Overlayd(base, work, 10, code=code)}
+        for spec in a.python:  # e.g. overlayd-stock=.venv-stock/bin/python
+            tname, _, python = spec.partition("=")
+            all_targets[tname] = lambda tname=tname, python=python: Overlayd(base, work, 1, code=code,
+                                                                             python=python, name=tname)
         targets, notes = [], []
         for name in a.targets.split(","):
             t = all_targets[name]()
