@@ -6,7 +6,9 @@ stock pyfuse3 too, without what the patches add:
 - ``cache_readdir``: opendir may answer with a FileInfo carrying keep_cache and cache_readdir, and
   the kernel answers warm listings from its page cache (the daemon invalidates a directory's
   inode whenever its listing changes behind the kernel's back: a layer drop, a commit);
-- ``fallocate``: the Operations.fallocate handler exists (stock: the kernel answers EOPNOTSUPP).
+- ``fallocate``: the Operations.fallocate handler exists (stock: the kernel answers EOPNOTSUPP);
+- ``inline_requests``: the request loop reads /dev/fuse until EAGAIN and runs a handler that does
+  not suspend to completion without a task switch (nothing for overlayd to do: only reported).
 """
 
 import importlib.metadata
@@ -18,11 +20,13 @@ log = logging.getLogger(__name__)
 
 CACHE_READDIR = hasattr(pyfuse3.FileInfo(), "cache_readdir")
 FALLOCATE = "fallocate" in vars(pyfuse3.Operations)
+INLINE_REQUESTS = hasattr(pyfuse3._pyfuse3, "resume_suspended")
 
 
 def features() -> list[str]:
     """The patched features present, in the series' order."""
-    return [name for name, present in (("cache_readdir", CACHE_READDIR), ("fallocate", FALLOCATE)) if present]
+    found = (("cache_readdir", CACHE_READDIR), ("fallocate", FALLOCATE), ("inline_requests", INLINE_REQUESTS))
+    return [name for name, present in found if present]
 
 
 def describe() -> str:
