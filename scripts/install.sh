@@ -58,7 +58,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "impo
       || fail "installing pyfuse3's build dependencies (${BUILD_DEPS[*]})" "$out" "$hint"
     "$VENV/bin/pip" download -q --no-binary :all: --no-deps -d "$build" "pyfuse3==$PYFUSE3" >"$out" 2>&1 \
       || fail "downloading the sdist of pyfuse3 $PYFUSE3" "$out" "$hint"
-    tar -xzf "$build/pyfuse3-$PYFUSE3.tar.gz" -C "$build"
+    tar -xzf "$build/pyfuse3-$PYFUSE3.tar.gz" -C "$build" >"$out" 2>&1 \
+      || fail "unpacking the sdist of pyfuse3 $PYFUSE3" "$out" "$hint"
     src="$build/pyfuse3-$PYFUSE3"
     while read -r patch; do
       case "$patch" in ''|'#'*) continue ;; esac
