@@ -226,8 +226,9 @@ class FuseOverlayfs(Target):
 class BenchMount(Mount):
     """tests/conftest.py's Mount, with the daemon's code and entry point chosen by the bench."""
 
-    def __init__(self, *a, code: Path = ROOT, entry=None, log_level="info", env_extra=None, **kw):
+    def __init__(self, *a, code: Path = ROOT, entry=None, log_level="info", env_extra=None, python=None, **kw):
         super().__init__(*a, **kw)
+        self.python = python or sys.executable  # another venv's: another pyfuse3 (stock or patched)
         self.code = Path(code)
         self.entry = entry  # a script path run instead of ``-m overlayd`` (request counting)
         self.log_level = log_level
@@ -239,7 +240,7 @@ class BenchMount(Mount):
 
     def start(self, timeout: float = 30.0):
         rfd, wfd = os.pipe()
-        head = [sys.executable, str(self.entry)] if self.entry else [sys.executable, "-m", "overlayd"]
+        head = [self.python, str(self.entry)] if self.entry else [self.python, "-m", "overlayd"]
         cmd = [*head, "--ready-fd", str(wfd), "--name", self.name, "--state-dir", str(self.state),
                "--log-level", self.log_level, "--allow-other", str(self.base), str(self.mp), *self.extra_args]
         with open(self.log_path, "ab") as log:
@@ -274,10 +275,12 @@ class Overlayd(Target):
 
     fuse = True
 
-    def __init__(self, base, work, layers: int = 1, code: Path = ROOT, entry=None, env_extra=None):
+    def __init__(self, base, work, layers: int = 1, code: Path = ROOT, entry=None, env_extra=None,
+                 python=None, name=None):
         super().__init__(base, work)
         self.layers = layers
-        self.name = f"overlayd-{layers}" if layers > 1 else "overlayd"
+        self.name = name or (f"overlayd-{layers}" if layers > 1 else "overlayd")
+        self.python = python
         self.code = code
         self.entry = entry
         self.env_extra = env_extra
@@ -299,7 +302,7 @@ class Overlayd(Target):
         t = self._new_tmp()
         _live[id(self)] = self
         self.m = BenchMount(self.base, t, name="bench", code=self.code, entry=self.entry,
-                            env_extra=self.env_extra)
+                            env_extra=self.env_extra, python=self.python)
         self.m.start()
         self.m.call("saga.begin", name="bench")
         for i in range(self.layers):

@@ -236,7 +236,8 @@ def unmount(mountpoint, timeout):
 def list_(as_json):
     """List the workspaces on this machine: mounted, stopped, or dead (the daemon died and left
     its mount: clear it with overlayd clear-mount). Also those with a --state-dir of their own,
-    and any overlayd mount whose state is elsewhere."""
+    and any overlayd mount whose state is elsewhere. FUSE (`pyfuse3` in --json) says which
+    pyfuse3 a mounted workspace's daemon runs on: patched (and with what) or stock."""
     import shlex
 
     from journal import Journal, JournalError
@@ -247,7 +248,7 @@ def list_(as_json):
     for info in known_workspaces():
         entry = info["state_dir"]
         row = {**info, "mounted": False, "state": "stopped", "layers": None, "saga": None,
-               "disk_bytes": _disk_use(entry)}
+               "disk_bytes": _disk_use(entry), "pyfuse3": None}
         saga = _live_status(row)
         if not row["mounted"]:
             if info.get("mountpoint") and mounts.get(info["name"]) == mountinfo_path(info["mountpoint"]):
@@ -264,7 +265,7 @@ def list_(as_json):
         rows.append(row)
     for name, point in sorted(mounts.items()):  # mounted, but its state is not known here
         row = {"name": name, "mountpoint": point, "base": None, "state_dir": None, "mounted": False,
-               "state": "stopped", "layers": None, "saga": None, "disk_bytes": None}
+               "state": "stopped", "layers": None, "saga": None, "disk_bytes": None, "pyfuse3": None}
         saga = _live_status(row)
         if not row["mounted"]:
             row["state"] = {"ok": "mounted", "dead": "dead"}.get(_probe(point, timeout=2.0), "hung")
@@ -277,11 +278,11 @@ def list_(as_json):
     if not rows:
         click.echo(f"no workspaces under {state_root()}")
         return
-    click.echo("NAME\tSTATE\tSAGA\tDISK\tBASE\tMOUNTPOINT")
+    click.echo("NAME\tSTATE\tSAGA\tDISK\tBASE\tMOUNTPOINT\tFUSE")
     for r in rows:
         saga = f"{r['saga']['name']} ({r['saga']['state']})" if r["saga"] else "-"
         disk = "-" if r["disk_bytes"] is None else _human(r["disk_bytes"])
-        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{quote_path(r['base']) if r['base'] else '-'}\t{quote_path(r['mountpoint'])}")
+        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{quote_path(r['base']) if r['base'] else '-'}\t{quote_path(r['mountpoint'])}\t{r['pyfuse3'] or '-'}")
     dead = [r for r in rows if r["state"] == "dead"]
     for r in dead:
         click.echo(f"{r['name']}: its daemon died; clear the dead mount with: overlayd clear-mount "
@@ -300,7 +301,7 @@ def _live_status(row):
         with connect_to_mount(m, timeout=5) as c:  # this workspace's daemon, not a namesake's
             st = c.identity
             saga = c.call("saga.status")["saga"]
-        row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"],
+        row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"], pyfuse3=st.get("pyfuse3"),
                    base=row.get("base") or st["base"], state_dir=row.get("state_dir") or st["state_dir"])
     except (ClientError, OSError, UsageError, KeyError, TypeError):
         return None

@@ -357,6 +357,10 @@ class Workspace:
         dropped, (inos, entries) = self.fs.drop_layers(count)
         if committed is not None:
             self.fs.adopt(pairs, committed[1])
+            # what the kernel knows of them changed too: set-ID bits are never committed, a
+            # file linked into the base has one more link (and it may cache their listings)
+            known = set(inos)
+            inos = inos + [node.ino for node, _ in pairs if node.lookups > 0 and node.ino not in known]
             if len(committed) > 2:
                 entries = entries + list(committed[2][0])
                 inos = inos + list(committed[2][1])
