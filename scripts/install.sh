@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pkg in fuse3 libfuse3-dev pkg-config python3-venv gcc python3-dev git attr; do
+for pkg in fuse3 libfuse3-dev pkg-config python3-venv gcc python3-dev git attr patch; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ "${1:-}" = "--test" ]; then
