@@ -547,3 +547,8 @@ def install_service(name, base, mountpoint, user, root, executable):
     click.echo("then run:" if root in ("", "/") else f"then, on the system installed in {root}, run:")
     for cmd in r["commands"]:
         click.echo(f"  {cmd}")
+
+
+from cli.mcp_cmd import mcp  # noqa: E402  (overlayd mcp: imports the mcp SDK only when run)
+
+main.add_command(mcp)
