@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what overlayd needs on Debian 12 (as root): FUSE 3, a venv at .venv, the package.
-# Idempotent. Usage: scripts/install.sh [--test]   (--test adds the test dependencies)
+# Idempotent. Usage: scripts/install.sh [--test|--mcp]   (--test adds the test dependencies, the MCP
+# SDK among them; --mcp only the MCP SDK, for 'overlayd mcp')
 # OVERLAYD_VENV=DIR: the virtualenv to use or create (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,4 +37,5 @@ hint="can pip reach the package index? (check the network, a proxy: https_proxy,
 "$VENV/bin/pip" install -q --upgrade pip >"$out" 2>&1 || fail "upgrading pip in $VENV" "$out" "$hint"
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
+[ "${1:-}" = "--mcp" ] && extra="[mcp]"
 "$VENV/bin/pip" install -q -e ".$extra" >"$out" 2>&1 || fail "installing overlayd into $VENV (pip install -e .$extra)" "$out" "$hint"
