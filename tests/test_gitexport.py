@@ -8,10 +8,13 @@ import subprocess
 
 from conftest import put, read
 from test_commit_rules import GIT, saga_cli
+from test_multiuser import place  # noqa: F401 - the fixture
+from users import local_users  # noqa: F401 - the fixture
 
 
 def git(repo, *args) -> str:
-    return subprocess.run([*GIT, "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+    return subprocess.run([*GIT, "-c", "safe.directory=*", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True).stdout
 
 
 def repo_state(repo) -> dict:
@@ -140,6 +143,9 @@ def test_export_refusals(mount_factory, tmp_path):
     repo = git_repo(tmp_path / "other")
     r = saga_cli(m, "export", "--git", "--repo", str(repo))
     assert r.returncode == 1 and "no finished step" in r.stderr, r.stderr
+    os.makedirs(m.mp / "many")
+    for i in range(450):  # more fds than one reply carries (export.MAX_FDS)
+        put(m.mp / "many" / f"{i:03}", f"{i}\n")
     assert saga_cli(m, "step", "two").returncode == 0
     before = repo_state(repo)
     r = saga_cli(m, "export", "--git", "--repo", str(repo), "--json")
@@ -147,7 +153,44 @@ def test_export_refusals(mount_factory, tmp_path):
     assert json.loads(r.stdout)["parent"] == git(repo, "rev-parse", "HEAD").strip()
     assert git(repo, "show", "saga/s:g") == "y\n" and git(repo, "show", "saga/s:app.py") == "print(1)\n"
     assert repo_state(repo) == before
+    many = git(repo, "ls-tree", "-r", "saga/s", "many/").splitlines()
+    assert len(many) == 450 and git(repo, "show", "saga/s:many/449") == "449\n"
     r = saga_cli(m, "export")
     assert r.returncode == 2, r.stderr
     r = saga_cli(m, "commit", "--squash")
     assert r.returncode == 2 and "go with --git" in r.stderr, r.stderr
+
+
+def test_a_user_exports_from_a_root_daemon(local_users, place):
+    """The daemon runs as root with its state 0700; the user gets the content as fds and writes
+    the objects: every file git wrote is the user's."""
+    from test_multiuser import SystemMount
+
+    alice = local_users["alice"]
+    base = alice.mkdir(place.dir / "base", 0o755)
+    alice.sh(f"cd {base} && git init -q -b main . && echo v0 > f && git add f && "
+             "git -c user.name=a -c user.email=a@x commit -qm base", check=True)
+    name = f"gx-{os.getpid()}"
+    m = SystemMount(base, place.dir, name=name, extra_args=["--group", "overlayd-devs"])
+    (place.dir / "mnt").chmod(0o755)
+    m.start()
+    try:
+        env = alice.env()
+        assert alice.saga("-w", m.mp, "begin", "mine", env=env).returncode == 0
+        assert alice.saga("-w", m.mp, "step", "write", env=env).returncode == 0
+        alice.sh(f"echo v1 > {m.mp}/f && echo new > {m.mp}/g && chmod 600 {m.mp}/g", check=True)
+        assert alice.saga("-w", m.mp, "step", "next", env=env).returncode == 0
+        before = repo_state(base)
+        r = alice.saga("-w", m.mp, "export", "--git", "--json", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert repo_state(base) == before
+        show = alice.sh(f"cd {base} && git show saga/mine:f saga/mine:g && git log -1 --format=%B saga/mine",
+                        check=True).stdout
+        assert show.startswith("v1\nnew\nwrite\n") and "Saga-Step: 1" in show, show
+        assert json.loads(r.stdout)["parent"] == git(base, "rev-parse", "HEAD").strip()
+        for dirpath, _dirs, files in os.walk(base / ".git"):
+            for n in files:
+                assert os.lstat(os.path.join(dirpath, n)).st_uid == alice.uid, os.path.join(dirpath, n)
+        assert alice.saga("-w", m.mp, "abort", env=env).returncode == 0
+    finally:
+        m.stop()
