@@ -155,6 +155,14 @@ def test_export_refusals(mount_factory, tmp_path):
     assert repo_state(repo) == before
     many = git(repo, "ls-tree", "-r", "saga/s", "many/").splitlines()
     assert len(many) == 450 and git(repo, "show", "saga/s:many/449") == "449\n"
+    # commit --git refused for a conflict: no branch moves, the open step is writable again
+    put(m.mp / "f", "mine\n")
+    put(base / "f", "theirs\n")
+    r = saga_cli(m, "commit", "--git", "--repo", str(repo), "--branch", "saga/c")
+    assert r.returncode == 3 and "conflict: f" in r.stderr, r.stderr
+    assert subprocess.run(["git", "-C", str(repo), "rev-parse", "-q", "--verify", "saga/c"]).returncode != 0
+    assert m.call("saga.status")["writable"]
+    put(m.mp / "after", "still writable\n")
     r = saga_cli(m, "export")
     assert r.returncode == 2, r.stderr
     r = saga_cli(m, "commit", "--squash")
