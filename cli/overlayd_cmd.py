@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from cli import mcp_cmd
 from cli.common import Group
 from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
@@ -549,6 +550,5 @@ def install_service(name, base, mountpoint, user, root, executable):
         click.echo(f"  {cmd}")
 
 
-from cli.mcp_cmd import mcp  # noqa: E402  (overlayd mcp: imports the mcp SDK only when run)
-
-main.add_command(mcp)
+# commands with a module of their own
+main.add_command(mcp_cmd.mcp)  # overlayd mcp: imports the mcp SDK only when run
