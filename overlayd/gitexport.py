@@ -234,7 +234,7 @@ def build(repo, data: dict, call_fds, *, parent, squash=False) -> dict:
         else:
             git(repo, "read-tree", "--empty", env=env)
         prev = parent_state
-        zero = "0" * (len(parent) if parent else 40)
+        zero = "0" * len(git(repo, "hash-object", "--stdin", input=b"").strip())  # sha1 or sha256
         todo = steps[-1:] if squash else steps
         for s in todo:
             skipped = []

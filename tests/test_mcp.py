@@ -8,7 +8,12 @@ import sys
 
 import pytest
 
-pytest.importorskip("mcp")
+try:
+    import mcp  # noqa: F401
+except ImportError:  # scripts/install.sh --test installs it (the 'test' extra); CI must not skip
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("the mcp SDK is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 import anyio  # noqa: E402
 from mcp.client.session import ClientSession  # noqa: E402
