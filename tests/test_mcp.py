@@ -108,6 +108,10 @@ def test_mcp_session_against_a_real_workspace(mount_factory, tmp_path):
         assert read(mp / "f.txt") == b"theirs\n"
         none = await s.call_tool("saga_rollback", {})
         assert none.is_error and none.structured_content["error"]["code"] == "no-saga"
+        await anyio.to_thread.run_sync(m.stop)  # the daemon goes away under the server
+        gone = await s.call_tool("saga_status", {})
+        err = gone.structured_content["error"]
+        assert gone.is_error and err["code"] == "no-daemon" and err["exit_code"] == 5, err
         return True
 
     assert anyio.run(session_run, m, body, backend="trio")
