@@ -155,6 +155,11 @@ def test_export_refusals(mount_factory, tmp_path):
     assert repo_state(repo) == before
     many = git(repo, "ls-tree", "-r", "saga/s", "many/").splitlines()
     assert len(many) == 450 and git(repo, "show", "saga/s:many/449") == "449\n"
+    r = saga_cli(m, "commit", "--git", "--dry-run", "--repo", str(repo), "--json")
+    assert r.returncode == 0, r.stderr
+    dry = json.loads(r.stdout)
+    assert [s["name"] for s in dry["git"]["steps"]] == ["one", "two"] and dry["git"]["branch"] == "saga/s"
+    assert m.call("saga.status")["writable"] and m.call("saga.status")["saga"]["state"] == "active"
     # commit --git refused for a conflict: no branch moves, the open step is writable again
     put(m.mp / "f", "mine\n")
     put(base / "f", "theirs\n")
