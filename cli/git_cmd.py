@@ -1,7 +1,9 @@
 """``saga export --git`` and ``saga commit --git``: a saga as git commits (overlayd/gitexport.py).
 
 Registered on the ``saga`` group by ``register(main)``: adds the ``export`` command, and the
-``--git`` options to ``commit`` (without them ``commit`` runs as before).
+``--git`` options to ``commit`` (without them ``commit`` runs as before). overlayd.gitexport
+(subprocess, tempfile) is imported by the functions that use it: every ``saga`` call loads this
+module, and only these commands need git.
 """
 
 import os
@@ -10,7 +12,6 @@ import sys
 import click
 
 from cli import saga_common as sc
-from overlayd import gitexport
 from overlayd.client import ClientError, NoDaemon, PermissionDenied
 from overlayd.paths import quote_path
 
@@ -52,6 +53,8 @@ def _fds(t, pairs):
 
 def prepare(t, *, repo, branch, parent_rev, rule_args, open_step):
     """(repo, branch, parent, saga.export's answer, warnings), checked; nothing written yet."""
+    from overlayd import gitexport
+
     base = t.call("status")["base"]
     repo = os.path.abspath(repo) if repo else base
     if not gitexport.is_work_tree(repo):
@@ -79,6 +82,8 @@ def prepare(t, *, repo, branch, parent_rev, rule_args, open_step):
 
 
 def write(t, repo, branch, parent, data, *, squash, force, move_ref=True):
+    from overlayd import gitexport
+
     if not data["steps"]:
         raise sc.SagaError(f"saga {data['saga']['name']!r} has no finished step to export (the open step is "
                            "exported once it is finished: saga step NEXT, or saga commit --git)", 1)
@@ -170,6 +175,8 @@ def register(main) -> None:
 
 def _commit_git(ctx, *, repo, branch, squash, parent_rev, force, dry_run, exclude, include_ignored, workspace,
                 as_json):
+    from overlayd import gitexport
+
     rule_args = {"exclude": list(exclude) or None, "include_ignored": include_ignored or None}
 
     def go(t):

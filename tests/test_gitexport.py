@@ -5,11 +5,28 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from conftest import put, read
 from test_commit_rules import GIT, saga_cli
 from test_multiuser import place  # noqa: F401 - the fixture
 from users import local_users  # noqa: F401 - the fixture
+
+
+
+@pytest.mark.parametrize("command, module", [("cli.saga_cmd", "overlayd.gitexport"), ("cli.saga_cmd", "subprocess"),
+                                             ("cli.overlayd_cmd", "mcp"), ("cli.overlayd_cmd", "overlayd.mcp_server")])
+def test_the_git_and_mcp_commands_import_their_needs_only_when_run(command, module):
+    """Every saga call loads cli.git_cmd, every overlayd call cli.mcp_cmd: the git plumbing
+    (subprocess, tempfile) and the mcp SDK are imported by the commands that use them."""
+    code = f"import sys, {command}; print({module!r} in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False", f"import {command} imports {module}"
 
 
 def git(repo, *args) -> str:
