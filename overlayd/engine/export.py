@@ -11,9 +11,9 @@ changed, and the client (``overlayd.gitexport``) writes the objects:
   step's name, compensation and the audit trail's process list; and the base's ``HEAD``
   recorded when the saga began (``base_head``).
 - ``{"open": [[layer, path], ...]}`` (at most ``MAX_FDS``): read-only fds of those layer files,
-  passed with SCM_RIGHTS (``protocol.WithFds``, sent by the control server); a metacopy's fd is its origin's in the base. A
-  file the peer could not read by its mode bits is refused (``permission``): root's daemon
-  must not become a way around a file's permissions.
+  passed with SCM_RIGHTS (``protocol.WithFds``, sent by the control server); a metacopy's fd
+  is its origin's in the base. A file the peer could not read by its mode bits is refused
+  (``permission``): root's daemon must not become a way around a file's permissions.
 
 The peer is authorized as for every other op (daemon.control.Authorizer). Refusals are
 EngineErrors, as everywhere in the engine (the daemon's wire turns them into replies).
