@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from cli import mcp_cmd
 from cli.common import Group
 from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
@@ -548,3 +549,7 @@ def install_service(name, base, mountpoint, user, root, executable):
     click.echo("then run:" if root in ("", "/") else f"then, on the system installed in {root}, run:")
     for cmd in r["commands"]:
         click.echo(f"  {cmd}")
+
+
+# commands with a module of their own
+main.add_command(mcp_cmd.mcp)  # overlayd mcp: imports the mcp SDK only when run

@@ -48,6 +48,16 @@ def name_problem(name) -> str | None:
     return None
 
 
+class WithFds:
+    """An op's result that carries open fds: they go with the reply line (SCM_RIGHTS) and are
+    closed once sent (overlayd.daemon.control). The reply says how many; the client reads them
+    with ``Client.call_fds``."""
+
+    def __init__(self, result, fds):
+        self.result = result
+        self.fds = list(fds)
+
+
 def peer_credentials(sock) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix socket."""
     data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what overlayd needs on Debian 12 (as root): FUSE 3, a venv at .venv, pyfuse3 built from its
 # sdist with the patches of patches/pyfuse3/series, the package.
-# Idempotent. Usage: scripts/install.sh [--test]   (--test adds the test dependencies)
+# Idempotent. Usage: scripts/install.sh [--test|--mcp]   (--test adds the test dependencies, the MCP
+# SDK among them; --mcp only the MCP SDK, for 'overlayd mcp')
 # OVERLAYD_VENV=DIR: the virtualenv to use or create (default .venv).
 # OVERLAYD_STOCK_PYFUSE3=1: install the registry's pyfuse3 unpatched (overlayd runs on it, slower:
 #   every directory listing reaches the daemon, fallocate answers EOPNOTSUPP).
@@ -76,4 +77,5 @@ fi
 
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
+[ "${1:-}" = "--mcp" ] && extra="[mcp]"
 "$VENV/bin/pip" install -q -e ".$extra" >"$out" 2>&1 || fail "installing overlayd into $VENV (pip install -e .$extra)" "$out" "$hint"
