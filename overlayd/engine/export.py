@@ -69,6 +69,11 @@ class ExportMixin:
 
     async def op_export(self, args, peer):
         saga = self.require_active(states=("active", "stuck"))
+        # the stack lock: a rollback or commit meanwhile would drop the layers being read
+        with self.lock.hold("saga export"):
+            return await self._export(saga, args, peer)
+
+    async def _export(self, saga, args, peer):
         layers = {layer.id: layer.path for layer in self.fs.layers[1:]}
         if args.get("open") is not None:
             return await trio.to_thread.run_sync(_open_files, str(self.ws.base), layers, args["open"], peer)
