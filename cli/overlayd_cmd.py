@@ -383,14 +383,9 @@ def forget(name, force, yes):
 
 
 def _disk_use(path) -> int:
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for f in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+    from overlayd.osutil import disk_use
+
+    return disk_use(path)
 
 
 def _human(n: int) -> str:

@@ -31,6 +31,7 @@ from pydantic import Field
 from . import __version__
 from .client import ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
 from .paths import UsageError
+from .textdiff import read_text
 
 log = logging.getLogger(__name__)
 
@@ -103,29 +104,14 @@ async def _run(fn, *args) -> CallToolResult:
         return _error(exc)
 
 
-def _read_lines(path):
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return []
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(1 << 20)
-    if b"\0" in data[:8000]:
-        return None
-    try:
-        return data.decode("utf-8").splitlines(keepends=True)
-    except UnicodeDecodeError:
-        return None
-
-
 def unified(base: str, root: str, changes) -> str:
     """Unified diffs (base -> view) of the changed text files, at most DIFF_LIMIT characters."""
     out, size = [], 0
     for c in changes:
         if c.get("kind") != "f":
             continue
-        old = [] if c["change"] == "added" else _read_lines(os.path.join(base, c["path"]))
-        new = [] if c["change"] == "deleted" else _read_lines(os.path.join(root, c["path"]))
+        old = [] if c["change"] == "added" else read_text(os.path.join(base, c["path"]))
+        new = [] if c["change"] == "deleted" else read_text(os.path.join(root, c["path"]))
         if old is None or new is None:
             text = f"Binary file {c['path']} {c['change']}\n"
         else:

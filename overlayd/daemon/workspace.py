@@ -33,6 +33,7 @@ import trio
 
 from journal import Journal
 
+from .. import osutil
 from ..layers import OverlayFS
 from ..paths import UsageError, fsync_dir, index_dir, is_within, make_parents, register
 
@@ -448,11 +449,4 @@ class Workspace:
             self._reaper_wake.clear()
 
     def disk_usage(self) -> int:
-        total = 0
-        for root, dirs, files in os.walk(self.state_dir):
-            for f in files:
-                try:
-                    total += os.lstat(os.path.join(root, f)).st_blocks * 512
-                except OSError:
-                    pass
-        return total
+        return osutil.disk_use(self.state_dir)
