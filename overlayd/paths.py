@@ -1,5 +1,6 @@
-"""Where a workspace keeps its state and its control socket, how names are checked, and the one
-parser of the kernel's mount table."""
+"""Where a workspace keeps its state and its control socket, how workspace names are checked
+(saga and step names: overlayd.protocol.name_problem), and the one parser of the kernel's mount
+table."""
 
 import collections
 import json
@@ -10,8 +11,6 @@ import unicodedata
 from pathlib import Path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-#: saga and step names: 1-128 bytes of UTF-8, printable (no control character), no "/"
-SAGA_NAME_RE = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
 
 
 class UsageError(Exception):
@@ -23,20 +22,6 @@ def check_workspace_name(name: str) -> str:
         raise UsageError(
             f"invalid workspace name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit")
-    return name
-
-
-def check_saga_name(kind: str, name) -> str:
-    """A saga's or a step's name (*kind*: "saga" or "step"), as the daemon and definitions
-    accept it: 1-128 bytes of valid UTF-8, no control character, no "/", not "." or "..".
-    Raises UsageError saying so."""
-    if not isinstance(name, str) or not SAGA_NAME_RE.fullmatch(name) or name in (".", "..") \
-            or len(name.encode("utf-8", "surrogatepass")) > 128:
-        raise UsageError(f"invalid {kind} name {name!r}: use 1-128 printable characters, no '/', not '.' or '..'")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"invalid {kind} name {name!r}: not valid UTF-8") from None
     return name
 
 
