@@ -29,7 +29,6 @@ ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 COMPENSATABLE = ("full", "partial", "none")
 ON_FAILURE = ("compensate", "retry", "stop")
 DEFAULT_RETRY_POLICY_RETRIES = 2
-BACKOFF = float(os.environ.get("OVERLAYD_BACKOFF", "0.5"))
 
 # exit codes of ``saga run`` (and RunResult.exit_code)
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CONFLICT, EXIT_STUCK, EXIT_NO_DAEMON, EXIT_STOPPED = 0, 1, 2, 3, 4, 5, 6
