@@ -104,6 +104,19 @@ class Target:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
 
+    def _umount_overlay(self, command: list) -> None:
+        """Unmount tmp/mnt with *command* (lazily if that fails)."""
+        mnt = str(self.tmp / "mnt")
+        if os.path.ismount(mnt):
+            r = subprocess.run(command + [mnt], stderr=subprocess.DEVNULL)
+            if r.returncode != 0:
+                lazy_unmount(mnt, fuse=self.fuse)
+
+    def _forget(self) -> None:
+        _live.pop(id(self), None)
+        self._drop_tmp()
+        self.root = None
+
 
 class Native(Target):
     """A plain copy of the base (same file system as the base)."""
@@ -164,14 +177,8 @@ class KernelOverlay(Target):
     def unmount(self, force: bool = False) -> None:
         if self.tmp is None:
             return
-        mnt = str(self.tmp / "mnt")
-        if os.path.ismount(mnt):
-            r = subprocess.run(["umount", mnt], stderr=subprocess.DEVNULL)
-            if r.returncode != 0:
-                lazy_unmount(mnt, fuse=False)
-        _live.pop(id(self), None)
-        self._drop_tmp()
-        self.root = None
+        self._umount_overlay(["umount"])
+        self._forget()
 
 
 class FuseOverlayfs(Target):
@@ -204,12 +211,8 @@ class FuseOverlayfs(Target):
     def unmount(self, force: bool = False) -> None:
         if self.tmp is None:
             return
-        mnt = str(self.tmp / "mnt")
         try:
-            if os.path.ismount(mnt):
-                r = subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL)
-                if r.returncode != 0:
-                    lazy_unmount(mnt, fuse=True)
+            self._umount_overlay(["fusermount3", "-u"])
             if self.proc is not None:
                 try:
                     self.proc.wait(timeout=10)
@@ -218,9 +221,7 @@ class FuseOverlayfs(Target):
                     self.proc.wait()
         finally:
             self.proc = None
-            _live.pop(id(self), None)
-            self._drop_tmp()
-            self.root = None
+            self._forget()
 
 
 class BenchMount(Mount):

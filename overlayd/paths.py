@@ -31,6 +31,19 @@ def default_name(mountpoint: str) -> str:
     return name or "workspace"
 
 
+def disk_usage(path) -> int:
+    """Bytes of disk the files below *path* use (allocated blocks; files that vanish meanwhile
+    count 0): a workspace's state directory, for ``overlayd list`` and ``saga gc``."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
 def index_dir() -> Path:
     """Where daemons register the workspaces they serve: one NAME.json per workspace, pointing at
     its state directory (so that those mounted with --state-dir are found too). Not a valid

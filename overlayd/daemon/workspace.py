@@ -34,7 +34,7 @@ import trio
 from journal import Journal
 
 from ..fs import OverlayFS
-from ..paths import UsageError, fsync_dir, index_dir, is_within, make_parents, register
+from ..paths import UsageError, disk_usage, fsync_dir, index_dir, is_within, make_parents, register
 
 log = logging.getLogger(__name__)
 
@@ -444,11 +444,4 @@ class Workspace:
             self._reaper_wake.clear()
 
     def disk_usage(self) -> int:
-        total = 0
-        for root, dirs, files in os.walk(self.state_dir):
-            for f in files:
-                try:
-                    total += os.lstat(os.path.join(root, f)).st_blocks * 512
-                except OSError:
-                    pass
-        return total
+        return disk_usage(self.state_dir)
