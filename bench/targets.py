@@ -238,34 +238,17 @@ class BenchMount(Mount):
     def env(self):
         return {**super().env, "PYTHONPATH": str(self.code), **self.env_extra}
 
-    def start(self, timeout: float = 30.0):
-        rfd, wfd = os.pipe()
+    def daemon_command(self, ready_fd: int) -> list:
         head = [sys.executable, str(self.entry)] if self.entry else [sys.executable, "-m", "overlayd"]
-        cmd = [*head, "--ready-fd", str(wfd), "--name", self.name, "--state-dir", str(self.state),
-               "--log-level", self.log_level, "--allow-other", str(self.base), str(self.mp), *self.extra_args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdout=log, stderr=log, env=self.env,
-                                         start_new_session=True, cwd="/")
-        os.close(wfd)
-        msg = b""
-        deadline = time.monotonic() + timeout
-        os.set_blocking(rfd, False)
+        return [*head, "--ready-fd", str(ready_fd), "--name", self.name, "--state-dir", str(self.state),
+                "--log-level", self.log_level, "--allow-other", str(self.base), str(self.mp), *self.extra_args]
+
+    def start(self, timeout: float = 30.0):
         try:
-            while time.monotonic() < deadline:
-                try:
-                    chunk = os.read(rfd, 4096)
-                except BlockingIOError:
-                    time.sleep(0.005)
-                    continue
-                if not chunk:
-                    break
-                msg += chunk
-        finally:
-            os.close(rfd)
-        if msg.strip() != b"ok":
-            self.kill()
-            raise RuntimeError(f"daemon failed to start: {msg!r}\n{self.log()}")
-        return self
+            return super().start(timeout, cwd="/")
+        except RuntimeError:  # the daemon is killed: clear a mount it may have left
+            subprocess.run(["fusermount3", "-uz", str(self.mp)], check=False, stderr=subprocess.DEVNULL)
+            raise
 
 
 class Overlayd(Target):
