@@ -104,6 +104,19 @@ class Target:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
 
+    def _umount_overlay(self, command: list) -> None:
+        """Unmount tmp/mnt with *command* (lazily if that fails)."""
+        mnt = str(self.tmp / "mnt")
+        if os.path.ismount(mnt):
+            r = subprocess.run(command + [mnt], stderr=subprocess.DEVNULL)
+            if r.returncode != 0:
+                lazy_unmount(mnt, fuse=self.fuse)
+
+    def _forget(self) -> None:
+        _live.pop(id(self), None)
+        self._drop_tmp()
+        self.root = None
+
 
 class Native(Target):
     """A plain copy of the base (same file system as the base)."""
@@ -164,14 +177,8 @@ class KernelOverlay(Target):
     def unmount(self, force: bool = False) -> None:
         if self.tmp is None:
             return
-        mnt = str(self.tmp / "mnt")
-        if os.path.ismount(mnt):
-            r = subprocess.run(["umount", mnt], stderr=subprocess.DEVNULL)
-            if r.returncode != 0:
-                lazy_unmount(mnt, fuse=False)
-        _live.pop(id(self), None)
-        self._drop_tmp()
-        self.root = None
+        self._umount_overlay(["umount"])
+        self._forget()
 
 
 class FuseOverlayfs(Target):
@@ -204,12 +211,8 @@ class FuseOverlayfs(Target):
     def unmount(self, force: bool = False) -> None:
         if self.tmp is None:
             return
-        mnt = str(self.tmp / "mnt")
         try:
-            if os.path.ismount(mnt):
-                r = subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL)
-                if r.returncode != 0:
-                    lazy_unmount(mnt, fuse=True)
+            self._umount_overlay(["fusermount3", "-u"])
             if self.proc is not None:
                 try:
                     self.proc.wait(timeout=10)
@@ -218,9 +221,7 @@ class FuseOverlayfs(Target):
                     self.proc.wait()
         finally:
             self.proc = None
-            _live.pop(id(self), None)
-            self._drop_tmp()
-            self.root = None
+            self._forget()
 
 
 class BenchMount(Mount):
@@ -238,34 +239,17 @@ class BenchMount(Mount):
     def env(self):
         return {**super().env, "PYTHONPATH": str(self.code), **self.env_extra}
 
-    def start(self, timeout: float = 30.0):
-        rfd, wfd = os.pipe()
+    def daemon_command(self, ready_fd: int) -> list:
         head = [self.python, str(self.entry)] if self.entry else [self.python, "-m", "overlayd"]
-        cmd = [*head, "--ready-fd", str(wfd), "--name", self.name, "--state-dir", str(self.state),
-               "--log-level", self.log_level, "--allow-other", str(self.base), str(self.mp), *self.extra_args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdout=log, stderr=log, env=self.env,
-                                         start_new_session=True, cwd="/")
-        os.close(wfd)
-        msg = b""
-        deadline = time.monotonic() + timeout
-        os.set_blocking(rfd, False)
+        return [*head, "--ready-fd", str(ready_fd), "--name", self.name, "--state-dir", str(self.state),
+                "--log-level", self.log_level, "--allow-other", str(self.base), str(self.mp), *self.extra_args]
+
+    def start(self, timeout: float = 30.0):
         try:
-            while time.monotonic() < deadline:
-                try:
-                    chunk = os.read(rfd, 4096)
-                except BlockingIOError:
-                    time.sleep(0.005)
-                    continue
-                if not chunk:
-                    break
-                msg += chunk
-        finally:
-            os.close(rfd)
-        if msg.strip() != b"ok":
-            self.kill()
-            raise RuntimeError(f"daemon failed to start: {msg!r}\n{self.log()}")
-        return self
+            return super().start(timeout, cwd="/")
+        except RuntimeError:  # the daemon is killed: clear a mount it may have left
+            subprocess.run(["fusermount3", "-uz", str(self.mp)], check=False, stderr=subprocess.DEVNULL)
+            raise
 
 
 class Overlayd(Target):

@@ -13,9 +13,9 @@ from cli import mcp_cmd
 from cli.common import Group
 from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
-from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, known_workspaces,
-                            index_dir, mount_command, mountinfo_path, mounts_at, overlayd_mounts, quote_path, socket_path,
-                            state_root, unregister)
+from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, disk_usage, index_dir,
+                            known_workspaces, mount_command, mountinfo_path, mounts_at, overlayd_mounts, quote_path,
+                            socket_path, state_root, unregister)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
@@ -249,7 +249,7 @@ def list_(as_json):
     for info in known_workspaces():
         entry = info["state_dir"]
         row = {**info, "mounted": False, "state": "stopped", "layers": None, "saga": None,
-               "disk_bytes": _disk_use(entry), "pyfuse3": None}
+               "disk_bytes": disk_usage(entry), "pyfuse3": None}
         saga = _live_status(row)
         if not row["mounted"]:
             if info.get("mountpoint") and mounts.get(info["name"]) == mountinfo_path(info["mountpoint"]):
@@ -366,7 +366,7 @@ def forget(name, force, yes):
                                        "commit or abort it first (mount it, then saga commit / saga abort), or "
                                        "lose its work with --force")
         if not yes and sys.stdin.isatty():
-            click.confirm(f"remove workspace {name} ({_human(_disk_use(state_dir))} in {state_dir}; the base "
+            click.confirm(f"remove workspace {name} ({_human(disk_usage(state_dir))} in {state_dir}; the base "
                           f"{w.get('base')} is kept)?", abort=True)
         subprocess.run(["rm", "-rf", "--one-file-system", "--", state_dir], check=False)
     finally:
@@ -380,12 +380,6 @@ def forget(name, force, yes):
         except OSError:
             pass
     click.echo(f"forgot workspace {name} (removed {state_dir})")
-
-
-def _disk_use(path) -> int:
-    from overlayd.osutil import disk_use
-
-    return disk_use(path)
 
 
 def _human(n: int) -> str:

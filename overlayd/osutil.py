@@ -412,14 +412,3 @@ def raise_nofile_limit() -> None:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-
-def disk_use(path) -> int:
-    """Bytes allocated to the files below *path* (st_blocks; what a removal frees)."""
-    total = 0
-    for dirpath, _dirnames, filenames in os.walk(path):
-        for f in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total

@@ -33,9 +33,8 @@ import trio
 
 from journal import Journal
 
-from .. import osutil
 from ..layers import OverlayFS
-from ..paths import UsageError, fsync_dir, index_dir, is_within, make_parents, register
+from ..paths import UsageError, disk_usage, fsync_dir, index_dir, is_within, make_parents, register
 
 log = logging.getLogger(__name__)
 
@@ -449,4 +448,4 @@ class Workspace:
             self._reaper_wake.clear()
 
     def disk_usage(self) -> int:
-        return osutil.disk_use(self.state_dir)
+        return disk_usage(self.state_dir)

@@ -21,6 +21,7 @@ import trio
 from journal import JournalError, JournalFull
 
 from .. import osutil
+from ..commit import changes as by_step
 from ..faults import crash_point
 from . import budgets
 from .audit import AuditTrail
@@ -292,20 +293,13 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
     # ------------------------------------------------------------------ rollback / abort / retry
 
     def _resolve_step(self, saga, ref) -> int:
-        live = self.live_steps(saga["id"])
+        """The index of the live step *ref* names (commit.changes.resolve_step), or EngineError."""
         if ref is None:
             raise EngineError("bad-request", "no step given")
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-            k = int(ref)
-            if k == 0:
-                return 0
-            if any(s["index"] == k for s in live):
-                return k
-            raise EngineError("no-step", f"saga {saga['name']!r} has no live step {k}; see: saga status")
-        matches = [s["index"] for s in live if s["name"] == ref]
-        if not matches:
-            raise EngineError("no-step", f"saga {saga['name']!r} has no live step named {ref!r}; see: saga status")
-        return matches[-1]
+        try:
+            return by_step.resolve_step(saga, self.steps(saga["id"]), ref)
+        except by_step.NoStep as exc:
+            raise EngineError("no-step", str(exc)) from None
 
     async def op_rollback(self, args, peer):
         with self._exclusive("roll back"):
@@ -417,8 +411,10 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
 
         await self.ws.transact(finish)
         self.tracker.touched = {}
-        if any(st["state"] != "open" for st in todo):
-            self.tracker.reload(sid)  # (the paths of an open step were only in touched)
+        if any(st["state"] != "open" for st in todo):  # (the paths of an open step were only in touched)
+            # a journal scan that grows with the paths: not on the event loop (no step is open, so
+            # nothing records a path meanwhile)
+            self.tracker.known = await trio.to_thread.run_sync(self.tracker.known_paths, sid)
         return {"saga": self.ws.journal.saga(sid), "compensated": done, "seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ recovery after mount
