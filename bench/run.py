@@ -71,6 +71,7 @@ def make_workloads(base: Path, sc: dict, archive: Path) -> list[Workload]:
         W("read_warm", "read every file, warm", "read", warm=True),
         W("git_status_cold", "`git status`, cold", "git_status", {"prewarm_tools": True}, cold=True),
         W("git_status_warm", "`git status`, warm", "git_status", warm=True),
+        W("find_warm", "`find -type f`, warm", "find", warm=True),
         W("grep", "`grep -r` (warm)", "grep", {"needle": "overlayd-bench-needle"}, warm=True),
         W("compileall", f"`python -m compileall` ({compile_dir}, no tests)", "compileall",
           {"dir": compile_dir, "exclude": r"/(test|tests|idlelib|lib2to3|tkinter)/"}),
@@ -253,6 +254,8 @@ def main() -> int:
     ap.add_argument("--no-soak", action="store_true")
     ap.add_argument("--code", default="worktree", help="daemon code: worktree (default), HEAD or a directory")
     ap.add_argument("--timeout", type=float, help="per-measurement time limit, seconds")
+    ap.add_argument("--python", action="append", default=[], metavar="NAME=PYTHON",
+                    help="another target: overlayd run by PYTHON (another venv: stock or patched pyfuse3)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (mounts, drop_caches)", file=sys.stderr)
@@ -289,6 +292,10 @@ def main() -> int:
                        "fuse-overlayfs": lambda: FuseOverlayfs(base, work),
                        "overlayd": lambda: Overlayd(base, work, 1, code=code),
                        "overlayd-10": lambda: Overlayd(base, work, 10, code=code)}
+        for spec in a.python:  # e.g. overlayd-stock=.venv-stock/bin/python
+            tname, _, python = spec.partition("=")
+            all_targets[tname] = lambda tname=tname, python=python: Overlayd(base, work, 1, code=code,
+                                                                             python=python, name=tname)
         targets, notes = [], []
         for name in a.targets.split(","):
             t = all_targets[name]()

@@ -104,6 +104,19 @@ class Target:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
 
+    def _umount_overlay(self, command: list) -> None:
+        """Unmount tmp/mnt with *command* (lazily if that fails)."""
+        mnt = str(self.tmp / "mnt")
+        if os.path.ismount(mnt):
+            r = subprocess.run(command + [mnt], stderr=subprocess.DEVNULL)
+            if r.returncode != 0:
+                lazy_unmount(mnt, fuse=self.fuse)
+
+    def _forget(self) -> None:
+        _live.pop(id(self), None)
+        self._drop_tmp()
+        self.root = None
+
 
 class Native(Target):
     """A plain copy of the base (same file system as the base)."""
@@ -164,14 +177,8 @@ class KernelOverlay(Target):
     def unmount(self, force: bool = False) -> None:
         if self.tmp is None:
             return
-        mnt = str(self.tmp / "mnt")
-        if os.path.ismount(mnt):
-            r = subprocess.run(["umount", mnt], stderr=subprocess.DEVNULL)
-            if r.returncode != 0:
-                lazy_unmount(mnt, fuse=False)
-        _live.pop(id(self), None)
-        self._drop_tmp()
-        self.root = None
+        self._umount_overlay(["umount"])
+        self._forget()
 
 
 class FuseOverlayfs(Target):
@@ -204,12 +211,8 @@ class FuseOverlayfs(Target):
     def unmount(self, force: bool = False) -> None:
         if self.tmp is None:
             return
-        mnt = str(self.tmp / "mnt")
         try:
-            if os.path.ismount(mnt):
-                r = subprocess.run(["fusermount3", "-u", mnt], stderr=subprocess.DEVNULL)
-                if r.returncode != 0:
-                    lazy_unmount(mnt, fuse=True)
+            self._umount_overlay(["fusermount3", "-u"])
             if self.proc is not None:
                 try:
                     self.proc.wait(timeout=10)
@@ -218,16 +221,15 @@ class FuseOverlayfs(Target):
                     self.proc.wait()
         finally:
             self.proc = None
-            _live.pop(id(self), None)
-            self._drop_tmp()
-            self.root = None
+            self._forget()
 
 
 class BenchMount(Mount):
     """tests/conftest.py's Mount, with the daemon's code and entry point chosen by the bench."""
 
-    def __init__(self, *a, code: Path = ROOT, entry=None, log_level="info", env_extra=None, **kw):
+    def __init__(self, *a, code: Path = ROOT, entry=None, log_level="info", env_extra=None, python=None, **kw):
         super().__init__(*a, **kw)
+        self.python = python or sys.executable  # another venv's: another pyfuse3 (stock or patched)
         self.code = Path(code)
         self.entry = entry  # a script path run instead of ``-m overlayd`` (request counting)
         self.log_level = log_level
@@ -237,34 +239,17 @@ class BenchMount(Mount):
     def env(self):
         return {**super().env, "PYTHONPATH": str(self.code), **self.env_extra}
 
+    def daemon_command(self, ready_fd: int) -> list:
+        head = [self.python, str(self.entry)] if self.entry else [self.python, "-m", "overlayd"]
+        return [*head, "--ready-fd", str(ready_fd), "--name", self.name, "--state-dir", str(self.state),
+                "--log-level", self.log_level, "--allow-other", str(self.base), str(self.mp), *self.extra_args]
+
     def start(self, timeout: float = 30.0):
-        rfd, wfd = os.pipe()
-        head = [sys.executable, str(self.entry)] if self.entry else [sys.executable, "-m", "overlayd"]
-        cmd = [*head, "--ready-fd", str(wfd), "--name", self.name, "--state-dir", str(self.state),
-               "--log-level", self.log_level, "--allow-other", str(self.base), str(self.mp), *self.extra_args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdout=log, stderr=log, env=self.env,
-                                         start_new_session=True, cwd="/")
-        os.close(wfd)
-        msg = b""
-        deadline = time.monotonic() + timeout
-        os.set_blocking(rfd, False)
         try:
-            while time.monotonic() < deadline:
-                try:
-                    chunk = os.read(rfd, 4096)
-                except BlockingIOError:
-                    time.sleep(0.005)
-                    continue
-                if not chunk:
-                    break
-                msg += chunk
-        finally:
-            os.close(rfd)
-        if msg.strip() != b"ok":
-            self.kill()
-            raise RuntimeError(f"daemon failed to start: {msg!r}\n{self.log()}")
-        return self
+            return super().start(timeout, cwd="/")
+        except RuntimeError:  # the daemon is killed: clear a mount it may have left
+            subprocess.run(["fusermount3", "-uz", str(self.mp)], check=False, stderr=subprocess.DEVNULL)
+            raise
 
 
 class Overlayd(Target):
@@ -274,10 +259,12 @@ class Overlayd(Target):
 
     fuse = True
 
-    def __init__(self, base, work, layers: int = 1, code: Path = ROOT, entry=None, env_extra=None):
+    def __init__(self, base, work, layers: int = 1, code: Path = ROOT, entry=None, env_extra=None,
+                 python=None, name=None):
         super().__init__(base, work)
         self.layers = layers
-        self.name = f"overlayd-{layers}" if layers > 1 else "overlayd"
+        self.name = name or (f"overlayd-{layers}" if layers > 1 else "overlayd")
+        self.python = python
         self.code = code
         self.entry = entry
         self.env_extra = env_extra
@@ -299,7 +286,7 @@ class Overlayd(Target):
         t = self._new_tmp()
         _live[id(self)] = self
         self.m = BenchMount(self.base, t, name="bench", code=self.code, entry=self.entry,
-                            env_extra=self.env_extra)
+                            env_extra=self.env_extra, python=self.python)
         self.m.start()
         self.m.call("saga.begin", name="bench")
         for i in range(self.layers):

@@ -51,6 +51,13 @@ def git_status(root: str, p: dict) -> dict:
     return {"dirty_lines": len(r.stdout.splitlines())}
 
 
+def find(root: str, p: dict) -> dict:
+    """`find lib -type f`: listings only (d_type answers -type), the cost cached listings save."""
+    r = subprocess.run(["find", "lib", "-type", "f"], cwd=root, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, check=True)
+    return {"files": len(r.stdout.splitlines())}
+
+
 def grep(root: str, p: dict) -> dict:
     r = subprocess.run(["grep", "-r", "-c", p["needle"], "lib"], cwd=root, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE)
@@ -130,7 +137,7 @@ def seq_read(root: str, p: dict) -> dict:
     return {"bytes": total}
 
 
-FUNCS = {"stat": stat_all, "read": read_all, "git_status": git_status, "grep": grep,
+FUNCS = {"stat": stat_all, "read": read_all, "git_status": git_status, "find": find, "grep": grep,
          "compileall": compileall, "tar_x": tar_x, "create": create, "rm_rf": rm_rf,
          "rename": rename, "seq_write": seq_write, "seq_read": seq_read}
 

@@ -9,12 +9,13 @@ import sys
 
 import click
 
+from cli import mcp_cmd
 from cli.common import Group
 from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
-from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, known_workspaces,
-                            index_dir, mount_command, mountinfo_path, mounts_at, overlayd_mounts, quote_path, socket_path,
-                            state_root, unregister)
+from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, disk_usage, index_dir,
+                            known_workspaces, mount_command, mountinfo_path, mounts_at, overlayd_mounts, quote_path,
+                            socket_path, state_root, unregister)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 EXIT_NO_DAEMON = 5
@@ -236,9 +237,10 @@ def unmount(mountpoint, timeout):
 def list_(as_json):
     """List the workspaces on this machine: mounted, stopped, or dead (the daemon died and left
     its mount: clear it with overlayd clear-mount). Also those with a --state-dir of their own,
-    and any overlayd mount whose state is elsewhere. BASE VIEW (base_view in --json) says how a
-    mounted workspace sees changes made to the base outside it: "live (inotify)", or
-    "revalidating" (events were lost or cannot be had: changes show within a second anyway)."""
+    and any overlayd mount whose state is elsewhere. FUSE (`pyfuse3` in --json) says which
+    pyfuse3 a mounted workspace's daemon runs on: patched (and with what) or stock. BASE VIEW
+    (base_view in --json) says how it sees changes made to the base outside it: "live (inotify)",
+    or "revalidating" (events were lost or cannot be had: changes show within a second anyway)."""
     import shlex
 
     from journal import Journal, JournalError
@@ -249,7 +251,7 @@ def list_(as_json):
     for info in known_workspaces():
         entry = info["state_dir"]
         row = {**info, "mounted": False, "state": "stopped", "layers": None, "saga": None,
-               "disk_bytes": _disk_use(entry), "base_view": None}
+               "disk_bytes": disk_usage(entry), "pyfuse3": None, "base_view": None}
         saga = _live_status(row)
         if not row["mounted"]:
             if info.get("mountpoint") and mounts.get(info["name"]) == mountinfo_path(info["mountpoint"]):
@@ -266,7 +268,8 @@ def list_(as_json):
         rows.append(row)
     for name, point in sorted(mounts.items()):  # mounted, but its state is not known here
         row = {"name": name, "mountpoint": point, "base": None, "state_dir": None, "mounted": False,
-               "state": "stopped", "layers": None, "saga": None, "disk_bytes": None, "base_view": None}
+               "state": "stopped", "layers": None, "saga": None, "disk_bytes": None, "pyfuse3": None,
+               "base_view": None}
         saga = _live_status(row)
         if not row["mounted"]:
             row["state"] = {"ok": "mounted", "dead": "dead"}.get(_probe(point, timeout=2.0), "hung")
@@ -279,11 +282,11 @@ def list_(as_json):
     if not rows:
         click.echo(f"no workspaces under {state_root()}")
         return
-    click.echo("NAME\tSTATE\tSAGA\tDISK\tBASE\tMOUNTPOINT\tBASE VIEW")
+    click.echo("NAME\tSTATE\tSAGA\tDISK\tBASE\tMOUNTPOINT\tFUSE\tBASE VIEW")
     for r in rows:
         saga = f"{r['saga']['name']} ({r['saga']['state']})" if r["saga"] else "-"
         disk = "-" if r["disk_bytes"] is None else _human(r["disk_bytes"])
-        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{quote_path(r['base']) if r['base'] else '-'}\t{quote_path(r['mountpoint'])}\t{r['base_view'] or '-'}")
+        click.echo(f"{r['name']}\t{r['state']}\t{saga}\t{disk}\t{quote_path(r['base']) if r['base'] else '-'}\t{quote_path(r['mountpoint'])}\t{r['pyfuse3'] or '-'}\t{r['base_view'] or '-'}")
     dead = [r for r in rows if r["state"] == "dead"]
     for r in dead:
         click.echo(f"{r['name']}: its daemon died; clear the dead mount with: overlayd clear-mount "
@@ -302,7 +305,7 @@ def _live_status(row):
         with connect_to_mount(m, timeout=5) as c:  # this workspace's daemon, not a namesake's
             st = c.identity
             saga = c.call("saga.status")["saga"]
-        row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"],
+        row.update(mounted=True, state="mounted", layers=len(st["layers"]), pid=st["pid"], pyfuse3=st.get("pyfuse3"),
                    base_view=st.get("base_view"),
                    base=row.get("base") or st["base"], state_dir=row.get("state_dir") or st["state_dir"])
     except (ClientError, OSError, UsageError, KeyError, TypeError):
@@ -367,7 +370,7 @@ def forget(name, force, yes):
                                        "commit or abort it first (mount it, then saga commit / saga abort), or "
                                        "lose its work with --force")
         if not yes and sys.stdin.isatty():
-            click.confirm(f"remove workspace {name} ({_human(_disk_use(state_dir))} in {state_dir}; the base "
+            click.confirm(f"remove workspace {name} ({_human(disk_usage(state_dir))} in {state_dir}; the base "
                           f"{w.get('base')} is kept)?", abort=True)
         subprocess.run(["rm", "-rf", "--one-file-system", "--", state_dir], check=False)
     finally:
@@ -381,17 +384,6 @@ def forget(name, force, yes):
         except OSError:
             pass
     click.echo(f"forgot workspace {name} (removed {state_dir})")
-
-
-def _disk_use(path) -> int:
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for f in filenames:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def _human(n: int) -> str:
@@ -550,3 +542,7 @@ def install_service(name, base, mountpoint, user, root, executable):
     click.echo("then run:" if root in ("", "/") else f"then, on the system installed in {root}, run:")
     for cmd in r["commands"]:
         click.echo(f"  {cmd}")
+
+
+# commands with a module of their own
+main.add_command(mcp_cmd.mcp)  # overlayd mcp: imports the mcp SDK only when run

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from cli import saga_diff, saga_run
+from cli import git_cmd, saga_diff, saga_run
 from cli.common import Group
 from cli.saga_common import (CONTEXT, GC_KEEP, JSON_KEYS, SCHEMA, SagaError, _cut_line, _duration,
                              _left_out_lines, _resume_hint, _saga_line, budget_args, common, complete_sagas,
@@ -296,3 +296,4 @@ def gc(ctx, older_than, keep, remove_all, workspace, as_json):
 # commands with a module of their own
 main.add_command(saga_diff.diff)
 main.add_command(saga_run.run_cmd)
+git_cmd.register(main)  # saga export --git, and commit's --git options

@@ -6,6 +6,7 @@ import click
 
 from cli.saga_common import _left_out_lines, common, complete_steps, emit, run, SagaError, with_rules
 from overlayd.paths import quote_path
+from overlayd.textdiff import read_text
 
 SUMMARY_OVER = 100  # changes: above this, saga diff prints a summary unless --full
 
@@ -100,24 +101,6 @@ def _base_of(t):
         return None
 
 
-def _read_text(path):
-    """The lines of a text file; None for a binary one (a NUL byte or not UTF-8, as git decides);
-    [] when it cannot be read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return []
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(1 << 20)
-    if b"\0" in data[:8000]:
-        return None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.start < len(data) - 4:  # not merely a character cut at the 1 MiB limit
-            return None
-        text = data[:exc.start].decode("utf-8")
-    return text.splitlines(keepends=True)
 
 
 def _mode(path):
@@ -144,8 +127,8 @@ def _unified(old, new, c):
         a_mode, b_mode = _mode(old), _mode(new)
         if a_mode is not None and b_mode is not None and a_mode != b_mode:
             click.echo(f"old mode {a_mode:o}\nnew mode {b_mode:o}")
-    a = [] if c["change"] == "added" else _read_text(old)
-    b = [] if c["change"] == "deleted" else _read_text(new)
+    a = [] if c["change"] == "added" else read_text(old)
+    b = [] if c["change"] == "deleted" else read_text(new)
     if a is None or b is None:
         click.echo(f"Binary files {'/dev/null' if c['change'] == 'added' else quote_path('a/' + c['path'])} and "
                    f"{'/dev/null' if c['change'] == 'deleted' else quote_path('b/' + c['path'])} differ")

@@ -4,6 +4,7 @@ A leaf: it imports the protocol (overlayd.protocol) and the mount table (overlay
 trio, the daemon or the runner (running saga definitions from Python: overlayd.runner, whose
 Workspace is this one with ``Saga.run``)."""
 
+import array
 import errno
 import itertools
 import json
@@ -211,6 +212,43 @@ class Client:
         """Send one request, wait for its answer. *io_timeout* overrides the socket timeout."""
         self.connect()
         return self._request(op, io_timeout, **args)
+
+    def call_fds(self, op: str, **args):
+        """Like call, for an op whose reply carries fds (SCM_RIGHTS): returns (result, [fds])."""
+        self.connect()
+        if self._buf:
+            raise ClientError("bad-reply", "unread data before a reply with fds")
+        self._sock.sendall(encode_request(next(self._ids), op, args))
+        fds, buf = [], b""
+        try:
+            while b"\n" not in buf:
+                data, anc, _flags, _addr = self._sock.recvmsg(65536, socket.CMSG_SPACE(256 * 4),
+                                                                   socket.MSG_CMSG_CLOEXEC)
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        a = array.array("i")
+                        a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
+                        fds.extend(a)
+                if not data:
+                    raise ClientError("disconnected", "the daemon closed the connection")
+                buf += data
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            self.close()
+            raise
+        line, _, self._buf = buf.partition(b"\n")
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or not msg.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            err = (msg.get("error") or {}) if isinstance(msg, dict) else {}
+            code = str(err.get("code", "bad-reply"))
+            raise _ERRORS.get(code, ClientError)(code, str(err.get("message", "not an overlayd reply")), err)
+        return msg.get("result"), fds
 
     def _request(self, op: str, io_timeout=..., **args):
         if io_timeout is not ...:

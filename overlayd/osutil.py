@@ -384,6 +384,17 @@ def is_mount_root(dirfd: int, name: bytes, st: os.stat_result | None = None) -> 
     return st.st_dev != os.fstat(dirfd).st_dev
 
 
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any *mode* (os.posix_fallocate knows only mode 0). The layer's file
+    system's refusal (EOPNOTSUPP for a mode it lacks) is raised as is."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 _libc.syncfs.argtypes = [ctypes.c_int]
 
 
@@ -400,3 +411,4 @@ def raise_nofile_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+

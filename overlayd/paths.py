@@ -1,5 +1,6 @@
-"""Where a workspace keeps its state and its control socket, how names are checked, and the one
-parser of the kernel's mount table."""
+"""Where a workspace keeps its state and its control socket, how workspace names are checked
+(saga and step names: overlayd.protocol.name_problem), and the one parser of the kernel's mount
+table."""
 
 import collections
 import json
@@ -10,8 +11,6 @@ import unicodedata
 from pathlib import Path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-#: saga and step names: 1-128 bytes of UTF-8, printable (no control character), no "/"
-SAGA_NAME_RE = re.compile(r"[^\x00-\x1f\x7f/]{1,128}")
 
 
 class UsageError(Exception):
@@ -26,24 +25,23 @@ def check_workspace_name(name: str) -> str:
     return name
 
 
-def check_saga_name(kind: str, name) -> str:
-    """A saga's or a step's name (*kind*: "saga" or "step"), as the daemon and definitions
-    accept it: 1-128 bytes of valid UTF-8, no control character, no "/", not "." or "..".
-    Raises UsageError saying so."""
-    if not isinstance(name, str) or not SAGA_NAME_RE.fullmatch(name) or name in (".", "..") \
-            or len(name.encode("utf-8", "surrogatepass")) > 128:
-        raise UsageError(f"invalid {kind} name {name!r}: use 1-128 printable characters, no '/', not '.' or '..'")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"invalid {kind} name {name!r}: not valid UTF-8") from None
-    return name
-
-
 def default_name(mountpoint: str) -> str:
     base = os.path.basename(os.path.abspath(mountpoint)) or "root"
     name = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip("._-")[:64]
     return name or "workspace"
+
+
+def disk_usage(path) -> int:
+    """Bytes of disk the files below *path* use (allocated blocks; files that vanish meanwhile
+    count 0): a workspace's state directory, for ``overlayd list`` and ``saga gc``."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
 
 
 def index_dir() -> Path:

@@ -37,7 +37,9 @@ NAME_RULE = "use 1-128 printable characters, no '/', not '.' or '..'"
 
 
 def name_problem(name) -> str | None:
-    """Why *name* is not a valid saga or step name (the daemon refuses it: ``bad-name``), or None."""
+    """Why *name* is not a valid saga or step name, or None: the one check, of the engine (which
+    refuses it: ``bad-name``) and of saga definitions (before anything runs). 1-128 bytes of valid
+    UTF-8, printable (no control character), no "/", not "." or ".."."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", "..") \
             or len(name.encode("utf-8", "surrogatepass")) > 128:
         return NAME_RULE
@@ -46,6 +48,16 @@ def name_problem(name) -> str | None:
     except UnicodeEncodeError:
         return "not valid UTF-8"
     return None
+
+
+class WithFds:
+    """An op's result that carries open fds: they go with the reply line (SCM_RIGHTS) and are
+    closed once sent (overlayd.daemon.control). The reply says how many; the client reads them
+    with ``Client.call_fds``."""
+
+    def __init__(self, result, fds):
+        self.result = result
+        self.fds = list(fds)
 
 
 def peer_credentials(sock) -> tuple[int, int, int]:

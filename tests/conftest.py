@@ -126,14 +126,17 @@ class Mount:
     def socket(self) -> Path:
         return self.run_dir / f"{self.name}.sock"
 
-    def start(self, timeout: float = 20.0):
+    def daemon_command(self, ready_fd: int) -> list:
+        return [sys.executable, "-m", "overlayd", "--ready-fd", str(ready_fd), "--name", self.name,
+                "--state-dir", str(self.state), "--log-level", "info", "--allow-other",
+                str(self.base), str(self.mp), *self.extra_args]
+
+    def start(self, timeout: float = 20.0, cwd=None):
+        """Start the daemon (from *cwd*) and wait for its readiness message."""
         rfd, wfd = os.pipe()
-        cmd = [sys.executable, "-m", "overlayd", "--ready-fd", str(wfd), "--name", self.name,
-               "--state-dir", str(self.state), "--log-level", "info", "--allow-other",
-               str(self.base), str(self.mp), *self.extra_args]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdout=log, stderr=log, env=self.env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(self.daemon_command(wfd), pass_fds=(wfd,), stdout=log, stderr=log,
+                                         env=self.env, start_new_session=True, cwd=cwd)
         os.close(wfd)
         msg = b""
         deadline = time.monotonic() + timeout

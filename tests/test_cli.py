@@ -442,7 +442,7 @@ def test_a_dead_mount_is_called_dead_with_the_remedy(cli_ws):
         assert f"its daemon died and left a dead mount; clear it with: overlayd clear-mount {m.mp}, then mount " \
                f"it again with: overlayd mount {m.base} {m.mp} --name cliws" in r.stderr
         r = od(m, "list", check=0)
-        assert f"cliws\tdead\tcrashed (active)" in r.stdout
+        assert "cliws\tdead\tcrashed (active)" in r.stdout
         assert f"overlayd clear-mount {m.mp}" in r.stderr
         r = sh(m, "-w", str(m.mp), "step", "x", cwd="/", check=5)
         assert f"overlayd clear-mount {m.mp}" in r.stderr

@@ -33,7 +33,7 @@ import pytest
 import fsmatrix
 from overlayd import commit
 from overlayd.client import ClientError
-from test_saga import assert_same, put, read, daemon_env, restart, snap, staged_names, status
+from test_saga import assert_same, put, read, daemon_env, restart, staged_names, status
 from test_saga_crash import build_crash_base, prepare_two_step_saga
 from treecmp import walk
 

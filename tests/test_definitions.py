@@ -256,7 +256,7 @@ def test_validation_reports_line_step_and_key():
     assert got[0].startswith("v.toml:2: colour: unknown key")
     assert "v.toml:7: step 1 'a': retires: unknown key (did you mean 'retries'?)" in got[1]
     assert got[2] == ("v.toml:8: step 1 'a': timeout: '5 minutes' is not a duration "
-                      "(examples: \"30s\", \"5m\", \"1h\", \"250ms\", or seconds)")
+                      "(examples: 30s, 5m, 1h, 7d, 250ms)")
     assert "v.toml:11: step 2 'a': name: duplicate step name: step 1 is also called 'a'" in got
     assert "v.toml:12: step 2 'a': run: 5 is not a string (a shell command)" in got
     assert any(g.startswith("v.toml:13: step 2 'a': compensatable: 'never' is not one of") for g in got)

@@ -118,6 +118,36 @@ def test_refusals_are_domain_errors(env):
     env.run(go)
 
 
+def test_rollback_to_a_step_reloads_known_paths_and_diff_names_steps(env):
+    """Step references resolve through commit.changes (NoStep -> EngineError 'no-step'); a rollback
+    of finished steps reloads the known paths (on a worker thread) to the live steps' alone; a
+    diff gives each change the step that first made it."""
+    async def go(eng):
+        await eng.op_begin({"name": "s"}, PEER)
+        for name in ("one", "two", "three"):
+            await eng.op_step({"name": name}, PEER)
+            env.write(f"{name}.txt", name)
+        await eng.op_step({"name": "four"}, PEER)
+        assert {"one.txt", "two.txt", "three.txt"} <= eng.tracker.known
+        env.write("one.txt", "again", kind="write")  # a later step rewrites step 1's file
+        d = await eng.op_diff({}, PEER)
+        by_path = {c["path"]: c for c in d["changes"]}
+        assert (by_path["one.txt"]["step"], by_path["one.txt"]["last_step"]) == (1, 4)
+        assert [c["path"] for c in (await eng.op_diff({"step": "two"}, PEER))["changes"]] == ["two.txt"]
+        for ref, says in ((9, "has no live step 9"), ("nope", "has no live step named 'nope'")):
+            with pytest.raises(EngineError) as exc:
+                await eng.op_rollback({"to": ref}, PEER)
+            assert exc.value.code == "no-step" and says in exc.value.args[0]
+        r = await eng.op_rollback({"to": "one"}, PEER)
+        assert r["compensated"] == [4, 3, 2]
+        assert eng.tracker.known == {"one.txt"} and eng.tracker.touched == {}
+        with pytest.raises(EngineError) as exc:
+            await eng.op_diff({"step": "two"}, PEER)
+        assert exc.value.code == "no-step"
+
+    env.run(go)
+
+
 def test_commit_writes_the_base_and_refuses_a_conflict(env):
     async def go(eng):
         await eng.op_begin({"name": "s"}, PEER)

@@ -1,5 +1,5 @@
 """The one helper per concern (issue 18): durations and sizes (overlayd.units), saga and step
-names (paths.check_saga_name), the mount table (paths.parse_mountinfo and friends), the retry
+names (protocol.name_problem), the mount table (paths.parse_mountinfo and friends), the retry
 schedule (overlayd.retry) and the TOML line finder (overlayd.tomllines). Pure functions, plus
 real mounts at paths with spaces, backslashes and non-ASCII names."""
 
@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from overlayd import paths, retry, tomllines, units
-from overlayd.paths import UsageError
+from overlayd import paths, protocol, retry, tomllines, units
 
 # ---------------------------------------------------------------------- durations and sizes
 
@@ -70,16 +69,14 @@ def test_format_duration():
 
 @pytest.mark.parametrize("name", ["a", "fix the bug", "é-ü", "x" * 128, "a.b", "..."])
 def test_good_saga_names(name):
-    assert paths.check_saga_name("saga", name) == name
+    assert protocol.name_problem(name) is None
 
 
 @pytest.mark.parametrize("name, why", [
     ("", "1-128"), (".", "not '.'"), ("..", "not '.'"), ("a/b", "no '/'"), ("a\nb", "printable"),
     ("x" * 129, "1-128"), ("é" * 65, "1-128"), (5, "1-128"), (None, "1-128"), ("\udcff", "not valid UTF-8")])
 def test_bad_saga_names(name, why):
-    with pytest.raises(UsageError) as ei:
-        paths.check_saga_name("step", name)
-    assert str(ei.value).startswith(f"invalid step name {name!r}") and why in str(ei.value)
+    assert why in protocol.name_problem(name)
 
 
 # ---------------------------------------------------------------------- the mount table

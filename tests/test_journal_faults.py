@@ -22,7 +22,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from conftest import O_NF, ROOT, Mount, put, read, tree_digest
+from conftest import O_NF, put, read, tree_digest
 from overlayd.client import ClientError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE and loop filesystems: needs root")

@@ -7,11 +7,9 @@ stranger), real daemons run as them (through fusermount3), real CLI processes.
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +18,10 @@ import pytest
 from conftest import Mount, put, read
 from overlayd.client import Client, ClientError
 from overlayd.paths import mounts_at
-from users import local_users, shared_dir  # noqa: F401 - the fixture
+import users
+from users import shared_dir
+
+local_users = users.local_users  # the session fixture (a binding pyflakes does not call unused)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "TOKEN=hunter2-do-not-leak"

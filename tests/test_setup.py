@@ -63,10 +63,21 @@ def test_install_fails_early_when_pip_cannot_upgrade(tmp_path):
 
 def test_install_says_which_step_failed(tmp_path):
     venv = _fake_venv(tmp_path, "-e")
-    r = subprocess.run([str(ROOT / "scripts" / "install.sh"), "--test"], env={**os.environ, "OVERLAYD_VENV": str(venv)},
+    r = subprocess.run([str(ROOT / "scripts" / "install.sh"), "--test"],
+                       env={**os.environ, "OVERLAYD_VENV": str(venv), "OVERLAYD_STOCK_PYFUSE3": "1"},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert f"installing overlayd into {venv} (pip install -e .[test]) failed:" in r.stderr
+    assert "pyfuse3==3.5.0" in (tmp_path / "pip-calls").read_text()  # stock, as asked
+
+
+def test_install_says_when_the_pyfuse3_sdist_is_missing(tmp_path):
+    venv = _fake_venv(tmp_path, "download")
+    r = subprocess.run([str(ROOT / "scripts" / "install.sh")], env={**os.environ, "OVERLAYD_VENV": str(venv)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "scripts/install.sh: downloading the sdist of pyfuse3 3.5.0 failed:" in r.stderr
+    assert not (venv / ".pyfuse3-build").exists()
 
 
 def test_readme_points_at_sections_that_exist():

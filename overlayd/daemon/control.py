@@ -5,15 +5,17 @@ A client breaking the frame rules (MAX_FRAME bytes, a request line within REQUES
 seconds) is answered with an error and disconnected, without disturbing anybody else.
 """
 
+import array
 import errno
 import grp
 import json
 import logging
 import os
+import socket
 
 import trio
 
-from ..protocol import MAX_FRAME, PROTOCOL, REQUEST_TIMEOUT, OpError, encode_response, peer_credentials
+from ..protocol import MAX_FRAME, PROTOCOL, REQUEST_TIMEOUT, OpError, WithFds, encode_response, peer_credentials
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,23 @@ class ControlServer:
             log.exception("control: %s failed", req["op"])
             await self._send(stream, rid, error=OpError("internal", f"internal error: {exc}"))
         else:
+            if isinstance(result, WithFds):
+                try:
+                    await self._send_fds(stream, rid, result)
+                finally:
+                    for fd in result.fds:
+                        os.close(fd)
+                return
             await self._send(stream, rid, result=result)
+
+    @staticmethod
+    async def _send_fds(stream, rid, res: WithFds):
+        data = encode_response(rid, res.result)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", res.fds))] if res.fds else []
+        await stream.socket.wait_writable()
+        sent = await stream.socket.sendmsg([data], anc)
+        if sent < len(data):
+            await stream.send_all(data[sent:])
 
     @staticmethod
     async def _send(stream, rid, result=None, error: OpError | None = None):

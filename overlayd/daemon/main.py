@@ -19,7 +19,7 @@ import trio
 
 from journal import JournalError
 
-from .. import osutil
+from .. import fusecaps, osutil
 from ..commit.run import recover_commit
 from ..engine.core import SagaEngine
 from ..engine.errors import EngineError
@@ -67,6 +67,7 @@ class Daemon:
             "layers": [layer.id for layer in fs.layers[1:]], "writable": fs.writable(),
             "busy": self.lock.busy, "uptime": time.time() - self.started,
             "quarantined": self.ws.quarantined(),
+            "pyfuse3": fusecaps.describe(),
             "base_view": fs.base_watch.mode if fs.base_watch is not None else None,
         }
 
@@ -162,6 +163,8 @@ def run(base: str, mountpoint: str, state_dir: str, name: str, *, allow_other: b
         ready_fd: int | None = None, group: str | None = None, debug_fuse: bool = False,
         keep_open_step: bool = False) -> int:
     """Mount and serve until unmounted. Returns the exit status."""
+    log.info("overlayd daemon pid %d for %s: %s", os.getpid(), mountpoint, fusecaps.describe())
+
     def report(msg: str) -> None:
         if ready_fd is not None:
             try:

@@ -34,7 +34,7 @@ import trio
 from journal import Journal
 
 from ..layers import OverlayFS
-from ..paths import UsageError, fsync_dir, index_dir, is_within, make_parents, register
+from ..paths import UsageError, disk_usage, fsync_dir, index_dir, is_within, make_parents, register
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,10 @@ class Workspace:
         dropped, (inos, entries) = self.fs.drop_layers(count)
         if committed is not None:
             self.fs.adopt(pairs, committed[1])
+            # what the kernel knows of them changed too: set-ID bits are never committed, a
+            # file linked into the base has one more link (and it may cache their listings)
+            known = set(inos)
+            inos = inos + [node.ino for node, _ in pairs if node.lookups > 0 and node.ino not in known]
             if len(committed) > 2:
                 entries = entries + list(committed[2][0])
                 inos = inos + list(committed[2][1])
@@ -444,11 +448,4 @@ class Workspace:
             self._reaper_wake.clear()
 
     def disk_usage(self) -> int:
-        total = 0
-        for root, dirs, files in os.walk(self.state_dir):
-            for f in files:
-                try:
-                    total += os.lstat(os.path.join(root, f)).st_blocks * 512
-                except OSError:
-                    pass
-        return total
+        return disk_usage(self.state_dir)

@@ -8,6 +8,7 @@
 - audit: the audit trail (op events, batched)
 - queries: read-only operations (status, diff, log, list) and annotate
 - gc: garbage collection of ended sagas
+- export: saga.export, what 'saga export --git' reads (changes per step, fds of their files)
 - records: trio-free reads of the journal (status_of) and request argument checks
 - lock: the one lock of stack operations
 - errors: EngineError, the engine's domain error (the daemon's wire maps it to a reply)

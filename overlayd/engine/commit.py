@@ -9,7 +9,7 @@ import time
 import trio
 
 from .. import commit, osutil, rules
-from ..commit import run
+from ..commit import changes as by_step, run
 from ..faults import crash_point
 from .errors import EngineError
 from .records import now
@@ -98,9 +98,6 @@ class CommitMixin:
                    for c in sorted(conflicts, key=lambda c: c["path"])]
         left = rules_.left_out(entries)
         return [c for c in conflicts if c["path"] not in left]
-
-    def _layer_steps(self, sid) -> dict:
-        return {s["layer"]: {"index": s["index"], "name": s["name"]} for s in self.steps(sid) if s.get("layer")}
 
     async def op_commit(self, args, peer):
         dry_run = bool(args.get("dry_run"))
@@ -298,9 +295,5 @@ class CommitMixin:
                 "seconds": time.perf_counter() - t0}
 
     def _annotate(self, changes, sid):
-        steps = self._layer_steps(sid)
-        for c in changes:
-            st = steps.get(c.pop("layer"), {})
-            c["step"] = st.get("index")
-            c["step_name"] = st.get("name")
-        return changes
+        """Each change's layer given to its step (commit.changes.annotate)."""
+        return by_step.annotate(changes, self.steps(sid))

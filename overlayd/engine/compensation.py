@@ -1,5 +1,5 @@
 """Compensation commands: one attempt at a time, held at a gate until its process is journaled,
-retried with backoff, and an attempt left by a dead daemon waited for or killed first
+retried with overlayd.retry's back-off, and an attempt left by a dead daemon waited for or killed first
 (invariant 25)."""
 
 import logging
@@ -11,7 +11,7 @@ import time
 
 import trio
 
-from .. import osutil
+from .. import osutil, retry
 from .errors import EngineError
 from .records import now
 
@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETRIES = 3
 DEFAULT_COMP_TIMEOUT = 60.0  # with 3 attempts, a hung compensation holds the workspace ~3 min
-BACKOFF = float(os.environ.get("OVERLAYD_BACKOFF", "0.5"))
 STDERR_TAIL = 4096
 DEFAULT_UMASK = 0o022
 
@@ -121,11 +120,10 @@ class CompensationMixin:
     async def _compensation_attempts(self, sid, step, saga, cmd, retries, timeout) -> tuple[bool, int, str]:
         status, tail = 0, ""
         await self._reap_orphan(sid, step)
-        for attempt in range(1, retries + 1):
+        for attempt, pause in retry.schedule(retries):
             start = now()
             # the latest moment this compensation can end: what 'saga status' shows as time left
-            worst = start + timeout * (retries - attempt + 1) + sum(BACKOFF * 2 ** (a - 1)
-                                                                    for a in range(attempt, retries))
+            worst = start + timeout * (retries - attempt + 1) + retry.pauses_left(attempt, retries)
             self.compensation = {"step": step["index"], "name": step["name"], "command": cmd, "attempt": attempt,
                                  "attempts": retries, "timeout": timeout, "started": start, "deadline": worst}
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/"),
@@ -168,8 +166,8 @@ class CompensationMixin:
             await self.ws.transact(record)
             if status == 0:
                 return True, 0, tail
-            if attempt < retries:
-                await trio.sleep(BACKOFF * (2 ** (attempt - 1)))
+            if pause is not None:
+                await trio.sleep(pause)
         return False, status, tail
 
     async def _reap_orphan(self, sid: int, step) -> None:

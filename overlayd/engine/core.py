@@ -21,6 +21,7 @@ import trio
 from journal import JournalError, JournalFull
 
 from .. import osutil
+from ..commit import changes as by_step
 from ..faults import crash_point
 from . import budgets
 from .audit import AuditTrail
@@ -28,6 +29,7 @@ from .budgets import BudgetMixin
 from .commit import CommitMixin
 from .compensation import DEFAULT_COMP_TIMEOUT, DEFAULT_RETRIES, CompensationMixin, peer_umask
 from .errors import EngineError, no_space_message
+from .export import ExportMixin, base_head
 from .gc import GcMixin
 from .lock import StackLock
 from .queries import QueryMixin
@@ -40,7 +42,7 @@ MIN_STEP_FREE = 1 << 20  # a step is refused with less room than this on the sta
 # what ext4 keeps for itself out of the free blocks: 2 % of the filesystem, at most 16 MiB)
 
 
-class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixin):
+class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixin, ExportMixin):
     """The sagas of one workspace. *ws*: the open workspace (journal, stack of layers, view);
     *lock*: the stack lock the daemon's own stack operations share. Background work (the audit
     trail, time budgets, budget cuts) runs in the nursery of :meth:`run`, which the daemon
@@ -70,6 +72,7 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
             "saga.abort": self.op_abort, "saga.commit": self.op_commit, "saga.retry": self.op_retry,
             "saga.status": self.op_status, "saga.diff": self.op_diff, "saga.log": self.op_log,
             "saga.list": self.op_list, "saga.annotate": self.op_annotate, "saga.gc": self.op_gc,
+            "saga.export": self.op_export,  # what 'saga export --git' reads
         }
         self.tracker.reload(self.active_id())
 
@@ -154,10 +157,14 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
                                                  f"{self.ws.mountpoint}; commit or abort it first, or mount another "
                                                  "workspace over the same base for a parallel saga")
 
+            # the base's HEAD, the parent of 'saga export --git' (None: not a git work tree)
+            head = await trio.to_thread.run_sync(base_head, str(self.ws.base), peer.get("uid"), peer.get("gid"))
+
             def begin(txn):
                 sid = txn.new_saga_id()
                 rec = {"id": sid, "name": name, "state": "active", "created": now(), "updated": now(),
-                       "uid": peer.get("uid"), "gid": peer.get("gid"), "steps": 0, "budgets": budget}
+                       "uid": peer.get("uid"), "gid": peer.get("gid"), "steps": 0, "budgets": budget,
+                       **({"base_head": head} if head else {})}
                 txn.put_saga(sid, rec)
                 txn.set_meta("active_saga", sid)
                 txn.event("saga.begin", saga=sid, name=name, **self._event_details(peer))
@@ -286,20 +293,13 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
     # ------------------------------------------------------------------ rollback / abort / retry
 
     def _resolve_step(self, saga, ref) -> int:
-        live = self.live_steps(saga["id"])
+        """The index of the live step *ref* names (commit.changes.resolve_step), or EngineError."""
         if ref is None:
             raise EngineError("bad-request", "no step given")
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
-            k = int(ref)
-            if k == 0:
-                return 0
-            if any(s["index"] == k for s in live):
-                return k
-            raise EngineError("no-step", f"saga {saga['name']!r} has no live step {k}; see: saga status")
-        matches = [s["index"] for s in live if s["name"] == ref]
-        if not matches:
-            raise EngineError("no-step", f"saga {saga['name']!r} has no live step named {ref!r}; see: saga status")
-        return matches[-1]
+        try:
+            return by_step.resolve_step(saga, self.steps(saga["id"]), ref)
+        except by_step.NoStep as exc:
+            raise EngineError("no-step", str(exc)) from None
 
     async def op_rollback(self, args, peer):
         with self._exclusive("roll back"):
@@ -411,8 +411,10 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
 
         await self.ws.transact(finish)
         self.tracker.touched = {}
-        if any(st["state"] != "open" for st in todo):
-            self.tracker.reload(sid)  # (the paths of an open step were only in touched)
+        if any(st["state"] != "open" for st in todo):  # (the paths of an open step were only in touched)
+            # a journal scan that grows with the paths: not on the event loop (no step is open, so
+            # nothing records a path meanwhile)
+            self.tracker.known = await trio.to_thread.run_sync(self.tracker.known_paths, sid)
         return {"saga": self.ws.journal.saga(sid), "compensated": done, "seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ recovery after mount

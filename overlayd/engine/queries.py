@@ -9,6 +9,7 @@ import trio
 from journal import JournalFull
 
 from .. import commit, rules
+from ..commit import changes as by_step
 from .errors import EngineError
 from .records import now, number, status_of
 
@@ -31,16 +32,19 @@ class QueryMixin:
             ops, left = await trio.to_thread.run_sync(self._plan, False, rules_)
         except rules.RulesError as exc:
             raise EngineError("error", f"{exc} (saga diff leaves out what a commit would)") from None
-        stored = await trio.to_thread.run_sync(self.tracker.stored, saga["id"])
-        changes = self.tracker.attribute(self._annotate(commit.summarize(ops), saga["id"]), stored)
+        stored, live = await trio.to_thread.run_sync(self.tracker.stored, saga["id"])
+
+        def attributed(changes):
+            return by_step.attribute(self._annotate(changes, saga["id"]), live, stored, self.tracker.touched)
+
+        changes = attributed(commit.summarize(ops))
         for c in changes:
             if c["path"] in self.audit.writers:
                 c["process"] = self.audit.writers[c["path"]]
-        left = self.tracker.attribute(self._annotate(left, saga["id"]), stored)
+        left = attributed(left)
         if args.get("step") is not None:
             k = self._resolve_step(saga, args["step"])
-            changes = [c for c in changes if k in (c["step"], c.get("last_step"))]
-            left = [c for c in left if k in (c["step"], c.get("last_step"))]
+            changes, left = by_step.of_step(changes, k), by_step.of_step(left, k)
         return {"saga": saga, "changes": changes, "left_out": left}
 
     async def op_log(self, args, peer):

@@ -3,19 +3,15 @@ by the CLI reading a stopped workspace's journal (status_of)."""
 
 import time
 
+from ..commit.changes import live_steps
 from ..protocol import name_problem
 from .errors import EngineError
 
-LIVE = ("open", "done", "compensating")  # the states of a step whose layer is on the stack
+__all__ = ["check_name", "live_steps", "now", "number", "status_of"]
 
 
 def now() -> float:
     return time.time()
-
-
-def live_steps(steps: list) -> list:
-    """The steps whose layers are on the stack, in order."""
-    return [s for s in steps if s["state"] in LIVE]
 
 
 def check_name(kind: str, name) -> str:

@@ -1,13 +1,13 @@
 """What a saga changed: the paths of the open step with the base's identity at their first
 change (``touched``), and the paths earlier live steps recorded (``known``: their identity
 stands). A commit compares them with the base (conflicts); ``saga diff`` names the step that
-first changed each path (attribute)."""
+first changed each path (overlayd.commit.changes.attribute, given ``stored`` and ``touched``)."""
 
 import logging
 import os
 
 from .. import commit
-from .records import live_steps
+from ..commit.changes import live_steps
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +21,17 @@ class Tracker:
 
     def reload(self, sid) -> None:
         """known := the paths recorded by the live steps of saga *sid* (none: no saga)."""
+        self.known = self.known_paths(sid)
+
+    def known_paths(self, sid) -> set:
+        """The paths recorded by the live steps of saga *sid* (none: no saga): a journal scan
+        that grows with the paths, for a worker thread on a request's path."""
         known = set()
         if sid:
             stored = self.journal.step_paths(sid)
             for s in live_steps(self.journal.steps(sid)):
                 known.update(stored.get(s["index"], ()))
-        self.known = known
+        return known
 
     def reset(self) -> None:
         self.touched = {}
@@ -84,31 +89,3 @@ class Tracker:
             for fd in dirs.values():
                 os.close(fd)
         return out
-
-    def attribute(self, changes, stored):
-        """Each change's ``step`` is the step that first changed the path (the steps' journaled
-        paths: a step records a path only if no earlier live step did), or of its nearest
-        ancestor that a step recorded (entries of a renamed directory); the layer's step (the
-        step of the visible version) is kept as ``last_step`` when it is a later one. A
-        directory created in step 4 and written into in step 5 is step 4's change. *stored*:
-        what :meth:`stored` returned."""
-        first = {}
-        stored, live = stored
-        names = {s["index"]: s["name"] for s in live}
-        for s in live:
-            for p in stored.get(s["index"], ()):
-                first.setdefault(p, s["index"])
-        if live and live[-1]["state"] == "open":
-            for p in self.touched:
-                first.setdefault(p, live[-1]["index"])
-        for c in changes:
-            p = c["path"]
-            k = first.get(p)
-            while k is None and "/" in p:
-                p = p.rsplit("/", 1)[0]
-                k = first.get(p)
-            if k is None or c["step"] is None or k >= c["step"]:
-                continue
-            c["last_step"], c["last_step_name"] = c["step"], c["step_name"]
-            c["step"], c["step_name"] = k, names.get(k)
-        return changes

@@ -23,8 +23,8 @@ Caveats (knowingly not done):
 - a character device 0/0 cannot be created in the view (EPERM, as in kernel overlayfs): in a
   layer it is a whiteout; other devices can, by root only (the mount is ``nodev``: they cannot
   be opened through it);
-- ``fallocate(2)`` is not supported (EOPNOTSUPP): pyfuse3 (3.5.0) has no handler for it, so
-  libfuse answers ENOSYS and the kernel stops asking (``posix_fallocate`` falls back to writes);
+- on a stock pyfuse3 (without patches/pyfuse3), ``fallocate(2)`` gets EOPNOTSUPP (libfuse
+  answers ENOSYS, the kernel stops asking) and every directory listing reaches the daemon;
 - a file system mounted inside the base is shown, but keyed by the base's ``st_dev``;
 - a directory whose xattrs leave no room for the record of the base's attributes loses it
   (its commit then gives every attribute of the view's copy).
@@ -40,11 +40,13 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from .. import osutil
+from .. import fusecaps, osutil
 from ..osutil import PRIVATE_XATTR
 from .copyup import Blocked
 from .entries import Entries
 from .model import K_DIR, K_FILE, K_OTHER, ROOT, WRITE_FLAGS, inconsistent
+
+FALLOC_FL_PUNCH_HOLE = 0x02
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,9 @@ class OverlayFS(Entries, pyfuse3.Operations):
         fh = self.next_fh
         self.next_fh += 1
         self.dirhandles[fh] = [node, None]
+        if fusecaps.CACHE_READDIR and self._keep_cache(node):
+            # the kernel keeps the listing until invalidate_inode (drop_layers, basewatch)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
         return fh
 
     @fuse_errors
@@ -477,6 +482,19 @@ class OverlayFS(Entries, pyfuse3.Operations):
         if self.on_write is not None:
             self.on_write(h.node, n)
         return n
+
+    @fuse_errors
+    async def fallocate(self, fh, mode, offset, length):
+        # as a write: the handle's file is copied up (a metacopy gets its data) into the top layer
+        h = self.handles[fh]
+        if h.li != self.top or h.loc != h.node.loc or not self.writable() or h.node.epoch != self.epoch:
+            self._refresh_handle(h, write=True)
+        osutil.fallocate(h.fd, mode, offset, length)  # a mode the layer's fs lacks: its errno
+        if h.node.ino not in self.layers[-1].inos:
+            self._touch(h.node)
+        h.wrote = True
+        if self.on_write is not None:
+            self.on_write(h.node, 0 if mode & FALLOC_FL_PUNCH_HOLE else length)
 
     async def flush(self, fh):
         # Writes reach the layer synchronously: nothing to flush on close(). ENOSYS tells the

@@ -442,9 +442,14 @@ class Resolver:
         return w.timeout(from_base) or TIMEOUT
 
     def _keep_cache(self, node: Node) -> bool:
-        """May the kernel keep an opened file's pages? Not a base file's while the base is
-        revalidated (basewatch): its pages are read again at each open."""
-        return node.li != 0 or self.base_watch is None or self.base_watch.live
+        """May the kernel keep an opened file's pages (a directory's listing)? Not a base file's
+        (a directory's with a base copy) while the base is revalidated (basewatch): they are read
+        again at each open."""
+        if self.base_watch is None or self.base_watch.live:
+            return True
+        if node.is_dir:
+            return not any(li == 0 for li, _ in node.dlayers or ())
+        return node.li != 0
 
     def _link_of(self, node: Node):
         """(parent node, name) of a live name of a file node, or None."""

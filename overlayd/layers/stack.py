@@ -120,6 +120,9 @@ class Stack(Resolver):
                 node = self.nodes.get(p)
                 if node is not None and node.lookups > 0 and not gone(node):
                     inval_entries.extend((p, n) for n in names)
+                    if p not in inos:  # its listing, cached by the kernel (cache_readdir), goes too
+                        inos.add(p)
+                        inval_inos.append(p)
         log.info("dropped %d layer(s): %s", count, ", ".join(layer.id for layer in dropped))
         return dropped, (inval_inos, inval_entries)
 

@@ -27,10 +27,11 @@ import shlex
 import time
 import uuid
 
+from .. import retry
 from ..client import BusyError, Client, ClientError, ConflictError, NoDaemon, StuckError
 from ..paths import quote_path
 from .attempt import AttemptMixin, RunResult, _DaemonLost, _Finish, kill_token
-from .schema import (BACKOFF, EXIT_CONFLICT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NO_DAEMON, EXIT_OK, EXIT_STOPPED,
+from .schema import (EXIT_CONFLICT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NO_DAEMON, EXIT_OK, EXIT_STOPPED,
                      EXIT_STUCK, SCHEMA, TAIL_ANNOTATED, TAIL_BYTES, Definition, StepDef)
 
 
@@ -362,7 +363,7 @@ class Coordinator(AttemptMixin):
     def _run_step(self, pos):
         d = self.defn.steps[pos]
         attempts = 1 + d.retries
-        for attempt in range(1, attempts + 1):
+        for attempt, pause in retry.schedule(attempts):
             rec = self._call("saga.step", name=d.name, compensate=self._compensate_command(d), timeout=d.timeout,
                              max_bytes=d.max_bytes, max_files=d.max_files, max_spins=d.max_spins, policy="step",
                              retries=d.compensate_retries,
@@ -388,9 +389,9 @@ class Coordinator(AttemptMixin):
                       exit_status=res.status, reason=res.reason, detail=res.detail, will_retry=attempt < attempts,
                       **fields)
             self._current = None
-            if attempt < attempts:
+            if pause is not None:
                 self._compensate_to(self.completed[-1][1] if self.completed else self.floor, reason="retry")
-                time.sleep(min(BACKOFF * (2 ** (attempt - 1)), 30.0))
+                time.sleep(pause)
         self._on_failure(pos, d, res)
 
     def _describe(self, pos, d, res) -> str:
@@ -482,18 +483,18 @@ class Coordinator(AttemptMixin):
 
     def _call_compensation(self, d, s):
         attempts = d.compensate_retries or 3
-        for attempt in range(1, attempts + 1):
+        for attempt, pause in retry.schedule(attempts):
             try:
                 d.compensate(self._context(d, self.position.get(d.name, -1), s["index"], attempt))
                 return
             except Exception as exc:  # noqa: BLE001 - a failed compensation makes the saga stuck
                 err = f"{type(exc).__name__}: {exc}"
-                if attempt == attempts:
+                if pause is None:
                     raise _Finish(self._result(
                         "stuck", EXIT_STUCK, f"the compensation of step {s['index']} {d.name!r} failed {attempts} "
                                              f"times (last: {err}); the saga is stuck: fix the cause, then "
                                              f"{self.resume_hint}")) from None
-                time.sleep(min(BACKOFF * (2 ** (attempt - 1)), 30.0))
+                time.sleep(pause)
 
     def _finish(self) -> RunResult:
         n = len(self.defn.steps)

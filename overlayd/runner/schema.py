@@ -11,12 +11,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import os
 import re
 import tomllib
 from typing import Any
 
+from .. import tomllines, units
 from ..protocol import name_problem
 
 
@@ -29,7 +29,6 @@ ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 COMPENSATABLE = ("full", "partial", "none")
 ON_FAILURE = ("compensate", "retry", "stop")
 DEFAULT_RETRY_POLICY_RETRIES = 2
-BACKOFF = float(os.environ.get("OVERLAYD_BACKOFF", "0.5"))
 
 # exit codes of ``saga run`` (and RunResult.exit_code)
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CONFLICT, EXIT_STUCK, EXIT_NO_DAEMON, EXIT_STOPPED = 0, 1, 2, 3, 4, 5, 6
@@ -153,44 +152,20 @@ class _Bad(Exception):
     pass
 
 
-MAX_DURATION = 7 * 86400  # the daemon's limit for compensate_timeout too
-
-
 def parse_duration(value) -> float:
-    if isinstance(value, bool) or value is None:
-        raise _Bad(f"{value!r} is not a duration (seconds, or a string like \"30s\", \"5m\", \"1h\", \"250ms\")")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
-        if not m:
-            raise _Bad(f"{value!r} is not a duration (examples: \"30s\", \"5m\", \"1h\", \"250ms\", or seconds)")
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2) or "s"]
-    else:
-        raise _Bad(f"{value!r} is not a duration (seconds, or a string like \"5m\")")
-    if not seconds > 0:
-        raise _Bad(f"{value!r}: a duration must be more than 0")
-    if not math.isfinite(seconds) or seconds > MAX_DURATION:
-        raise _Bad(f"{value!r}: a duration must be finite and at most {MAX_DURATION // 86400} days")
-    return seconds
+    """overlayd.units.parse_duration: more than 0, at most units.MAX_DURATION (7 days)."""
+    try:
+        return units.parse_duration(value)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def parse_size(value) -> int:
-    if isinstance(value, bool) or value is None:
-        raise _Bad(f"{value!r} is not a size (bytes, or a string like \"100M\", \"2G\")")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", value)
-        if not m:
-            raise _Bad(f"{value!r} is not a size (examples: \"4096\", \"512K\", \"100M\", \"2G\")")
-        n = int(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[
-            (m.group(2) or "b")[0].lower()]
-    else:
-        raise _Bad(f"{value!r} is not a size (bytes, or a string like \"100M\")")
-    if n <= 0:
-        raise _Bad(f"{value!r}: a size must be more than 0")
-    return n
+    """overlayd.units.parse_size: more than 0."""
+    try:
+        return units.parse_size(value)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def _int(value, low, high=None) -> int:
@@ -263,46 +238,6 @@ _STEP_PARSERS = {
 }
 
 
-# ---------------------------------------------------------------------- where keys are
-
-
-_STEP_HEADER = re.compile(r"^\s*\[\[\s*step\s*\]\]\s*(#.*)?$")
-_STEP_SUBTABLE = re.compile(r"^\s*\[\s*step\s*\.\s*([A-Za-z0-9_-]+)\s*\]\s*(#.*)?$")
-_TABLE = re.compile(r"^\s*\[")
-_KEY = re.compile(r"""^\s*("(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)\s*(\.|=)""")
-
-
-def _line_map(text: str):
-    """Best effort: the line of each top-level key, and per [[step]] table its header line
-    ("") and the line of each of its keys. Multi-line strings are skipped."""
-    top, steps = {}, []
-    current, prefix = top, ""
-    in_string = None
-    for n, line in enumerate(text.splitlines(), 1):
-        if in_string:
-            if line.count(in_string) % 2 == 1:
-                in_string = None
-            continue
-        if _STEP_HEADER.match(line):
-            current, prefix = {"": n}, ""
-            steps.append(current)
-        elif (m := _STEP_SUBTABLE.match(line)) and steps:
-            current, prefix = steps[-1], m.group(1) + "."
-            current.setdefault(m.group(1), n)
-        elif _TABLE.match(line):
-            current, prefix = {}, ""
-            if re.match(r"^\s*\[\s*([A-Za-z0-9_-]+)", line):
-                top.setdefault(re.match(r"^\s*\[\s*([A-Za-z0-9_-]+)", line).group(1), n)
-        elif m := _KEY.match(line):
-            key = m.group(1).strip("\"'")
-            current.setdefault(prefix + key, n)
-        for q in ('"""', "'''"):
-            if line.count(q) % 2 == 1:
-                in_string = q
-                break
-    return top, steps
-
-
 def _suggest(key, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -341,7 +276,7 @@ def parse(text: str, file=None, sha256=None) -> Definition:
             msg = msg[:m.start()].rstrip()
         raise DefinitionError([Problem(f"invalid TOML: {msg}", line=int(m.group(1)) if m else None,
                                        column=int(m.group(2)) if m else None)], file) from None
-    top_lines, step_lines = _line_map(text)
+    top_lines, step_lines = tomllines.line_map(text)
     defn = _validate(raw, top_lines, step_lines, file, callables=False)
     defn.text = text
     defn.sha256 = sha256 or hashlib.sha256(text.encode("utf-8")).hexdigest()
