@@ -74,8 +74,8 @@ def test_the_daemon_says_which_pyfuse3_it_runs_on(mount_factory, base):
     rows = json.loads(od(m, "list", "--json", check=0).stdout)["workspaces"]
     assert [w["pyfuse3"] for w in rows if w["mountpoint"] == str(m.mp)] == [fusecaps.describe()]
     lines = od(m, "list", check=0).stdout.splitlines()
-    assert lines[0].endswith("\tMOUNTPOINT\tFUSE")
-    assert [line.split("\t")[-1] for line in lines if f"\t{m.mp}\t" in line] == [fusecaps.describe()]
+    assert lines[0].endswith("\tMOUNTPOINT\tFUSE\tBASE VIEW")
+    assert [line.split("\t")[-2] for line in lines if f"\t{m.mp}\t" in line] == [fusecaps.describe()]
 
 
 @needs_cache

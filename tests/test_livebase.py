@@ -216,6 +216,10 @@ def test_overflow_falls_back_to_revalidation(mount_factory, tmp_path, tiny_inoti
     rows = json.loads(subprocess.run([sys.executable, "-c", code, "list", "--json"], env=m.env,
                                      capture_output=True, text=True, timeout=60).stdout)["workspaces"]
     assert [r["base_view"] for r in rows if r["name"] == "ws"] in (["revalidating"], ["live (inotify)"])
+    lines = subprocess.run([sys.executable, "-c", code, "list"], env=m.env, capture_output=True, text=True,
+                           timeout=60).stdout.splitlines()
+    assert lines[0].endswith("\tBASE VIEW")
+    assert [line.split("\t")[-1] for line in lines if f"\t{m.mp}\t" in line][0] in ("revalidating", "live (inotify)")
     # after the overflow, the view is live again
     put(base / "d" / "late.txt", "late\n")
     eventually(lambda: "late.txt" in listing(m.mp / "d"), timeout=2 * LIVE)
