@@ -12,9 +12,9 @@ import sys
 
 import click
 
-from cli import git_cmd, saga_diff, saga_run
-from cli.common import Group
-from cli.saga_common import (CONTEXT, GC_KEEP, JSON_KEYS, SCHEMA, SagaError, _cut_line, _duration,
+from overlayd.cli import git_cmd, saga_diff, saga_run
+from overlayd.cli.common import Group
+from overlayd.cli.saga_common import (CONTEXT, GC_KEEP, JSON_KEYS, SCHEMA, SagaError, _cut_line, _duration,
                              _left_out_lines, _resume_hint, _saga_line, budget_args, common, complete_sagas,
                              complete_steps, emit, parse_duration, parse_size, run, time_wall, with_budgets,
                              with_rules)
