@@ -121,6 +121,7 @@ def test_person_commits_while_the_agent_commits_on_its_branch(mount_factory, tmp
     # both sides' moves are in HEAD's reflog
     heads = git(base, "log", "-g", "--format=%H", "HEAD").split()
     assert {a1, a2, p1, p2} <= set(heads), heads
+    assert read(m.mp / ".git" / "logs" / "HEAD") == read(base / ".git" / "logs" / "HEAD")  # the view is the base
     # the index is the saga's branch's: the saga's files are clean; the work tree also holds the
     # person's work, which is on main, not on the branch now checked out
     assert sorted(git(base, "status", "--porcelain").splitlines()) == [" M src/m1.py", "?? person.txt"]

@@ -193,7 +193,8 @@ def _short(v: bytes | None) -> str:
 
 def settle(base_fd: int, layer_fds, conflicts: list, git: Git | None, write: bool = True):
     """(the conflicts that stand, the ones the policy settled) for a base that is a git
-    repository: see the module's table. A settled conflict is {"path", "how"}; a ref both sides
+    repository: see the module's table. A settled conflict is {"path", "how"} (and "rewritten":
+    its layer file now holds other content than the view showed); a ref both sides
     moved apart stays a conflict with a ``reason`` naming both commit ids (``base_commit``,
     ``saga_commit``). *write*: write the settled content into the saga's layer (False for a
     dry run)."""
@@ -219,9 +220,10 @@ def settle(base_fd: int, layer_fds, conflicts: list, git: Git | None, write: boo
                 continue
             if k == "log":
                 merged = merge_log(theirs, ours)
+                settled.append({"path": c["path"], "how": "appended"})
                 if write and merged != ours:
                     _rewrite(pfd, name, merged)
-                settled.append({"path": c["path"], "how": "appended"})
+                    settled[-1]["rewritten"] = True
                 continue
             # a ref (HEAD, refs/**)
             if ours.strip() == theirs.strip():
@@ -233,9 +235,10 @@ def settle(base_fd: int, layer_fds, conflicts: list, git: Git | None, write: boo
                     settled.append({"path": c["path"], "how": "saga's (fast-forward)"})
                     continue
                 if git.is_ancestor(o.decode(), t.decode()):
+                    settled.append({"path": c["path"], "how": "base's (fast-forward)"})
                     if write:
                         _rewrite(pfd, name, theirs)
-                    settled.append({"path": c["path"], "how": "base's (fast-forward)"})
+                        settled[-1]["rewritten"] = True
                     continue
             ref = c["path"][5:]
             what = f"branch {ref[11:]}" if ref.startswith("refs/heads/") else ref

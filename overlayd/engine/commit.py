@@ -214,7 +214,9 @@ class CommitMixin:
                     await self.ws.transact(intent)
                     crash_point("commit.intent")
                     # left-out entries vanish from the view with the layers: the kernel must forget them
-                    gone = self.fs.kernel_entries([c["path"] for c in left])
+                    # and so must the files the git policy rewrote in a layer (their content changed)
+                    gone = self.fs.kernel_entries([c["path"] for c in left] +
+                                                  [c["path"] for c in settled if c.get("rewritten")])
                     await self._execute_plan(plan, peer, t0, t1, gone)
                 finally:
                     lock.release()
