@@ -6,6 +6,7 @@ moved apart is a real conflict reported with both commit ids. Real git on both s
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -81,6 +82,9 @@ def test_person_runs_git_status_while_the_agent_commits(mount_factory, tmp_path)
     assert git(base, "status", "--porcelain") == ""
     assert ident(base / ".git" / "index") != before, "git status did not rewrite the index: the test proves nothing"
 
+    r = subprocess.run([sys.executable, "-c", "import sys; from cli.saga_cmd import main; sys.exit(main())",
+                        "commit", "--dry-run"], cwd=m.mp, env=m.env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "settled   .git/index  (git: saga's)" in r.stdout.splitlines(), r.stdout + r.stderr
     dry = m.call("saga.commit", dry_run=True)
     assert dry["conflicts"] == [], dry["conflicts"]
     assert {s["path"]: s["how"] for s in dry["settled"]}.get(".git/index") == "saga's", dry["settled"]
