@@ -194,3 +194,17 @@ def test_policy_units(tmp_path):
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_an_object_directory_both_sides_created_keeps_both_sides_objects(mount_factory, tmp_path):
+    """objects/xx made by both sides (a fan-out directory is made by whichever side first writes an
+    object whose id starts with xx): settled, and the commit merges the directory entry by entry."""
+    base = repo(tmp_path / "base")
+    m = mount_factory(base, name="gitfan")
+    m.call("saga.begin", name="agent")
+    m.call("saga.step", name="work")
+    put(m.mp / ".git/objects/zz/saga", "s")
+    put(base / ".git/objects/zz/person", "p")
+    res = m.call("saga.commit")
+    assert res["settled"] == [{"path": ".git/objects/zz", "how": "saga's"}]
+    assert sorted(os.listdir(base / ".git/objects/zz")) == ["person", "saga"]
