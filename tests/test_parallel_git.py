@@ -191,6 +191,12 @@ def test_policy_units(tmp_path):
         os.setxattr(upper / ".git" / "refs" / "heads", "user.overlayd.opaque", b"y")
         assert gitpolicy.saga_file(fds, ".git/refs/heads/x") is None
         assert gitpolicy.saga_file(fds, ".git/nothing") is None
+        os.setxattr(upper / ".git" / "refs" / "heads" / "y", "user.overlayd.origin", b"x")  # a metacopy
+        assert gitpolicy.saga_file(fds, ".git/refs/heads/y") is None
+        (upper / ".git" / "logs").mkdir()  # an opaque directory above one missing in this layer
+        os.setxattr(upper / ".git" / "logs", "user.overlayd.opaque", b"y")
+        put(lower / ".git" / "logs" / "refs" / "HEAD", "1\n")
+        assert gitpolicy.saga_file(fds, ".git/logs/refs/HEAD") is None
     finally:
         for fd in fds:
             os.close(fd)

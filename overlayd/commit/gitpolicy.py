@@ -96,6 +96,8 @@ def saga_file(layer_fds, path: str):
                 if osutil.is_opaque(cur):
                     hidden = True
             if cur is None:
+                if hidden:
+                    return None
                 continue
             try:
                 st = os.stat(name, dir_fd=cur, follow_symlinks=False)
@@ -105,12 +107,25 @@ def saga_file(layer_fds, path: str):
                 continue
             if not stat.S_ISREG(st.st_mode):  # a whiteout, or another kind
                 return None
+            if _is_metacopy(cur, name):
+                return None  # its data is still the base file's: nothing of the saga's to read
             pfd = os.dup(cur)
             return lfd, pfd, name
         finally:
             for fd in opened:
                 os.close(fd)
     return None
+
+
+def _is_metacopy(dirfd: int, name: bytes) -> bool:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    try:
+        os.getxattr(fd, osutil.ORIGIN_XATTR)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _read_at(dirfd: int, name: bytes) -> bytes | None:
