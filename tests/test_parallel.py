@@ -143,15 +143,8 @@ def test_sixteen_workspaces_commit_at_once(mount_factory, tmp_path):
     original = snapshot(base)
 
     t0 = time.monotonic()
-    mounts = []
-    starters = []
-
-    def start(i):
-        mounts[i] = mount_factory(base, name=f"p{i}", start=False)
-
-    mounts = [None] * N
-    for i in range(N):  # mount_factory is not thread-safe: make them in order, start them at once
-        start(i)
+    # mount_factory is not thread-safe: make them in order, start the 16 daemons at once
+    mounts = [mount_factory(base, name=f"p{i}", start=False) for i in range(N)]
     starters = [threading.Thread(target=m.start) for m in mounts]
     for t in starters:
         t.start()
