@@ -180,7 +180,10 @@ def markdown(res) -> str:
                ("commit_n_into", f"commit {n} new files into existing directories (entry by entry)", 1000, " ms"),
                ("commit_into_ratio", "ratio commit into existing / cp -a + sync", None, ""),
                ("create_n", f"(creating the {n} files through the mount)", 1000, " ms"),
-               ("transitions_per_s", "journal transitions per second (saga.step on an empty saga)", None, "/s")]
+               ("transitions_per_s", "journal transitions per second (saga.step on an empty saga)", None, "/s"),
+               ("commit_tput_1", "commit throughput, 1 workspace (commits/s)", None, "/s"),
+               ("commit_tput_4", "commit throughput, 4 workspaces over one base, committing at once", None, "/s"),
+               ("commit_tput_16", "commit throughput, 16 workspaces over one base, committing at once", None, "/s")]
         for k, label, mul, unit in lab:
             if k in s:
                 v = s[k] * mul if mul else s[k]

@@ -325,6 +325,14 @@ def main() -> int:
                 from sagabench import run_once
 
                 rec = run_once(work, run, sc["saga_files"], sc["transitions"], code, log=log)
+                import parallel_commit  # commits/s with 1, 4, 16 workspaces over one base
+
+                try:
+                    rec.update(parallel_commit.run_once(work, parallel_commit.QUICK if a.quick
+                                                        else parallel_commit.FULL, code))
+                except Exception as exc:  # noqa: BLE001 - recorded, the benchmark goes on
+                    rec["error"] = f"parallel commits: {type(exc).__name__}: {exc}"[:2000]
+                    log(f"  {rec['error'][:300]}")
                 res["saga"].append(rec)
                 if "error" not in rec:
                     log("  " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("run", "rss", "log")))

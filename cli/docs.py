@@ -1,12 +1,12 @@
-"""Generate docs/CLI.md from the commands' own help: ``python -m cli.docs > docs/CLI.md``."""
+"""Generate docs/CLI.md from the commands' own help: ``python -m overlayd.cli.docs > docs/CLI.md``."""
 
 import click
 
-from cli import overlayd_cmd, saga_cmd
+from overlayd.cli import overlayd_cmd, saga_cmd
 
 HEADER = """# Command-line reference
 
-Generated from the commands' help by `python -m cli.docs > docs/CLI.md`; a test keeps it current.
+Generated from the commands' help by `python -m overlayd.cli.docs > docs/CLI.md`; a test keeps it current.
 
 Exit codes (both commands): 0 ok, 1 error, 2 usage error, 3 commit conflict, 4 compensation
 stuck, 5 no daemon serves the workspace, 7 permission denied (the workspace is another user's:

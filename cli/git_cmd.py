@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from cli import saga_common as sc
+from overlayd.cli import saga_common as sc
 from overlayd.client import ClientError, NoDaemon, PermissionDenied
 from overlayd.paths import quote_path
 

@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from cli import mcp_cmd
-from cli.common import Group
+from overlayd.cli import mcp_cmd
+from overlayd.cli.common import Group
 from overlayd import __version__
 from overlayd.client import Client, ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
 from overlayd.paths import (UsageError, check_workspace_name, choose_name, default_state_dir, disk_usage, index_dir,
@@ -243,7 +243,7 @@ def list_(as_json):
     or "revalidating" (events were lost or cannot be had: changes show within a second anyway)."""
     import shlex
 
-    from journal import Journal, JournalError
+    from overlayd.journal import Journal, JournalError
     from overlayd.engine.records import status_of
 
     rows = []
@@ -332,7 +332,7 @@ def forget(name, force, yes):
     import shlex
     import subprocess
 
-    from journal import Journal, JournalError
+    from overlayd.journal import Journal, JournalError
     from overlayd.engine.records import status_of
 
     try:

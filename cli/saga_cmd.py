@@ -12,9 +12,9 @@ import sys
 
 import click
 
-from cli import git_cmd, saga_diff, saga_run
-from cli.common import Group
-from cli.saga_common import (CONTEXT, GC_KEEP, JSON_KEYS, SCHEMA, SagaError, _cut_line, _duration,
+from overlayd.cli import git_cmd, saga_diff, saga_run
+from overlayd.cli.common import Group
+from overlayd.cli.saga_common import (CONTEXT, GC_KEEP, JSON_KEYS, SCHEMA, SagaError, _cut_line, _duration,
                              _left_out_lines, _resume_hint, _saga_line, budget_args, common, complete_sagas,
                              complete_steps, emit, parse_duration, parse_size, run, time_wall, with_budgets,
                              with_rules)
@@ -141,6 +141,7 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
             lines = [f"{c['change']:9} {quote_path(c['path'])}  (step {c['step']} {c['step_name']})"
                      for c in r["changes"]]
             lines += _left_out_lines(r.get("left_out", []))
+            lines += [f"settled   {quote_path(c['path'])}  (git: {c['how']})" for c in r.get("settled", [])]
             lines += [f"CONFLICT  {quote_path(c['path'])}" + (f"  ({c['reason']})" if c.get("reason") else "")
                       for c in r["conflicts"]]
             emit(ctx, r, "\n".join(lines) or "nothing to commit")
@@ -148,8 +149,10 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
                 sys.exit(3)
         else:
             n = sum(1 + c.get("entries", 0) for c in r.get("left_out", []))
+            g = len(r.get("settled", []))
             emit(ctx, r, f"committed {_saga_line(r['saga'])}: {r['count']} change(s) in {r['seconds']:.2f}s"
-                 + (f"; {n} path(s) left out (ignored or excluded), dropped with the layers" if n else ""))
+                 + (f"; {n} path(s) left out (ignored or excluded), dropped with the layers" if n else "")
+                 + (f"; {g} path(s) under .git/ changed on both sides, settled by the git policy" if g else ""))
 
     try:
         run(ctx, workspace, as_json, go)

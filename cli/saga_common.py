@@ -168,7 +168,7 @@ class Target:
         except SagaError as exc:
             if exc.exit_code != 5 or self.state_dir is None:
                 raise
-        from journal import Journal, JournalError
+        from overlayd.journal import Journal, JournalError
         from overlayd.engine.records import status_of
 
         try:

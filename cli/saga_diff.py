@@ -4,7 +4,7 @@ import os
 
 import click
 
-from cli.saga_common import _left_out_lines, common, complete_steps, emit, run, SagaError, with_rules
+from overlayd.cli.saga_common import _left_out_lines, common, complete_steps, emit, run, SagaError, with_rules
 from overlayd.paths import quote_path
 from overlayd.textdiff import read_text
 

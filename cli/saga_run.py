@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from cli.common import json_error
-from cli.saga_common import SCHEMA, SagaError, Target, common, run, time_wall
+from overlayd.cli.common import json_error
+from overlayd.cli.saga_common import SCHEMA, SagaError, Target, common, run, time_wall
 
 class _RunDisplay:
     """Renders a saga run's events: NDJSON (--json), or lines with a live status line on a terminal."""

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import docs, overlayd_cmd, saga_cmd
+from overlayd.cli import docs, overlayd_cmd, saga_cmd
 from overlayd.client import ClientError, ConflictError, Workspace
 
 
 def test_cli_docs_are_current():
     path = os.path.join(os.path.dirname(__file__), "..", "docs", "CLI.md")
     with open(path) as f:
-        assert f.read() == docs.render(), "docs/CLI.md is stale: python -m cli.docs > docs/CLI.md"
+        assert f.read() == docs.render(), "docs/CLI.md is stale: python -m overlayd.cli.docs > docs/CLI.md"
 
 
 def test_saga_outside_a_workspace(tmp_path, monkeypatch):
@@ -49,7 +49,7 @@ def test_parse_units():
 
 #: what the saga CLI must not import: the daemon's world (every saga command pays for its imports)
 DAEMON_MODULES = ["trio", "pyfuse3", "lmdb", "overlayd.daemon", "overlayd.layers", "overlayd.engine",
-                  "overlayd.runner", "overlayd.commit", "journal"]
+                  "overlayd.runner", "overlayd.commit", "overlayd.journal"]
 
 
 @pytest.mark.parametrize("module", DAEMON_MODULES)
@@ -65,7 +65,7 @@ def test_the_saga_cli_imports_nothing_of_the_daemon(module):
 
 def sh(m, *args, cwd=None, check=None):
     env = {**m.env, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
-    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    code = "import sys; from overlayd.cli.saga_cmd import main; sys.exit(main())"
     r = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd or m.mp, env=env,
                        capture_output=True, text=True, timeout=120)
     if check is not None:
@@ -216,7 +216,7 @@ def test_overlayd_list(cli_ws):
     m = cli_ws
     sh(m, "begin", "listed", check=0)
     env = {**m.env}
-    code = "import sys; from cli.overlayd_cmd import main; sys.exit(main())"
+    code = "import sys; from overlayd.cli.overlayd_cmd import main; sys.exit(main())"
     r = subprocess.run([sys.executable, "-c", code, "list", "--json"], env=env, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
@@ -261,7 +261,7 @@ def test_json_schema_of_every_command(cli_ws, tmp_path):
 
 def od(m, *args, check=None, cwd="/", timeout=120):
     """Run the overlayd command against *m*'s runtime and state directories."""
-    code = "import sys; from cli.overlayd_cmd import main; sys.exit(main())"
+    code = "import sys; from overlayd.cli.overlayd_cmd import main; sys.exit(main())"
     r = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=m.env, capture_output=True, text=True,
                        timeout=timeout)
     if check is not None:
@@ -333,7 +333,7 @@ def test_status_says_how_long_a_compensation_may_still_take(cli_ws, tmp_path):
     sh(m, "begin", "slow", check=0)
     sh(m, "step", "hangs", "--compensate", f"while [ ! -e {flag} ]; do sleep 0.05; done",
        "--compensate-timeout", "2m", "--compensate-retries", "2", check=0)
-    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    code = "import sys; from overlayd.cli.saga_cmd import main; sys.exit(main())"
     env = {**m.env, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
     rollback = subprocess.Popen([sys.executable, "-c", code, "rollback"], cwd=m.mp, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -530,7 +530,7 @@ def test_shell_completion_of_step_and_saga_names(cli_ws):
     sh(m, "begin", "completing", check=0)
     sh(m, "step", "analyse", check=0)
     sh(m, "step", "migrate", check=0)
-    code = "import sys; from cli.saga_cmd import main; sys.exit(main(prog_name='saga'))"
+    code = "import sys; from overlayd.cli.saga_cmd import main; sys.exit(main(prog_name='saga'))"
 
     def complete(words):
         env = {**m.env, "_SAGA_COMPLETE": "bash_complete", "COMP_WORDS": words,

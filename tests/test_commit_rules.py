@@ -31,7 +31,7 @@ def git_base(root):
 
 def saga_cli(m, *args):
     env = {**m.env, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"]}
-    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    code = "import sys; from overlayd.cli.saga_cmd import main; sys.exit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=m.mp, env=env, capture_output=True, text=True,
                           timeout=120)
 

@@ -34,7 +34,7 @@ def env_of(m):
 
 
 def saga_cmd(m, *args, cwd=None, timeout=120):
-    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    code = "import sys; from overlayd.cli.saga_cmd import main; sys.exit(main())"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd or m.tmp, env=env_of(m),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -47,7 +47,7 @@ def saga_run(m, toml, *args, check=None, timeout=120):
 
 
 def start_saga_run(m, toml, *args, out=None):
-    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    code = "import sys; from overlayd.cli.saga_cmd import main; sys.exit(main())"
     return subprocess.Popen([sys.executable, "-c", code, "run", str(toml), "-w", str(m.mp), *args], cwd=m.tmp,
                             env=env_of(m), stdout=out or subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             start_new_session=True)

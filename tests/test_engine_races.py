@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from journal import Journal
+from overlayd.journal import Journal
 from test_saga import daemon_env, put, restart, status, wait_idle
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from journal import JournalFull
+from overlayd.journal import JournalFull
 from overlayd.daemon.wire import Wire
 from overlayd.daemon.workspace import Workspace
 from overlayd.engine.core import SagaEngine

@@ -348,7 +348,7 @@ def eio_mount(eio_shim, tmp_path):
 
 
 def _journal(m):
-    from journal import Journal
+    from overlayd.journal import Journal
 
     return Journal.open(m.state, readonly=True)
 
@@ -497,8 +497,8 @@ class TinyMapMount(Mount):
         site = self.tmp / "site"
         site.mkdir(exist_ok=True)
         (site / "sitecustomize.py").write_text(
-            "import journal.store\n"
-            f"journal.store.Journal.open.__func__.__kwdefaults__['map_size'] = {TINY_MAP}\n")
+            "import overlayd.journal.store\n"
+            f"overlayd.journal.store.Journal.open.__func__.__kwdefaults__['map_size'] = {TINY_MAP}\n")
         env = super().env
         return {**env, "PYTHONPATH": f"{site}:{env['PYTHONPATH']}"}
 
@@ -544,7 +544,7 @@ def _saga_cli(m, args, cwd, env_extra=None, timeout=10.0):
     """Run the saga CLI in a fresh interpreter that never touches the mount by itself (-P: no
     current directory on sys.path). Returns (returncode or None if it hung, stdout, stderr, s)."""
     env = {**m.env, "SAGA_TIMEOUT": "2", **(env_extra or {})}
-    code = "import sys; from cli.saga_cmd import main; sys.exit(main())"
+    code = "import sys; from overlayd.cli.saga_cmd import main; sys.exit(main())"
     t0 = time.monotonic()
     p = subprocess.Popen([sys.executable, "-P", "-c", code, *args], cwd=cwd, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

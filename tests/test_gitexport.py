@@ -17,8 +17,8 @@ from users import local_users  # noqa: F401 - the fixture
 
 
 
-@pytest.mark.parametrize("command, module", [("cli.saga_cmd", "overlayd.gitexport"), ("cli.saga_cmd", "subprocess"),
-                                             ("cli.overlayd_cmd", "mcp"), ("cli.overlayd_cmd", "overlayd.mcp_server")])
+@pytest.mark.parametrize("command, module", [("overlayd.cli.saga_cmd", "overlayd.gitexport"), ("overlayd.cli.saga_cmd", "subprocess"),
+                                             ("overlayd.cli.overlayd_cmd", "mcp"), ("overlayd.cli.overlayd_cmd", "overlayd.mcp_server")])
 def test_the_git_and_mcp_commands_import_their_needs_only_when_run(command, module):
     """Every saga call loads cli.git_cmd, every overlayd call cli.mcp_cmd: the git plumbing
     (subprocess, tempfile) and the mcp SDK are imported by the commands that use them."""

@@ -134,7 +134,7 @@ def test_overlayd_mount_at_an_unusual_path(mount_factory, tmp_path):
     mine = [x for x in paths.overlayd_mounts() if x.point == str(m.mp)]
     assert len(mine) == 1 and mine[0].name == "odd" and mine[0].dev == paths.mounts_at(str(m.mp))[-1].dev
     assert paths.mount_of(str(m.mp / "sub" / "file")) == mine[0]
-    r = subprocess.run([sys.executable, "-c", "import sys; from cli.saga_cmd import main; sys.exit(main())",
+    r = subprocess.run([sys.executable, "-c", "import sys; from overlayd.cli.saga_cmd import main; sys.exit(main())",
                         "-w", str(m.mp), "status"], env=m.env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "no saga is active" in r.stdout, r.stdout + r.stderr
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from journal import SCHEMA_VERSION, Journal, JournalError, SchemaError, encode_event
+from overlayd.journal import SCHEMA_VERSION, Journal, JournalError, SchemaError, encode_event
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -357,7 +357,7 @@ def test_reader_check_clears_killed_reader(tmp_path):
 
 WRITER = """
     import sys
-    from journal import Journal
+    from overlayd.journal import Journal
     j = Journal.open(sys.argv[1], map_size=64 * 1024)
     j.transact(lambda txn: (txn.put_saga(1, {"state": "running"}), txn.event("begin", saga=1)))
     print("ready", flush=True)

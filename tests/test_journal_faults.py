@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts FUSE and loop 
 
 def used_bytes(data: Path) -> int:
     """Bytes of data.mdb its last transaction uses (past them is the room kept by fallocate)."""
-    from journal.store import check_file
+    from overlayd.journal.store import check_file
 
     info = check_file(data)
     return (info["last_page"] + 1) * info["page_size"]
@@ -42,7 +42,7 @@ def used_bytes(data: Path) -> int:
 def saga_cli(m, *args, timeout=30.0):
     """The saga console script with the daemon down: (returncode, stdout, stderr)."""
     env = {**m.env, "SAGA_TIMEOUT": "2"}
-    p = subprocess.run([sys.executable, "-P", "-c", "import sys; from cli.saga_cmd import main; sys.exit(main())",
+    p = subprocess.run([sys.executable, "-P", "-c", "import sys; from overlayd.cli.saga_cmd import main; sys.exit(main())",
                         "-w", str(m.mp), *args], cwd="/", env=env, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
@@ -73,7 +73,7 @@ def refused_start(m) -> str:
 
 def offline_status(m) -> dict:
     """saga status read from the journal with the daemon down."""
-    from journal import Journal
+    from overlayd.journal import Journal
     from overlayd.engine.records import status_of
 
     with Journal.open(m.state, readonly=True) as j:
@@ -520,8 +520,8 @@ def test_journal_enospc_is_a_clean_refusal(loopfs, mount_factory, tmp_path, monk
 def test_probe_catches_damage_past_the_meta_pages(tmp_path):
     """Valid meta pages over garbage pages: the file passes check_file, and the child process that
     reads every page in use refuses it (the caller never maps it); restored, it opens."""
-    from journal import Journal, JournalDamaged
-    from journal.store import check_file
+    from overlayd.journal import Journal, JournalDamaged
+    from overlayd.journal.store import check_file
 
     with Journal.open(tmp_path) as j:
         for i in range(20):
@@ -545,10 +545,10 @@ def test_probe_catches_damage_past_the_meta_pages(tmp_path):
 def test_a_map_that_cannot_grow_is_a_clean_refusal(tmp_path, monkeypatch):
     """A full map that may not grow further is the same kind of case as a full disk: JournalFull,
     nothing written, and the journal takes the next (smaller) transaction."""
-    import journal.store
-    from journal import Journal, JournalFull
+    import overlayd.journal.store
+    from overlayd.journal import Journal, JournalFull
 
-    monkeypatch.setattr(journal.store, "MAX_MAP_SIZE", 1 << 20)
+    monkeypatch.setattr(overlayd.journal.store, "MAX_MAP_SIZE", 1 << 20)
     with Journal.open(tmp_path, map_size=256 << 10) as j:
         j.transact(lambda txn: txn.set_meta("before", 1))
         with pytest.raises(JournalFull):

@@ -23,7 +23,7 @@ from conftest import ROOT, put, read  # noqa: E402
 
 TOOLS = {"saga_begin", "saga_step", "saga_rollback", "saga_abort", "saga_commit", "saga_status", "saga_diff",
          "saga_log"}
-CODE = "import sys; from cli.overlayd_cmd import main; sys.exit(main())"
+CODE = "import sys; from overlayd.cli.overlayd_cmd import main; sys.exit(main())"
 
 
 def server_params(m):
@@ -118,7 +118,7 @@ def test_mcp_session_against_a_real_workspace(mount_factory, tmp_path):
 
 
 def test_mcp_refuses_an_unmounted_workspace_and_matches_the_cli(tmp_path):
-    from cli.saga_common import EXIT
+    from overlayd.cli.saga_common import EXIT
     from overlayd.mcp_server import EXIT as MCP_EXIT
 
     assert MCP_EXIT == EXIT
@@ -127,4 +127,4 @@ def test_mcp_refuses_an_unmounted_workspace_and_matches_the_cli(tmp_path):
     assert r.returncode == 5 and "is not inside a mounted overlayd workspace" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-X", "importtime", "-c", "import cli.overlayd_cmd"], capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert " mcp" not in r.stderr.replace("cli.mcp_cmd", ""), "the CLI must not import the mcp SDK"
+    assert " mcp" not in r.stderr.replace("overlayd.cli.mcp_cmd", ""), "the CLI must not import the mcp SDK"

@@ -319,13 +319,13 @@ def test_duplicate_workspace_name_mountpoint_or_state_dir_is_refused(mount_facto
 
 
 def cli(*args, env, cwd="/"):
-    return subprocess.run([sys.executable, "-c", "import sys; from cli.saga_cmd import main; sys.argv[0]='saga'; main()",
+    return subprocess.run([sys.executable, "-c", "import sys; from overlayd.cli.saga_cmd import main; sys.argv[0]='saga'; main()",
                            *map(str, args)], env=env, capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 def overlayd_cli(*args, env):
     return subprocess.run([sys.executable, "-c",
-                           "import sys; from cli.overlayd_cmd import main; sys.argv[0]='overlayd'; main()",
+                           "import sys; from overlayd.cli.overlayd_cmd import main; sys.argv[0]='overlayd'; main()",
                            *map(str, args)], env=env, capture_output=True, text=True, timeout=60, cwd="/")
 
 

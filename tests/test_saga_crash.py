@@ -23,7 +23,7 @@ import time
 import pytest
 
 import fsmatrix
-from journal import Journal
+from overlayd.journal import Journal
 from overlayd.client import ClientError
 from treecmp import diff
 from test_saga import (append, assert_read_only, assert_same, copy_tree, daemon_env, expected_tree, put, read,

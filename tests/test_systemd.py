@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli import overlayd_cmd
+from overlayd.cli import overlayd_cmd
 from overlayd import config
 from overlayd.client import Client
 from overlayd.paths import mounts_at

@@ -62,12 +62,12 @@ class User:
         return self.run("/bin/sh", "-c", script, **kw)
 
     def saga(self, *args, **kw):
-        return self.run(self.rt.python, "-c", "import sys; from cli.saga_cmd import main; sys.argv[0] = 'saga'; main()",
+        return self.run(self.rt.python, "-c", "import sys; from overlayd.cli.saga_cmd import main; sys.argv[0] = 'saga'; main()",
                         *args, **kw)
 
     def overlayd(self, *args, **kw):
         return self.run(self.rt.python, "-c",
-                        "import sys; from cli.overlayd_cmd import main; sys.argv[0] = 'overlayd'; main()", *args, **kw)
+                        "import sys; from overlayd.cli.overlayd_cmd import main; sys.argv[0] = 'overlayd'; main()", *args, **kw)
 
     def mkdir(self, path, mode=0o700) -> Path:
         """A directory of this user's (made by root, then given away)."""

@@ -17,7 +17,7 @@ import time
 import pyfuse3
 import trio
 
-from journal import JournalError
+from overlayd.journal import JournalError
 
 from .. import fusecaps, osutil
 from ..commit.run import recover_commit

@@ -7,7 +7,7 @@ do. Anything else is a bug: the control server answers ``internal`` and logs it.
 
 import errno
 
-from journal import JournalFull
+from overlayd.journal import JournalFull
 
 from ..engine.errors import EngineError, no_space_message
 from ..protocol import OpError

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import trio
 
-from journal import Journal
+from overlayd.journal import Journal
 
 from ..layers import OverlayFS
 from ..paths import UsageError, disk_usage, fsync_dir, index_dir, is_within, make_parents, register

@@ -8,7 +8,7 @@ import time
 
 import trio
 
-from journal import JournalFull, encode_event
+from overlayd.journal import JournalFull, encode_event
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import time
 
 import trio
 
-from journal import JournalError
+from overlayd.journal import JournalError
 
 from .errors import EngineError
 from .records import now

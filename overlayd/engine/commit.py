@@ -9,7 +9,7 @@ import time
 import trio
 
 from .. import commit, osutil, rules
-from ..commit import changes as by_step, run
+from ..commit import changes as by_step, gitpolicy, run
 from ..faults import crash_point
 from .errors import EngineError
 from .records import now
@@ -99,6 +99,23 @@ class CommitMixin:
         left = rules_.left_out(entries)
         return [c for c in conflicts if c["path"] not in left]
 
+    def _git_settle(self, conflicts: list, saga, write: bool) -> tuple[list, list]:
+        """(the conflicts that stand, those the git policy settled) when the base is a git
+        repository (commit.gitpolicy): sync, for a worker thread. *write*: write settled
+        content into the layers (not for a dry run)."""
+        if not conflicts or not any(gitpolicy.kind(c["path"]) for c in conflicts) \
+                or not gitpolicy.is_git_base(self._base_fd):
+            return conflicts, []
+        fds = []
+        try:
+            for layer in self.fs.layers[1:]:
+                fds.append(os.open(layer.path, osutil.DIR_FLAGS))
+            git = gitpolicy.Git(str(self.ws.base), str(self.ws.mountpoint), uid=saga.get("uid"), gid=saga.get("gid"))
+            return gitpolicy.settle(self._base_fd, fds, conflicts, git, write=write)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     async def op_commit(self, args, peer):
         dry_run = bool(args.get("dry_run"))
         with self._exclusive("commit"):
@@ -114,11 +131,12 @@ class CommitMixin:
                     ops, left = await trio.to_thread.run_sync(self._plan, False, rules_)
                     conflicts = await trio.to_thread.run_sync(self.tracker.conflicts, paths)
                     conflicts = await trio.to_thread.run_sync(self._without_left_out, rules_, conflicts)
+                    conflicts, settled = await trio.to_thread.run_sync(self._git_settle, conflicts, saga, False)
                     conflicts += await trio.to_thread.run_sync(self._refusals, ops)
                 except rules.RulesError as exc:
                     raise EngineError("commit-failed", str(exc)) from None
                 return {"saga": saga, "changes": self._annotate(commit.summarize(ops), sid), "conflicts": conflicts,
-                        "left_out": self._annotate(left, sid), "dry_run": True}
+                        "left_out": self._annotate(left, sid), "settled": settled, "dry_run": True}
             t0 = time.perf_counter()
             was_writable = self.fs.writable()
             self.fs.seal_top()  # quiesce: from here a write fails with EROFS, it is never lost
@@ -136,6 +154,10 @@ class CommitMixin:
                     except rules.RulesError as exc:
                         raise EngineError("commit-failed", f"{exc}; nothing was applied and the saga is still "
                                                            "active") from None
+                    # a git repository as the base: most conflicts under .git/ settle by themselves
+                    conflicts, settled = await trio.to_thread.run_sync(self._git_settle, conflicts, saga, True)
+                    if settled:
+                        log.info("saga %d: %d conflict(s) under .git/ settled by the git policy", sid, len(settled))
                     if conflicts:
                         if was_writable:
                             self.fs.unseal_top()
@@ -189,7 +211,9 @@ class CommitMixin:
                     await self.ws.transact(intent)
                     crash_point("commit.intent")
                     # left-out entries vanish from the view with the layers: the kernel must forget them
-                    gone = self.fs.kernel_entries([c["path"] for c in left])
+                    # and so must the files the git policy rewrote in a layer (their content changed)
+                    gone = self.fs.kernel_entries([c["path"] for c in left] +
+                                                  [c["path"] for c in settled if c.get("rewritten")])
                     await self._execute_plan(plan, peer, t0, t1, gone)
                 finally:
                     lock.release()
@@ -202,7 +226,7 @@ class CommitMixin:
             self.step_meter = self.saga_meter = None
             self.audit.writers = {}
             return {"saga": self.ws.journal.saga(sid), "changes": changes, "count": len(changes),
-                    "seconds": time.perf_counter() - t0, "left_out": self._annotate(left, sid)}
+                    "seconds": time.perf_counter() - t0, "left_out": self._annotate(left, sid), "settled": settled}
 
     async def _execute_plan(self, plan, peer, t0=None, t1=None, gone=((), ())) -> None:
         """Run a journaled plan to the end, then finalize. On failure before anything was renamed

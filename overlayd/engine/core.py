@@ -18,7 +18,7 @@ import time
 
 import trio
 
-from journal import JournalError, JournalFull
+from overlayd.journal import JournalError, JournalFull
 
 from .. import osutil
 from ..commit import changes as by_step

@@ -6,7 +6,7 @@ import logging
 
 import trio
 
-from journal import JournalFull
+from overlayd.journal import JournalFull
 
 from .. import commit, rules
 from ..commit import changes as by_step
