@@ -212,7 +212,7 @@ def test_overflow_falls_back_to_revalidation(mount_factory, tmp_path, tiny_inoti
     assert "overflow" in m.log()
     mode = base_view(m)
     assert mode in ("revalidating", "live (inotify)")
-    code = "import sys; from cli.overlayd_cmd import main; sys.exit(main())"
+    code = "import sys; from overlayd.cli.overlayd_cmd import main; sys.exit(main())"
     rows = json.loads(subprocess.run([sys.executable, "-c", code, "list", "--json"], env=m.env,
                                      capture_output=True, text=True, timeout=60).stdout)["workspaces"]
     assert [r["base_view"] for r in rows if r["name"] == "ws"] in (["revalidating"], ["live (inotify)"])
