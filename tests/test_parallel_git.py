@@ -155,6 +155,10 @@ def test_a_branch_both_sides_moved_is_a_conflict_then_a_merge_settles_it(mount_f
     # the agent does what the message says: fetches the base's branch and merges it
     assert f"git fetch {base} refs/heads/main && git merge FETCH_HEAD" in c["reason"], c["reason"]
     git(m.mp, "fetch", "-q", str(base), "refs/heads/main")
+    # the view is live (issue 20 item 1): the person's new file is already in the agent's
+    # working tree, untracked by the saga's index; git merge refuses to overwrite it
+    assert (m.mp / "person.txt").read_text() == "the person's\n"
+    os.unlink(m.mp / "person.txt")
     git(m.mp, "merge", "-q", "--no-edit", "FETCH_HEAD")
     merge = git(m.mp, "rev-parse", "HEAD").strip()
     res = m.call("saga.commit")
