@@ -153,13 +153,14 @@ def test_a_branch_both_sides_moved_is_a_conflict_then_a_merge_settles_it(mount_f
     assert not os.path.exists(base / "feature.py")
 
     # the agent does what the message says: fetches the base's branch and merges it
-    assert f"git fetch {base} refs/heads/main && git merge FETCH_HEAD" in c["reason"], c["reason"]
-    git(m.mp, "fetch", "-q", str(base), "refs/heads/main")
     # the view is live (issue 20 item 1): the person's new file is already in the agent's
-    # working tree, untracked by the saga's index; git merge refuses to overwrite it
+    # working tree, untracked by the saga's index (git merge alone refuses to overwrite it)
     assert (m.mp / "person.txt").read_text() == "the person's\n"
-    os.unlink(m.mp / "person.txt")
-    git(m.mp, "merge", "-q", "--no-edit", "FETCH_HEAD")
+    hint = c["reason"][c["reason"].index("(git fetch") + 1:c["reason"].index(") and commit again")]
+    assert hint.startswith(f"git fetch {base} refs/heads/main && "), hint
+    subprocess.run(hint.replace("git merge FETCH_HEAD", "git merge -q --no-edit FETCH_HEAD"), shell=True,
+                   cwd=m.mp, check=True, env={**os.environ, "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@x",
+                                              "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@x"})
     merge = git(m.mp, "rev-parse", "HEAD").strip()
     res = m.call("saga.commit")
     assert res["saga"]["state"] == "committed"

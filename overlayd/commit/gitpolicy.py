@@ -269,7 +269,11 @@ def settle(base_fd: int, layer_fds, conflicts: list, git: Git | None, write: boo
 def _merge_hint(git: Git | None, ref: str) -> str:
     if git is None or not ref.startswith("refs/"):
         return "git merge"
-    return f"git fetch {git.base} {ref} && git merge FETCH_HEAD"
+    # the view is live (layers/basewatch.py): files the base's commits added already show in the
+    # workspace, untracked by the saga's index, and git merge refuses to overwrite them; they are
+    # the base's own: removing them in the view first lets the merge write them back
+    return (f"git fetch {git.base} {ref} && git diff -z --name-only --diff-filter=A HEAD FETCH_HEAD "
+            "| xargs -0r rm -f -- && git merge FETCH_HEAD")
 
 
 def _rewrite(pfd: int, name: bytes, data: bytes) -> None:
