@@ -18,10 +18,11 @@ Must not run on the trio thread: git reads the view through the daemon's own mou
 import json
 import logging
 import os
-import pwd
 import subprocess
 
 import pathspec
+
+from .gitrun import run_git
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +115,10 @@ class Rules:
         if not entries:
             return set()
         data = b"".join(os.fsencode(p) + (b"/" if d else b"") + b"\0" for p, d in entries)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
-               "GIT_CEILING_DIRECTORIES": os.path.dirname(self.mountpoint.rstrip("/")) or "/"}
-        kwargs = {}
-        if os.geteuid() == 0 and self.uid is not None and self.uid != 0:
-            kwargs = {"user": self.uid, "group": self.gid if self.gid is not None else self.uid, "extra_groups": []}
         try:
-            env["HOME"] = pwd.getpwuid(self.uid if self.uid is not None else os.geteuid()).pw_dir
-        except KeyError:
-            env["HOME"] = "/nonexistent"
-        cmd = ["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={self.mountpoint}",
-               "-C", self.mountpoint, "check-ignore", "--stdin", "-z"]
-        try:
-            r = subprocess.run(cmd, input=data, capture_output=True, env=env, timeout=GIT_TIMEOUT,
-                               cwd="/", **kwargs)
+            r = run_git(["-c", f"safe.directory={self.mountpoint}", "-C", self.mountpoint, "check-ignore",
+                         "--stdin", "-z"], uid=self.uid, gid=self.gid, input=data, timeout=GIT_TIMEOUT,
+                        env={"GIT_CEILING_DIRECTORIES": os.path.dirname(self.mountpoint.rstrip("/")) or "/"})
         except FileNotFoundError:
             raise RulesError("the base is a git work tree but git is not installed, so the paths git ignores "
                              "cannot be left out: install git, or take them (--include-ignored)") from None

@@ -121,8 +121,10 @@ def _build_runtime() -> Runtime:
     tmp = Path(tempfile.mkdtemp(prefix="overlayd-users-", dir="/tmp"))
     os.chmod(tmp, 0o755)
     code, site = tmp / "code", tmp / "site"
-    for pkg in ("overlayd", "cli", "journal"):
-        shutil.copytree(ROOT / pkg, code / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    # laid out as installed: journal/ and cli/ are overlayd.journal and overlayd.cli (pyproject's package-dir)
+    shutil.copytree(ROOT / "overlayd", code / "overlayd", ignore=shutil.ignore_patterns("__pycache__"))
+    for pkg in ("cli", "journal"):
+        shutil.copytree(ROOT / pkg, code / "overlayd" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     src = Path(sysconfig.get_paths()["purelib"])
     site.mkdir()
     for entry in src.iterdir():
@@ -151,7 +153,7 @@ def local_users():
         os.chmod("/dev/fuse", 0o666)
     rt = _build_runtime()
     users = {n.split("-", 1)[1]: User(n, rt) for n in (*MEMBERS, STRANGER)}
-    r = users["alice"].run(rt.python, "-c", "import pyfuse3, trio, lmdb, click, overlayd.daemon, cli.saga_cmd")
+    r = users["alice"].run(rt.python, "-c", "import pyfuse3, trio, lmdb, click, overlayd.daemon, overlayd.cli.saga_cmd, overlayd.journal")
     if r.returncode != 0:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(
             f"the copied overlayd does not import for another user with {rt.python}: {r.stderr[-2000:]}")

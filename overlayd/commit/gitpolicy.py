@@ -32,12 +32,12 @@ the base like any other change. Plain synchronous code, for a worker thread.
 
 import errno
 import os
-import pwd
 import re
 import stat
 import subprocess
 
 from .. import osutil
+from ..gitrun import run_git
 
 GIT_TIMEOUT = 30.0
 SCRATCH = {"ORIG_HEAD", "FETCH_HEAD", "COMMIT_EDITMSG", "AUTO_MERGE"}
@@ -180,20 +180,12 @@ class Git:
     def is_ancestor(self, a: str, b: str) -> bool | None:
         """Is commit *a* an ancestor of (or equal to) *b*? None: git cannot tell (not installed,
         an object missing, ...)."""
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "GIT_CONFIG_NOSYSTEM": "1"}
+        env = {"GIT_CONFIG_NOSYSTEM": "1"}
         if self.mountpoint:
             env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = os.path.join(self.mountpoint, ".git", "objects")
-        kwargs = {}
-        if os.geteuid() == 0 and self.uid is not None and self.uid != 0:
-            kwargs = {"user": self.uid, "group": self.gid if self.gid is not None else self.uid, "extra_groups": []}
         try:
-            env["HOME"] = pwd.getpwuid(self.uid if self.uid is not None else os.geteuid()).pw_dir
-        except KeyError:
-            env["HOME"] = "/nonexistent"
-        cmd = ["git", "-c", "core.fsmonitor=false", "-c", "safe.directory=*",
-               "--git-dir", os.path.join(self.base, ".git"), "merge-base", "--is-ancestor", a, b]
-        try:
-            r = subprocess.run(cmd, capture_output=True, env=env, timeout=GIT_TIMEOUT, cwd="/", **kwargs)
+            r = run_git(["-c", "safe.directory=*", "--git-dir", os.path.join(self.base, ".git"), "merge-base",
+                         "--is-ancestor", a, b], uid=self.uid, gid=self.gid, env=env, timeout=GIT_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return {0: True, 1: False}.get(r.returncode)

@@ -22,13 +22,13 @@ EngineErrors, as everywhere in the engine (the daemon's wire turns them into rep
 import errno
 import logging
 import os
-import pwd
 import stat
 import subprocess
 
 import trio
 
 from .. import commit, osutil, rules
+from ..gitrun import run_git
 from ..protocol import WithFds
 from .errors import EngineError
 
@@ -44,19 +44,9 @@ def base_head(base, uid=None, gid=None) -> str | None:
     the repository the user's). Blocking: call it on a worker thread."""
     if not os.path.lexists(os.path.join(base, ".git")):
         return None
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
-           "GIT_CEILING_DIRECTORIES": os.path.dirname(str(base).rstrip("/")) or "/"}
-    kwargs = {}
-    if os.geteuid() == 0 and uid not in (None, 0):
-        kwargs = {"user": uid, "group": gid if gid is not None else uid, "extra_groups": []}
     try:
-        env["HOME"] = pwd.getpwuid(uid if uid is not None else os.geteuid()).pw_dir
-    except KeyError:
-        env["HOME"] = "/nonexistent"
-    try:
-        r = subprocess.run(["git", "-c", "core.fsmonitor=false", "-c", f"safe.directory={base}", "-C", str(base),
-                            "rev-parse", "--verify", "-q", "HEAD^{commit}"], capture_output=True, env=env,
-                           cwd="/", timeout=30, **kwargs)
+        r = run_git(["-c", f"safe.directory={base}", "-C", str(base), "rev-parse", "--verify", "-q", "HEAD^{commit}"],
+                    uid=uid, gid=gid, env={"GIT_CEILING_DIRECTORIES": os.path.dirname(str(base).rstrip("/")) or "/"})
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("cannot read the HEAD of %s: %s", base, exc)
         return None
