@@ -6,7 +6,7 @@
 # time. Exit status 1 if anything failed. Needs root (loop devices, mounts, FUSE).
 #
 # Usage: scripts/torture.sh [--quick] [--combos c1,c2,...] [--only REGEX] [-- pytest args]
-#   --quick    a reduced run (a tenth of the examples: about 10 minutes instead of hours)
+#   --quick    a reduced run (a tenth of the examples: about 10 minutes instead of about 75)
 #   --combos   the file system combos (default: all of tests/fsmatrix.py ALL_COMBOS)
 #   --only     run only the rows whose "combo test" matches REGEX (grep -E)
 # Environment: the per-test knobs of docs/TESTING.md still apply (e.g. OVERLAYD_DIFF_SEED).
