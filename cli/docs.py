@@ -55,8 +55,9 @@ def render() -> str:
                "`compensate`; a change `path`, `change` (added/modified/deleted), `kind`, `step`, `step_name`.\n")
     for prog, group in (("overlayd", overlayd_cmd.main), ("saga", saga_cmd.main)):
         out.append(f"\n## `{prog}`\n\n```\n{_help(group, prog)}\n```\n")
-        for name in sorted(group.commands):
-            out.append(f"\n### `{prog} {name}`\n\n```\n{_help(group.commands[name], f'{prog} {name}')}\n```\n")
+        commands = group.all_commands()
+        for name in sorted(commands):
+            out.append(f"\n### `{prog} {name}`\n\n```\n{_help(commands[name], f'{prog} {name}')}\n```\n")
     return "".join(out)
 
 

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from overlayd.cli import git_cmd, saga_diff, saga_run
+from overlayd.cli import git_cmd
 from overlayd.cli.common import Group
 from overlayd.cli.saga_common import (CONTEXT, GC_KEEP, JSON_KEYS, SCHEMA, SagaError, _cut_line, _duration,
                              _left_out_lines, _resume_hint, _saga_line, budget_args, common, complete_sagas,
@@ -24,7 +24,8 @@ from overlayd.paths import quote_path
 __all__ = ["main", "JSON_KEYS", "SCHEMA", "parse_duration", "parse_size"]  # cli.docs and the tests use these
 
 
-@click.group(cls=Group, context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT,
+             lazy={"diff": "overlayd.cli.saga_diff:diff", "run": "overlayd.cli.saga_run:run_cmd"})
 @click.version_option(__version__, "--version", prog_name="saga")
 @click.option("-w", "--workspace", envvar="SAGA_WORKSPACE", type=str, metavar="MOUNTPOINT",
               help="The workspace's mountpoint.")
@@ -296,7 +297,5 @@ def gc(ctx, older_than, keep, remove_all, workspace, as_json):
     run(ctx, workspace, as_json, go)
 
 
-# commands with a module of their own
-main.add_command(saga_diff.diff)
-main.add_command(saga_run.run_cmd)
+# commands with a module of their own: diff and run are imported when used (Group.lazy)
 git_cmd.register(main)  # saga export --git, and commit's --git options

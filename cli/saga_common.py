@@ -7,13 +7,12 @@ saga_run.py.
 import json
 import os
 import sys
-from pathlib import Path
 
 import click
 
 from overlayd import units
 from overlayd.client import ClientError, NoDaemon, PermissionDenied, connect_to_mount, mount_of
-from overlayd.paths import UsageError, known_workspaces, mount_command, quote_path
+from overlayd.paths import UsageError, as_path, known_workspaces, mount_command, quote_path
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 SCHEMA = 1
@@ -50,7 +49,7 @@ class SagaError(click.ClickException):
 
 
 def _known_workspaces():
-    return [(w.get("mountpoint"), w["name"], Path(w["state_dir"])) for w in known_workspaces()]
+    return [(w.get("mountpoint"), w["name"], as_path(w["state_dir"])) for w in known_workspaces()]
 
 
 class Target:

@@ -1,6 +1,12 @@
 """Where a workspace keeps its state and its control socket, how workspace names are checked
 (saga and step names: overlayd.protocol.name_problem), and the one parser of the kernel's mount
-table."""
+table.
+
+Every ``saga`` command imports this module: it imports :mod:`pathlib` (which brings
+``urllib.parse`` and ``ipaddress``, a tenth of ``saga status``'s time) only when a function
+here first makes a path."""
+
+from __future__ import annotations
 
 import collections
 import json
@@ -8,7 +14,17 @@ import os
 import re
 import stat
 import unicodedata
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def as_path(*parts) -> Path:
+    """pathlib.Path(*parts), with pathlib imported on the first call."""
+    from pathlib import Path  # on first use: see the module's docstring
+
+    return Path(*parts)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -95,7 +111,7 @@ def known_workspaces() -> list[dict]:
     try:
         for entry in sorted(index_dir().glob("*.json")):
             try:
-                dirs.append(Path(json.loads(entry.read_text())["state_dir"]))
+                dirs.append(as_path(json.loads(entry.read_text())["state_dir"]))
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     except OSError:
@@ -152,23 +168,23 @@ def mount_command(name: str, base: str, mountpoint: str, state_dir=None) -> str:
 def state_root() -> Path:
     env = os.environ.get("OVERLAYD_STATE_ROOT")
     if env:
-        return Path(env)
+        return as_path(env)
     if os.geteuid() == 0:
-        return Path("/var/lib/overlayd")
+        return as_path("/var/lib/overlayd")
     xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(xdg) / "overlayd"
+    return as_path(xdg) / "overlayd"
 
 
 def default_state_dir(name: str) -> Path:
     env = os.environ.get("STATE_DIRECTORY")  # systemd's StateDirectory=overlayd/%i
     if env:
-        return Path(env.split(":")[0])
+        return as_path(env.split(":")[0])
     return state_root() / name
 
 
 #: root's runtime directory (systemd's RuntimeDirectory=overlayd): world-searchable, so that a
 #: member of a workspace's group finds the socket of a root daemon there.
-SYSTEM_RUNTIME = Path("/run/overlayd")
+SYSTEM_RUNTIME = "/run/overlayd"
 
 
 class UnsafePath(UsageError):
@@ -178,13 +194,13 @@ class UnsafePath(UsageError):
 def runtime_dir() -> Path:
     env = os.environ.get("RUNTIME_DIRECTORY")
     if env:
-        return Path(env.split(":")[0])
+        return as_path(env.split(":")[0])
     if os.geteuid() == 0:
-        return SYSTEM_RUNTIME
+        return as_path(SYSTEM_RUNTIME)
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        return Path(xdg) / "overlayd"
-    return Path(f"/tmp/overlayd-{os.geteuid()}")
+        return as_path(xdg) / "overlayd"
+    return as_path(f"/tmp/overlayd-{os.geteuid()}")
 
 
 def socket_path(name: str) -> Path:
@@ -194,7 +210,7 @@ def socket_path(name: str) -> Path:
 def check_owned_dir(path, trusted_uids=None) -> os.stat_result:
     """Refuse *path* unless it is a real directory (not a symlink) owned by a trusted uid (by
     default: you) that neither group nor others may write. Returns its lstat."""
-    path = Path(path)
+    path = as_path(path)
     uids = {os.geteuid()} if trusted_uids is None else set(trusted_uids)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
@@ -216,7 +232,7 @@ def make_parents(path, mode: int = 0o755) -> None:
     """Create the missing parents of *path* with *mode* each (``mkdir -p`` would give them
     0777 under the daemon's umask 0)."""
     missing = []
-    p = Path(os.path.abspath(path)).parent
+    p = as_path(os.path.abspath(path)).parent
     while not os.path.lexists(p):
         missing.append(p)
         p = p.parent
@@ -230,7 +246,7 @@ def make_parents(path, mode: int = 0o755) -> None:
 def ensure_private_dir(path, mode: int = 0o700) -> Path:
     """Create *path* with *mode* (its parents as needed) or verify the existing one with
     check_owned_dir: a directory another user created first is refused, never used."""
-    path = Path(path)
+    path = as_path(path)
     make_parents(path)
     try:
         os.mkdir(path, mode)
@@ -242,7 +258,7 @@ def ensure_private_dir(path, mode: int = 0o700) -> Path:
 
 
 def is_within(child: Path, parent: Path) -> bool:
-    child, parent = Path(os.path.realpath(child)), Path(os.path.realpath(parent))
+    child, parent = as_path(os.path.realpath(child)), as_path(os.path.realpath(parent))
     return child == parent or parent in child.parents
 
 
