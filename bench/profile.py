@@ -276,7 +276,9 @@ def profile_saga(work: Path, code: Path, n: int, k: int, reps: int, out: Path, l
 def markdown(recs, meta) -> str:
     L = ["# Where overlayd's time goes\n",
          f"- {meta['date']}; code: {meta['code']}; tree: {meta['files']} files. overlayd with one step layer, "
-         "handlers wrapped for counting (bench/counting_daemon.py) and py-spy attached at 200 Hz; "
+         "handlers wrapped for counting (bench/counting_daemon.py)"
+         f"{' and py-spy attached at 200 Hz' if meta.get('pyspy', True) else ''}; "
+         f"pyfuse3: {meta.get('pyfuse3', '?')}; "
          "fuse-overlayfs with `-d` for its request counts. Instrumented: slower than the timed runs.\n"]
     L.append("## Requests per workload (timed part only)\n")
     L.append("| workload | overlayd requests | fuse-overlayfs requests | overlayd handler s | daemon CPU s | "
@@ -349,7 +351,9 @@ def main() -> int:
             recs.append(profile_one(w, base, work, code, a.out, not a.no_pyspy, a.native, sc["timeout"], print))
         if not a.no_saga:
             recs += profile_saga(work, code, sc["saga_files"], sc["transitions"], 3, a.out, print)
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "code": code_desc, "files": manifest["files"]}
+        from overlayd.fusecaps import describe
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "code": code_desc, "files": manifest["files"],
+                "pyspy": not a.no_pyspy, "pyfuse3": describe()}
         (a.out / "profile.json").write_text(json.dumps({"meta": meta, "workloads": recs}, indent=1))
         (a.out / "PROFILE.md").write_text(markdown(recs, meta))
         print(f"wrote {a.out / 'PROFILE.md'}")
