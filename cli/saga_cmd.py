@@ -1,6 +1,6 @@
 """``saga``: drive the saga of the workspace you are in.
 
-Exit codes: 0 ok, 1 error, 2 usage error, 3 commit conflict, 4 compensation stuck,
+Exit codes: 0 ok, 1 error, 2 usage error, 3 commit conflict (or a merge left conflict markers), 4 compensation stuck,
 5 no daemon serves this workspace, 7 permission denied (the workspace is another user's).
 
 ``--json`` prints one JSON object ``{"version": 1, ...}`` (NDJSON, one event per line, for
@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from overlayd.cli import git_cmd, saga_diff, saga_run
+from overlayd.cli import git_cmd, saga_diff, saga_resolve, saga_run
 from overlayd.cli.common import Group
 from overlayd.cli.saga_common import (CONTEXT, GC_KEEP, JSON_KEYS, SCHEMA, SagaError, _cut_line, _duration,
                              _left_out_lines, _resume_hint, _saga_line, budget_args, common, complete_sagas,
@@ -143,7 +143,7 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
             lines += _left_out_lines(r.get("left_out", []))
             lines += [f"settled   {quote_path(c['path'])}  (git: {c['how']})" for c in r.get("settled", [])]
             lines += [f"CONFLICT  {quote_path(c['path'])}" + (f"  ({c['reason']})" if c.get("reason") else "")
-                      for c in r["conflicts"]]
+                      + (f"  resolve: {c['resolve']}" if c.get("resolve") else "") for c in r["conflicts"]]
             emit(ctx, r, "\n".join(lines) or "nothing to commit")
             if r["conflicts"]:
                 sys.exit(3)
@@ -159,7 +159,8 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
     except SagaError as exc:
         if exc.exit_code == 3 and not ctx.obj["json"]:
             for c in exc.data.get("conflicts", []):
-                click.echo(f"conflict: {quote_path(c['path'])}" + (f" ({c['reason']})" if c.get("reason") else ""), err=True)
+                click.echo(f"conflict: {quote_path(c['path'])}" + (f" ({c['reason']})" if c.get("reason") else "")
+                           + (f"  resolve: {c['resolve']}" if c.get("resolve") else ""), err=True)
         raise
 
 
@@ -299,4 +300,5 @@ def gc(ctx, older_than, keep, remove_all, workspace, as_json):
 # commands with a module of their own
 main.add_command(saga_diff.diff)
 main.add_command(saga_run.run_cmd)
+main.add_command(saga_resolve.resolve)
 git_cmd.register(main)  # saga export --git, and commit's --git options
