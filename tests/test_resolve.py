@@ -101,3 +101,214 @@ def test_eight_workspaces_all_go_in_with_merge(mount_factory, base):
         assert read(base / f"own{i}.txt").decode() == f"work of agent {i}\n"
     for m in mounts:
         assert copies(m) == set()  # every base copy went with its committed saga
+
+
+def conflict_of(m, path):
+    """The conflict *path* makes at commit (asserting the commit is refused with exit 3)."""
+    r = saga(m, "--json", "commit", "--dry-run")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    return {c["path"]: c for c in json.loads(r.stdout)["conflicts"]}[path]
+
+
+def test_theirs_takes_the_base_version_and_ours_keeps_the_saga(mount_factory, base):
+    m = mount_factory(base)
+    begin(m)
+    put(m.mp / "other.txt", "mine\n")
+    put(m.mp / "d" / "deep.txt", "my deep\n")
+    put(m.mp / "own.txt", "own\n")
+    put(base / "other.txt", "theirs, rewritten\n" * 3)  # another workspace's commit, an editor
+    os.chmod(base / "other.txt", 0o640)
+    os.utime(base / "other.txt", ns=(1_000_000_000, 1_500_000_000_123))
+    put(base / "d" / "deep.txt", "their deep\n")
+    assert conflict_of(m, "other.txt")["resolve"] == "saga resolve other.txt --merge"
+    r = saga(m, "resolve", "other.txt", "--theirs")
+    assert r.returncode == 0, r.stderr
+    assert "other.txt: took the base's version" in r.stdout and "now: saga commit" in r.stdout
+    st = os.stat(m.mp / "other.txt")
+    assert read(m.mp / "other.txt") == read(base / "other.txt") and st.st_mode & 0o777 == 0o640
+    assert st.st_mtime_ns == 1_500_000_000_123
+    # the CLI takes paths relative to the current directory
+    r = saga(m, "resolve", "deep.txt", "--ours", cwd=m.mp / "d")
+    assert r.returncode == 0, r.stderr
+    assert read(m.mp / "d" / "deep.txt") == b"my deep\n"
+    steps = m.call("saga.status")["steps"]
+    assert [(s["name"], s["state"]) for s in steps] == [("work", "done"), ("resolve", "done"), ("resolve", "done")]
+    r = saga(m, "commit")
+    assert r.returncode == 0, r.stderr
+    assert read(base / "other.txt") == b"theirs, rewritten\n" * 3 and os.stat(base / "other.txt").st_mode & 0o777 == 0o640
+    assert read(base / "d" / "deep.txt") == b"my deep\n"  # ours overwrote the base's newer change
+    assert read(base / "own.txt") == b"own\n"
+
+
+def test_theirs_of_a_file_the_base_removed_and_one_the_saga_removed(mount_factory, base):
+    m = mount_factory(base)
+    begin(m)
+    put(m.mp / "other.txt", "mine\n")
+    os.unlink(m.mp / "shared.txt")
+    os.unlink(base / "other.txt")
+    put(base / "shared.txt", "the base's new shared\n")
+    r = saga(m, "resolve", "other.txt", "shared.txt", "--theirs")
+    assert r.returncode == 0, r.stderr
+    assert not os.path.lexists(m.mp / "other.txt")
+    assert read(m.mp / "shared.txt") == b"the base's new shared\n"
+    assert saga(m, "commit").returncode == 0
+    assert not os.path.lexists(base / "other.txt") and read(base / "shared.txt") == b"the base's new shared\n"
+
+
+def test_overlapping_edits_leave_conflict_markers_until_ours(mount_factory, base):
+    m = mount_factory(base)
+    begin(m)
+    put(m.mp / "shared.txt", edit_line(SHARED, 10, "the saga's line ten\n"))
+    put(base / "shared.txt", edit_line(SHARED, 10, "the base's line ten\n"))
+    r = saga(m, "resolve", "shared.txt", "--merge")
+    assert r.returncode == 3, (r.stdout, r.stderr)  # documented: the path is still in conflict
+    assert "CONFLICT: 1 overlapping change(s)" in r.stdout and "saga resolve shared.txt --ours" in r.stdout
+    view = read(m.mp / "shared.txt").decode()
+    assert "<<<<<<< saga\nthe saga's line ten\n||||||| base at first touch\n" not in view  # not diff3 style
+    assert "<<<<<<< saga\nthe saga's line ten\n=======\nthe base's line ten\n>>>>>>> base\n" in view
+    assert view.startswith(SHARED.split("line 10")[0])
+    r = saga(m, "commit")
+    assert r.returncode == 3 and "resolve: saga resolve shared.txt --merge" in r.stderr  # still in conflict
+    # edit it in a step, then --ours
+    m.call("saga.step", name="fix")
+    fixed = edit_line(SHARED, 10, "both line tens, reconciled\n")
+    put(m.mp / "shared.txt", fixed)
+    r = saga(m, "--json", "resolve", "shared.txt", "--ours")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["unresolved"] == [] and out["resolved"][0]["result"] == "ours"
+    assert saga(m, "commit").returncode == 0
+    assert read(base / "shared.txt").decode() == fixed
+
+
+def test_binary_and_unmergeable_paths_are_refused_with_what_to_do(mount_factory, base):
+    m = mount_factory(base)
+    begin(m)
+    blob = bytearray(read(base / "blob.bin"))
+    blob[100] ^= 0xFF
+    put(m.mp / "blob.bin", bytes(blob))
+    blob[9000] ^= 0xFF
+    put(base / "blob.bin", bytes(blob))
+    put(m.mp / "made.txt", "mine\n")
+    put(base / "made.txt", "theirs\n")  # both added it: no ancestor
+    c = conflict_of(m, "blob.bin")
+    assert c["mergeable"] is False and c["resolve"] == "saga resolve blob.bin --theirs  (or --ours)"
+    before = m.call("saga.status")["steps"]
+    r = saga(m, "resolve", "blob.bin", "--merge")
+    assert r.returncode == 1 and "blob.bin is a binary file" in r.stderr and "--theirs" in r.stderr, r.stderr
+    r = saga(m, "resolve", "made.txt", "--merge")
+    assert r.returncode == 1 and "both sides added it" in r.stderr, r.stderr
+    r = saga(m, "resolve", "nothing.txt", "--ours")
+    assert r.returncode == 2 and "was not changed by saga" in r.stderr, r.stderr
+    r = saga(m, "resolve", "/etc/passwd", "--ours")
+    assert r.returncode == 2 and "not inside the workspace" in r.stderr, r.stderr
+    r = saga(m, "resolve", "blob.bin")
+    assert r.returncode == 2 and "--theirs, --ours or --merge" in r.stderr
+    # nothing changed: no step, the saga's versions in the view
+    assert m.call("saga.status")["steps"] == before
+    assert read(m.mp / "made.txt") == b"mine\n"
+    assert saga(m, "resolve", "blob.bin", "--theirs").returncode == 0
+    assert saga(m, "resolve", "made.txt", "--ours").returncode == 0
+    assert saga(m, "commit").returncode == 0
+    assert read(base / "blob.bin") == bytes(blob) and read(base / "made.txt") == b"mine\n"
+
+
+def test_a_crash_after_resolve_keeps_it(mount_factory, base):
+    m = mount_factory(base)
+    begin(m)
+    put(m.mp / "shared.txt", edit_line(SHARED, 2, "saga two\n"))
+    put(base / "shared.txt", edit_line(SHARED, 30, "base thirty\n"))
+    assert saga(m, "resolve", "shared.txt", "--merge").returncode == 0
+    m.kill()  # SIGKILL between the resolve and the commit
+    m.start()
+    s = m.call("saga.status")
+    assert s["saga"]["state"] == "active"
+    assert [(x["name"], x["state"]) for x in s["steps"]] == [("work", "done"), ("resolve", "done")]
+    merged = edit_line(edit_line(SHARED, 2, "saga two\n"), 30, "base thirty\n")
+    assert read(m.mp / "shared.txt").decode() == merged
+    r = saga(m, "commit")
+    assert r.returncode == 0, r.stderr
+    assert read(base / "shared.txt").decode() == merged
+
+
+def test_rollback_of_the_resolve_step_brings_the_conflict_back(mount_factory, base):
+    m = mount_factory(base)
+    begin(m)
+    put(m.mp / "other.txt", "mine\n")
+    put(base / "other.txt", "theirs\n")
+    kept = copies(m)
+    assert len(kept) == 1  # the base's "other\n" at the first touch, content-addressed
+    assert read(Path(basecopy.copies_dir(m.state)) / kept.pop()) == b"other\n"
+    assert saga(m, "resolve", "other.txt", "--theirs").returncode == 0
+    assert read(m.mp / "other.txt") == b"theirs\n" and len(copies(m)) == 2  # + the base version it re-based on
+    assert m.call("saga.rollback", to=1)["compensated"] == [2]
+    assert read(m.mp / "other.txt") == b"mine\n"
+    assert len(copies(m)) == 1  # the resolve step's copy went with it
+    assert conflict_of(m, "other.txt")["mergeable"] is True
+    assert saga(m, "resolve", "other.txt", "--ours").returncode == 0
+    assert saga(m, "commit").returncode == 0 and read(base / "other.txt") == b"mine\n"
+    assert copies(m) == set()
+
+
+def test_base_copies_only_for_changed_base_files_and_gone_after_abort(mount_factory, base):
+    m = mount_factory(base)
+    begin(m)
+    read(m.mp / "shared.txt")  # read, not changed: nothing kept
+    put(m.mp / "new.txt", "new\n")  # not a base file: nothing kept
+    assert copies(m) == set()
+    os.chmod(m.mp / "other.txt", 0o600)  # a metadata change is a first touch too
+    os.rename(m.mp / "d" / "deep.txt", m.mp / "moved.txt")
+    big = base / "big.txt"
+    put(big, b"x" * (basecopy.MAX_SIZE + 1))
+    with open(m.mp / "big.txt", "ab") as f:
+        f.write(b"y")
+    m.call("saga.step", name="two")  # the open step's copies are journaled with its paths
+    hashes = copies(m)
+    assert len(hashes) == 2
+    assert {read(Path(basecopy.copies_dir(m.state)) / h) for h in hashes} == {b"other\n", b"deep\n"}
+    put(base / "big.txt", b"z" * 10)
+    c = conflict_of(m, "big.txt")
+    assert c["mergeable"] is False
+    r = saga(m, "resolve", "big.txt", "--merge")
+    assert r.returncode == 1 and "larger than 1 MiB" in r.stderr, r.stderr
+    m.call("saga.abort")
+    assert copies(m) == set()
+
+
+def test_saga_run_on_conflict_merge(mount_factory, base, tmp_path):
+    """A definition with on_conflict = "merge": the commit's conflict is merged and committed."""
+    m = mount_factory(base)
+    defn = tmp_path / "saga.toml"
+    defn.write_text('name = "edit"\non_conflict = "merge"\n\n[[step]]\nname = "one"\n'
+                    "run = \"sed -i 's/^line 05 .*/agent five/' shared.txt && "
+                    f"python3 -c 'import os; open(\\\"{base}/shared.txt\\\", \\\"a\\\").write(\\\"appended by the base\\\\n\\\")'\"\n")
+    r = saga(m, "run", str(defn))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    expected = edit_line(SHARED, 5, "agent five\n") + "appended by the base\n"
+    assert read(base / "shared.txt").decode() == expected
+    # on_conflict = "theirs", and a bad value is refused with the choices
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\non_conflict = "yes"\n[[step]]\nname = "a"\nrun = "true"\n')
+    r = saga(m, "run", str(bad))
+    assert r.returncode == 2 and '"merge", "theirs", "stop"' in (r.stdout + r.stderr)
+
+
+def test_client_resolve_theirs(mount_factory, base):
+    from overlayd.client import ConflictError, Workspace
+
+    m = mount_factory(base)
+    ws = Workspace(m.mp, socket_path=str(m.socket))
+    with pytest.raises(ConflictError) as err:
+        with ws.saga("py") as s:
+            with s.step("edit"):
+                put(m.mp / "other.txt", "mine\n")
+                put(base / "other.txt", "theirs\n")
+    s = err.value.saga
+    assert [c["resolve"] for c in err.value.conflicts] == ["saga resolve other.txt --merge"]
+    with pytest.raises(ClientError) as bad:
+        s.resolve("other.txt", how="sideways")
+    assert bad.value.code == "bad-request"
+    r = s.resolve("other.txt", how="theirs")
+    assert r["resolved"][0]["result"] == "theirs" and r["unresolved"] == []
+    s.commit()
+    assert read(base / "other.txt") == b"theirs\n"
