@@ -391,9 +391,8 @@ class Saga:
                 err.aborted = True
                 err.message += "; the saga was aborted (on_conflict='abort'): its changes are gone"
         else:
-            err.message += ("; resolve it (roll back the steps that changed these paths and redo them, "
-                            "then commit: err.saga.rollback(to=K), err.saga.step(...), err.saga.commit()) "
-                            "or drop it (err.saga.abort(), or 'saga abort'); until then no other saga can "
+            err.message += ("; resolve it (err.saga.resolve(*paths, how='merge' | 'theirs' | 'ours'), "
+                            "then err.saga.commit()) or drop it (err.saga.abort(), or 'saga abort'); until then no other saga can "
                             "begin in this workspace")
         err.args = (err.message,)
 

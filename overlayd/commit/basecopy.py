@@ -25,7 +25,8 @@ from .. import osutil
 
 log = logging.getLogger(__name__)
 
-MAX_SIZE = 1 << 20  # kept up to this size (the size copy-ups copy on the event loop: THREAD_COPY)
+# kept up to this size (the size copy-ups copy on the event loop: THREAD_COPY); 0 keeps nothing
+MAX_SIZE = int(os.environ.get("OVERLAYD_BASECOPY_MAX", 1 << 20))
 DIR = "basecopies"
 TEXT_PROBE = 8000  # git's heuristic: a NUL byte in the first 8000 bytes makes a file binary
 
@@ -93,7 +94,7 @@ def keep(base_fd: int, path: str, ident, directory: str) -> dict:
         if not stat.S_ISREG(st.st_mode) or ident is None or [st.st_ino, st.st_size, st.st_mtime_ns] != ident[1:4]:
             return {"copy": None, "why": "it changed while it was read"}
         if st.st_size > MAX_SIZE:
-            return {"copy": None, "why": f"larger than {MAX_SIZE >> 20} MiB"}
+            return {"copy": None, "why": f"larger than {limit()}"}
         data = _read_fd(fd, MAX_SIZE)
         if data is None or len(data) != st.st_size:
             return {"copy": None, "why": "it changed while it was read"}
@@ -103,6 +104,11 @@ def keep(base_fd: int, path: str, ident, directory: str) -> dict:
         return {"copy": None, "why": f"cannot keep it: {exc.strerror}"}
     finally:
         os.close(fd)
+
+
+def limit() -> str:
+    """MAX_SIZE for messages."""
+    return f"{MAX_SIZE >> 20} MiB" if MAX_SIZE and MAX_SIZE % (1 << 20) == 0 else f"{MAX_SIZE} bytes"
 
 
 def read(directory: str, h: str | None) -> bytes | None:

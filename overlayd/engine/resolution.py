@@ -176,7 +176,7 @@ class ResolveMixin:
                                                         "version by hand)")
                 if view_st.st_size > basecopy.MAX_SIZE or now_ident[2] > basecopy.MAX_SIZE:
                     raise EngineError("cannot-resolve", f"{p}: cannot merge files larger than "
-                                                        f"{basecopy.MAX_SIZE >> 20} MiB: take one side: saga resolve "
+                                                        f"{basecopy.limit()}: take one side: saga resolve "
                                                         f"{q} --theirs (or --ours)")
                 with open(self._view_path(p), "rb") as f:
                     ours = f.read()
