@@ -391,8 +391,9 @@ class Saga:
                 err.aborted = True
                 err.message += "; the saga was aborted (on_conflict='abort'): its changes are gone"
         else:
-            err.message += ("; resolve it (err.saga.resolve(*paths, how='merge' | 'theirs' | 'ours'), "
-                            "then err.saga.commit()) or drop it (err.saga.abort(), or 'saga abort'); until then no other saga can "
+            err.message += ("; resolve it (err.saga.resolve(*paths, how='merge' | 'theirs' | 'ours'), or "
+                            "err.saga.rollback(to=K) below the steps that changed them; then err.saga.commit()) "
+                            "or drop it (err.saga.abort(), or 'saga abort'); until then no other saga can "
                             "begin in this workspace")
         err.args = (err.message,)
 

@@ -284,6 +284,7 @@ def test_saga_run_on_conflict_merge(mount_factory, base, tmp_path):
                     f"python3 -c 'import os; open(\\\"{base}/shared.txt\\\", \\\"a\\\").write(\\\"appended by the base\\\\n\\\")'\"\n")
     r = saga(m, "run", str(defn))
     assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "commit conflicts resolved (on_conflict = merge, step 2): shared.txt merged" in r.stdout, r.stdout
     expected = edit_line(SHARED, 5, "agent five\n") + "appended by the base\n"
     assert read(base / "shared.txt").decode() == expected
     # on_conflict = "theirs", and a bad value is refused with the choices
