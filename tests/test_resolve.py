@@ -313,3 +313,69 @@ def test_client_resolve_theirs(mount_factory, base):
     assert r["resolved"][0]["result"] == "theirs" and r["unresolved"] == []
     s.commit()
     assert read(base / "other.txt") == b"theirs\n"
+
+
+# ---------------------------------------------------------------------- pure logic, no mount
+
+
+def test_basecopy_keep_read_sweep(tmp_path):
+    base = tmp_path / "base"
+    (base / "d").mkdir(parents=True)
+    put(base / "d" / "f.txt", "hello\n")
+    put(base / "big", b"\0" * (basecopy.MAX_SIZE + 1))
+    os.symlink("f.txt", base / "d" / "link")
+    store = str(tmp_path / "copies")
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        from overlayd.commit import base_identity
+        ident = base_identity(fd, "d/f.txt")
+        kept = basecopy.keep(fd, "d/f.txt", ident, store)
+        assert basecopy.read(store, kept["copy"]) == b"hello\n"
+        assert basecopy.keep(fd, "d/f.txt", ident, store) == kept  # content-addressed: one file
+        assert os.listdir(store) == [kept["copy"]]
+        big = basecopy.keep(fd, "big", base_identity(fd, "big"), store)
+        assert big == {"copy": None, "why": "larger than 1 MiB"}
+        assert basecopy.keep(fd, "d/link", base_identity(fd, "d/link"), store)["copy"] is None  # not followed
+        put(base / "d" / "f.txt", "changed\n")
+        assert basecopy.keep(fd, "d/f.txt", ident, store)["why"] == "it changed while it was read"
+    finally:
+        os.close(fd)
+    # a copy cut short by a crash reads as missing, never as a wrong ancestor
+    with open(os.path.join(store, kept["copy"]), "wb") as f:
+        f.write(b"hel")
+    assert basecopy.read(store, kept["copy"]) is None and basecopy.read(store, None) is None
+    other = basecopy.store(store, b"other\n")
+    assert basecopy.sweep(store, {other}) == 1 and os.listdir(store) == [other]
+    assert basecopy.sweep(str(tmp_path / "none"), set()) == 0
+
+
+@pytest.mark.parametrize("ours,theirs,clean", [
+    ("a\nB\nc\nd\ne\n", "a\nb\nc\nd\nE\n", "a\nB\nc\nd\nE\n"),  # disjoint lines
+    ("a\nb\nc\nd\ne\n", "a\nb\nc\nd\nE\n", "a\nb\nc\nd\nE\n"),  # only the base changed
+    ("X\nb\nc\nd\ne\n", "X\nb\nc\nd\ne\n", "X\nb\nc\nd\ne\n"),  # the same change on both sides
+    ("a\nb\nc\nd\ne", "a\nb\nc\nd\ne\nf\n", None),  # no final newline vs an appended line: overlapping
+    ("a\nmine\nc\nd\ne\n", "a\ntheirs\nc\nd\ne\n", None),
+])
+def test_merge_is_git_merge_file(ours, theirs, clean):
+    merged, n = basecopy.merge(ours.encode(), b"a\nb\nc\nd\ne\n", theirs.encode())
+    if clean is None:
+        assert n >= 1 and b"<<<<<<< saga\n" in merged and b">>>>>>> base\n" in merged
+    else:
+        assert n == 0 and merged.decode() == clean
+    assert basecopy.is_text(merged) and not basecopy.is_text(b"x\0y")
+
+
+def test_tracker_rebase_and_ancestor_take_the_latest_live_step():
+    from overlayd.engine.tracker import Tracker
+
+    live = [{"index": 1}, {"index": 3}]
+    stored = {1: {"a": {"copy": "h1"}, "b": {"copy": "h2"}},
+              2: {"a": {"how": "ours", "rebase": ["f", 9], "copy": "dead"}},  # a compensated step
+              3: {"a": {"how": "merge", "rebase": ["f", 7], "copy": "h3"}}}
+    paths = {"a": ["f", 1], "b": ["f", 2], "c": None}
+    assert Tracker.rebased(paths, (stored, live)) == {"a": ["f", 7], "b": ["f", 2], "c": None}
+    assert Tracker.ancestor("a", (stored, live))["copy"] == "h3"
+    assert Tracker.ancestor("b", (stored, live))["copy"] == "h2"
+    assert Tracker.ancestor("c", (stored, live), {"c": {"copy": "h4"}})["copy"] == "h4"
+    assert Tracker.ancestor("z", (stored, live)) is None
+    assert Tracker.live_copies((stored, live), {"c": {"copy": "h4"}, "n": {"copy": None}}) == {"h1", "h2", "h3", "h4"}
