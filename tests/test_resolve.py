@@ -119,6 +119,7 @@ def test_theirs_takes_the_base_version_and_ours_keeps_the_saga(mount_factory, ba
     put(base / "other.txt", "theirs, rewritten\n" * 3)  # another workspace's commit, an editor
     os.chmod(base / "other.txt", 0o640)
     os.utime(base / "other.txt", ns=(1_000_000_000, 1_500_000_000_123))
+    os.chown(base / "other.txt", 1000, 1000)  # another user's file
     put(base / "d" / "deep.txt", "their deep\n")
     assert conflict_of(m, "other.txt")["resolve"] == "saga resolve other.txt --merge"
     r = saga(m, "resolve", "other.txt", "--theirs")
@@ -126,7 +127,7 @@ def test_theirs_takes_the_base_version_and_ours_keeps_the_saga(mount_factory, ba
     assert "other.txt: took the base's version" in r.stdout and "now: saga commit" in r.stdout
     st = os.stat(m.mp / "other.txt")
     assert read(m.mp / "other.txt") == read(base / "other.txt") and st.st_mode & 0o777 == 0o640
-    assert st.st_mtime_ns == 1_500_000_000_123
+    assert st.st_mtime_ns == 1_500_000_000_123 and (st.st_uid, st.st_gid) == (1000, 1000)
     # the CLI takes paths relative to the current directory
     r = saga(m, "resolve", "deep.txt", "--ours", cwd=m.mp / "d")
     assert r.returncode == 0, r.stderr
@@ -135,7 +136,9 @@ def test_theirs_takes_the_base_version_and_ours_keeps_the_saga(mount_factory, ba
     assert [(s["name"], s["state"]) for s in steps] == [("work", "done"), ("resolve", "done"), ("resolve", "done")]
     r = saga(m, "commit")
     assert r.returncode == 0, r.stderr
-    assert read(base / "other.txt") == b"theirs, rewritten\n" * 3 and os.stat(base / "other.txt").st_mode & 0o777 == 0o640
+    bst = os.stat(base / "other.txt")
+    assert read(base / "other.txt") == b"theirs, rewritten\n" * 3
+    assert (bst.st_mode & 0o777, bst.st_uid, bst.st_gid) == (0o640, 1000, 1000)
     assert read(base / "d" / "deep.txt") == b"my deep\n"  # ours overwrote the base's newer change
     assert read(base / "own.txt") == b"own\n"
 
@@ -379,3 +382,18 @@ def test_tracker_rebase_and_ancestor_take_the_latest_live_step():
     assert Tracker.ancestor("c", (stored, live), {"c": {"copy": "h4"}})["copy"] == "h4"
     assert Tracker.ancestor("z", (stored, live)) is None
     assert Tracker.live_copies((stored, live), {"c": {"copy": "h4"}, "n": {"copy": None}}) == {"h1", "h2", "h3", "h4"}
+
+
+def test_unusual_names_get_a_quoted_command(mount_factory, base):
+    name = "my notes; " + "n" * 200 + ".txt"
+    put(base / name, SHARED)
+    m = mount_factory(base)
+    begin(m)
+    put(m.mp / name, edit_line(SHARED, 1, "saga one\n"))
+    put(base / name, edit_line(SHARED, 40, "base forty\n"))
+    c = conflict_of(m, name)
+    assert c["resolve"] == f"saga resolve '{name}' --merge"
+    r = saga(m, "resolve", name, "--merge")
+    assert r.returncode == 0, r.stderr
+    assert saga(m, "commit").returncode == 0
+    assert read(base / name).decode() == edit_line(edit_line(SHARED, 1, "saga one\n"), 40, "base forty\n")
