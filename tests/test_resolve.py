@@ -397,3 +397,22 @@ def test_unusual_names_get_a_quoted_command(mount_factory, base):
     assert r.returncode == 0, r.stderr
     assert saga(m, "commit").returncode == 0
     assert read(base / name).decode() == edit_line(edit_line(SHARED, 1, "saga one\n"), 40, "base forty\n")
+
+
+def test_a_base_change_after_the_resolution_is_a_conflict_again(mount_factory, base):
+    """--ours re-bases on the base as it was then, not forever: the base changing once more is
+    a new conflict, and a second merge takes the first resolution's base as its ancestor."""
+    m = mount_factory(base)
+    begin(m)
+    put(m.mp / "shared.txt", edit_line(SHARED, 1, "saga one\n"))
+    put(base / "shared.txt", edit_line(SHARED, 20, "base twenty\n"))
+    assert saga(m, "resolve", "shared.txt", "--merge").returncode == 0
+    # the base takes its line 20 back and changes line 40
+    put(base / "shared.txt", edit_line(SHARED, 40, "base forty\n"))
+    assert conflict_of(m, "shared.txt")["mergeable"] is True
+    r = saga(m, "resolve", "shared.txt", "--merge")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert saga(m, "commit").returncode == 0
+    # the ancestor was the base with line 20 (the first resolution's), so the base's revert of
+    # line 20 is the base's change and wins; with the original as ancestor "base twenty" would stay
+    assert read(base / "shared.txt").decode() == edit_line(edit_line(SHARED, 1, "saga one\n"), 40, "base forty\n")
