@@ -36,6 +36,7 @@ from .records import now
 log = logging.getLogger(__name__)
 
 HOWS = ("theirs", "ours", "merge")
+HINTS_READ = 1000  # conflicts whose files are read to say whether --merge can merge them
 
 
 def check_path(p) -> str:
@@ -111,8 +112,11 @@ class ResolveMixin:
         if not conflicts:
             return conflicts
         bases = self.tracker.bases(sid)
-        for c in conflicts:
+        for i, c in enumerate(conflicts):
             if c.get("reason"):  # a refusal (mount point, directory attributes), not a content conflict
+                continue
+            if i >= HINTS_READ:  # (each one reads two files: bounded, a commit refused for 10,000 paths)
+                c["resolve"] = f"saga resolve {shlex.quote(c['path'])} --merge  (or --theirs, --ours)"
                 continue
             now_ident = c.get("now") if isinstance(c.get("now"), list) else None
             c["mergeable"] = self._mergeable(c["path"], now_ident, bases, copies)
