@@ -67,6 +67,8 @@ def resolve(ctx, paths, how, workspace, as_json):
         if r["unresolved"]:
             lines.append("edit the marked file(s) in a step (saga step fix), then: saga resolve "
                          + " ".join(quote_path(p) for p in r["unresolved"]) + " --ours")
+        elif r["step"] is None:
+            lines.append("nothing was in conflict: no step was made")
         else:
             lines.append(f"resolved in step {r['step']} (resolve) of {_saga_line(r['saga'])}; now: saga commit")
         emit(ctx, r, "\n".join(lines))

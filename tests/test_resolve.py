@@ -238,6 +238,9 @@ def test_rollback_of_the_resolve_step_brings_the_conflict_back(mount_factory, ba
     m = mount_factory(base)
     begin(m)
     put(m.mp / "other.txt", "mine\n")
+    r = saga(m, "resolve", "other.txt", "--merge")  # not in conflict yet: nothing to do, no step
+    assert r.returncode == 0 and "not changed in the base" in r.stdout and "no step was made" in r.stdout
+    assert len(m.call("saga.status")["steps"]) == 1
     put(base / "other.txt", "theirs\n")
     kept = copies(m)
     assert len(kept) == 1  # the base's "other\n" at the first touch, content-addressed

@@ -302,6 +302,9 @@ class ResolveMixin:
                 except OSError as exc:
                     raise EngineError("cannot-resolve", f"cannot read {exc.filename or 'a version'}: "
                                                         f"{exc.strerror}; nothing was changed") from None
+                if all(it["result"] == "unchanged" for it in items):  # --merge of paths the base did not change
+                    return {"saga": saga, "step": None, "unresolved": [], "seconds": time.perf_counter() - t0,
+                            "resolved": [{k: it[k] for k in ("path", "how", "result", "conflict")} for it in items]}
                 r = await self._new_step(saga, "resolve", peer)
                 step = r["step"]
                 try:
