@@ -419,3 +419,29 @@ def test_a_base_change_after_the_resolution_is_a_conflict_again(mount_factory, b
     # the ancestor was the base with line 20 (the first resolution's), so the base's revert of
     # line 20 is the base's change and wins; with the original as ancestor "base twenty" would stay
     assert read(base / "shared.txt").decode() == edit_line(edit_line(SHARED, 1, "saga one\n"), 40, "base forty\n")
+
+
+def test_a_crash_before_the_resolve_step_is_done_rolls_it_back(mount_factory, base):
+    """SIGKILL after the resolution is written but before its step is journaled done: the open
+    resolve step is rolled back at restart, the saga is as before the resolve (still in
+    conflict), and resolving again works."""
+    from test_saga import daemon_env, wait_dead
+
+    m = mount_factory(base, start=False)
+    with daemon_env(OVERLAYD_CRASH_AT="resolve.written"):
+        m.start()
+    begin(m)
+    put(m.mp / "shared.txt", edit_line(SHARED, 2, "saga two\n"))
+    put(base / "shared.txt", edit_line(SHARED, 30, "base thirty\n"))
+    with pytest.raises((ClientError, OSError)):
+        m.call("saga.resolve", paths=["shared.txt"], how="merge")
+    assert wait_dead(m) == -9
+    m.kill()
+    m.start()
+    s = m.call("saga.status")
+    assert [(x["name"], x["state"]) for x in s["steps"]] == [("work", "done"), ("resolve", "compensated")]
+    assert read(m.mp / "shared.txt").decode() == edit_line(SHARED, 2, "saga two\n")
+    assert conflict_of(m, "shared.txt")["mergeable"] is True
+    assert saga(m, "resolve", "shared.txt", "--merge").returncode == 0
+    assert saga(m, "commit").returncode == 0
+    assert read(base / "shared.txt").decode() == edit_line(edit_line(SHARED, 2, "saga two\n"), 30, "base thirty\n")

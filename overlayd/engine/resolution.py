@@ -30,6 +30,7 @@ import trio
 
 from .. import commit, osutil
 from ..commit import basecopy
+from ..faults import crash_point
 from .errors import EngineError
 from .records import now
 
@@ -314,6 +315,7 @@ class ResolveMixin:
                     raise EngineError("resolve-failed", f"resolving failed while writing the view: {msg}; step "
                                                         f"{step['index']} (resolve) is open with part of it: undo it "
                                                         "with 'saga rollback', then resolve again") from None
+                crash_point("resolve.written")
                 await self._finish_resolve_step(sid, step, items, peer)
             finally:
                 lock.release()
