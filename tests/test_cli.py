@@ -51,7 +51,7 @@ def test_parse_units():
 DAEMON_MODULES = ["trio", "pyfuse3", "lmdb", "overlayd.daemon", "overlayd.layers", "overlayd.engine",
                   "overlayd.runner", "overlayd.commit", "overlayd.journal",
                   # nor the modules of the commands it loads when used (cli.common.Group's lazy)
-                  "overlayd.cli.saga_run", "overlayd.cli.saga_diff"]
+                  "overlayd.cli.saga_run", "overlayd.cli.saga_diff", "overlayd.cli.saga_resolve"]
 
 
 @pytest.mark.parametrize("module", DAEMON_MODULES)
