@@ -18,8 +18,8 @@ EXIT_NO_DAEMON = 5
 def mcp(workspace):
     """Serve the workspace's saga as MCP tools over stdin/stdout, for an agent host.
 
-    Tools: saga_begin, saga_step, saga_rollback, saga_abort, saga_commit, saga_status,
-    saga_diff, saga_log; resources overlayd://workspace/status and overlayd://workspace/diff.
+    Tools: saga_begin, saga_step, saga_rollback, saga_abort, saga_commit, saga_resolve,
+    saga_status, saga_diff, saga_log; resources overlayd://workspace/status and overlayd://workspace/diff.
     A failure is a tool error with the saga CLI's code and exit status (conflict 3, stuck 4,
     no daemon 5, ...). Paths outside MOUNTPOINT are refused. Run it as yourself: the host
     starts it; it talks to the workspace's daemon as the saga CLI does. Exit 5 when no

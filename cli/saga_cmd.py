@@ -1,6 +1,6 @@
 """``saga``: drive the saga of the workspace you are in.
 
-Exit codes: 0 ok, 1 error, 2 usage error, 3 commit conflict, 4 compensation stuck,
+Exit codes: 0 ok, 1 error, 2 usage error, 3 commit conflict (or a merge left conflict markers), 4 compensation stuck,
 5 no daemon serves this workspace, 7 permission denied (the workspace is another user's).
 
 ``--json`` prints one JSON object ``{"version": 1, ...}`` (NDJSON, one event per line, for
@@ -25,7 +25,8 @@ __all__ = ["main", "JSON_KEYS", "SCHEMA", "parse_duration", "parse_size"]  # cli
 
 
 @click.group(cls=Group, context_settings=CONTEXT,
-             lazy={"diff": "overlayd.cli.saga_diff:diff", "run": "overlayd.cli.saga_run:run_cmd"})
+             lazy={"diff": "overlayd.cli.saga_diff:diff", "resolve": "overlayd.cli.saga_resolve:resolve",
+                   "run": "overlayd.cli.saga_run:run_cmd"})
 @click.version_option(__version__, "--version", prog_name="saga")
 @click.option("-w", "--workspace", envvar="SAGA_WORKSPACE", type=str, metavar="MOUNTPOINT",
               help="The workspace's mountpoint.")
@@ -144,7 +145,7 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
             lines += _left_out_lines(r.get("left_out", []))
             lines += [f"settled   {quote_path(c['path'])}  (git: {c['how']})" for c in r.get("settled", [])]
             lines += [f"CONFLICT  {quote_path(c['path'])}" + (f"  ({c['reason']})" if c.get("reason") else "")
-                      for c in r["conflicts"]]
+                      + (f"  resolve: {c['resolve']}" if c.get("resolve") else "") for c in r["conflicts"]]
             emit(ctx, r, "\n".join(lines) or "nothing to commit")
             if r["conflicts"]:
                 sys.exit(3)
@@ -160,7 +161,8 @@ def commit(ctx, dry_run, exclude, include_ignored, workspace, as_json):
     except SagaError as exc:
         if exc.exit_code == 3 and not ctx.obj["json"]:
             for c in exc.data.get("conflicts", []):
-                click.echo(f"conflict: {quote_path(c['path'])}" + (f" ({c['reason']})" if c.get("reason") else ""), err=True)
+                click.echo(f"conflict: {quote_path(c['path'])}" + (f" ({c['reason']})" if c.get("reason") else "")
+                           + (f"  resolve: {c['resolve']}" if c.get("resolve") else ""), err=True)
         raise
 
 
@@ -297,5 +299,5 @@ def gc(ctx, older_than, keep, remove_all, workspace, as_json):
     run(ctx, workspace, as_json, go)
 
 
-# commands with a module of their own: diff and run are imported when used (Group.lazy)
+# commands with a module of their own: diff, resolve and run are imported when used (Group.lazy)
 git_cmd.register(main)  # saga export --git, and commit's --git options

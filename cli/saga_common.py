@@ -26,6 +26,7 @@ JSON_KEYS = {
     "commit": ["version", "saga", "changes", "count", "seconds", "left_out"],
     "commit --dry-run": ["version", "saga", "changes", "conflicts", "left_out", "dry_run"],
     "retry": ["version", "saga", "compensated"],
+    "resolve": ["version", "saga", "step", "resolved", "unresolved"],
     "status": ["version", "saga", "steps", "writable", "busy"],
     "diff": ["version", "saga", "changes"],
     "log": ["version", "seq", "ts", "saga", "step", "kind"],

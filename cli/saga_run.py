@@ -8,6 +8,7 @@ import click
 
 from overlayd.cli.common import json_error
 from overlayd.cli.saga_common import SCHEMA, SagaError, Target, common, run, time_wall
+from overlayd.paths import quote_path
 
 class _RunDisplay:
     """Renders a saga run's events: NDJSON (--json), or lines with a live status line on a terminal."""
@@ -90,6 +91,9 @@ class _RunDisplay:
             why = {"retry": " (the failed attempt)", "resume": " (incomplete at the interruption)"}.get(ev["reason"], "")
             self._line(f"compensated step {ev['index']} {ev['step']!r}{why}"
                        + (" - only partially (compensatable = partial)" if ev.get("partial") else ""))
+        elif kind == "resolved":
+            self._line(f"commit conflicts resolved (on_conflict = {ev['how']}, step {ev['step']}): "
+                       + ", ".join(f"{quote_path(r['path'])} {r['result']}" for r in ev.get("resolved") or []))
         elif kind == "committed":
             self._line(f"committed: {ev['count']} change(s) in {ev['seconds']:.2f}s")
         elif kind == "aborted":

@@ -5,7 +5,10 @@ import struct
 import time
 
 SCHEMA_VERSION = 2  # 2: a step's recorded paths live in "paths", not in its record
-DB_NAMES = ("meta", "sagas", "steps", "events", "paths")
+DB_NAMES = ("meta", "sagas", "steps", "events", "paths", "bases")
+#: Sub-databases added without a schema change: a read-write open creates them, a read-only open
+#: of a journal no daemon of this version has opened yet reads them as empty.
+OPTIONAL_DBS = ("bases",)
 
 _U64 = struct.Struct(">Q")
 _STEP = struct.Struct(">QI")
@@ -69,6 +72,21 @@ def _read_step_paths(txn, dbs, saga_id):
     prefix = _U64.pack(saga_id)
     out = {}
     cur = txn.cursor(db=dbs["paths"])
+    if cur.set_range(prefix):
+        for key, raw in cur:
+            if key[:8] != prefix:
+                break
+            out[_STEP.unpack(key)[1]] = _load(raw)
+    return out
+
+
+def _read_step_bases(txn, dbs, saga_id):
+    """{step index: {path: base record}} (the "bases" sub-database: see Journal.step_bases)."""
+    if "bases" not in dbs:
+        return {}
+    prefix = _U64.pack(saga_id)
+    out = {}
+    cur = txn.cursor(db=dbs["bases"])
     if cur.set_range(prefix):
         for key, raw in cur:
             if key[:8] != prefix:

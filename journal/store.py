@@ -10,8 +10,8 @@ import lmdb
 
 from .check import check_file, probe
 from .errors import JournalDamaged, JournalError, JournalFull, SchemaError
-from .records import (DB_NAMES, SCHEMA_VERSION, _U64, _dump, _event_rec, _load, _read_meta, _read_saga,
-                      _read_step_paths, _read_steps, _saga_rec, _upgrade_1_to_2)
+from .records import (DB_NAMES, OPTIONAL_DBS, SCHEMA_VERSION, _U64, _dump, _event_rec, _load, _read_meta, _read_saga,
+                      _read_step_bases, _read_step_paths, _read_steps, _saga_rec, _upgrade_1_to_2)
 from .txn import WriteTxn
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,17 @@ class Journal:
         return self
 
     def _open_dbs(self, txn, names=DB_NAMES):
-        """Sub-database handles; created in txn (read-write) or must exist."""
+        """Sub-database handles; created in txn (read-write) or must exist (a read-only open
+        leaves out an optional one that does not: OPTIONAL_DBS)."""
         try:
-            return {name: self._env.open_db(name.encode(), txn=txn,
-                                            create=not self.readonly)
-                    for name in names}
+            dbs = {}
+            for name in names:
+                try:
+                    dbs[name] = self._env.open_db(name.encode(), txn=txn, create=not self.readonly)
+                except lmdb.NotFoundError:
+                    if not (self.readonly and name in OPTIONAL_DBS):
+                        raise
+            return dbs
         except lmdb.NotFoundError as e:
             raise JournalError(f"journal at {self.path} is not initialised; "
                                "open it read-write once to set it up") from e
@@ -421,6 +427,13 @@ class Journal:
         """{step index: {path: base identity}} of a saga's steps that recorded paths."""
         return self._read(lambda txn: _read_step_paths(txn, self._dbs, saga_id))
 
+    def step_bases(self, saga_id):
+        """{step index: {path: record}} of a saga's steps that kept base versions: the base's
+        content when the step first changed a regular base file (``{"copy": sha256 or None,
+        "why": ...}``, the file in STATE/basecopies/), and what ``saga resolve`` settled
+        (``{"how", "rebase": base identity, "copy"}``)."""
+        return self._read(lambda txn: _read_step_bases(txn, self._dbs, saga_id))
+
     def events(self, saga=None, since=0, limit=None):
         """Events with seq > since, oldest first, optionally of one saga only."""
         def scan(txn):
@@ -520,7 +533,7 @@ class Journal:
                 self._env = lmdb.open(str(self.path), subdir=True, map_size=map_size, max_dbs=8, sync=True,
                                       metasync=True, readonly=False, lock=True, create=False, mode=0o700)
                 with self._env.begin(write=True) as txn:
-                    self._dbs = {name: self._env.open_db(name.encode(), txn=txn, create=False)
+                    self._dbs = {name: self._env.open_db(name.encode(), txn=txn, create=True)
                                  for name in DB_NAMES}
                 self._file_size = 0
                 self.keep_reserve()

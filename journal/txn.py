@@ -6,7 +6,7 @@ import lmdb
 
 from .errors import JournalError
 from .records import (_HWM_KEY, _STEP, _U64, _check_rec, _delete_prefix, _dump, _last_key, _load, _read_meta,
-                      _read_saga, _read_step_paths, _read_steps, encode_event)
+                      _read_saga, _read_step_bases, _read_step_paths, _read_steps, encode_event)
 
 class WriteTxn:
     """The write transaction handed to the function given to Journal.transact."""
@@ -65,11 +65,23 @@ class WriteTxn:
         """{step index: paths} of a saga's steps that recorded any."""
         return _read_step_paths(self._t(), self._dbs, saga_id)
 
+    def put_step_bases(self, saga_id, index, bases):
+        """What a step kept of the base ({path: record}, see Journal.step_bases); an empty dict
+        writes nothing."""
+        if not isinstance(bases, dict):
+            raise TypeError(f"bases must be a dict, not {type(bases).__name__}")
+        if bases:
+            self._put(_STEP.pack(saga_id, index), _dump(bases), "bases")
+
+    def step_bases(self, saga_id):
+        return _read_step_bases(self._t(), self._dbs, saga_id)
+
     def delete_step(self, saga_id, index):
         """Delete one step (and its paths); returns whether it existed."""
         key = _STEP.pack(saga_id, index)
         with self._op() as txn:
             txn.delete(key, db=self._dbs["paths"])
+            txn.delete(key, db=self._dbs["bases"])
             return txn.delete(key, db=self._dbs["steps"])
 
     def delete_saga(self, saga_id):
@@ -78,6 +90,7 @@ class WriteTxn:
         with self._op() as txn:
             _delete_prefix(txn, self._dbs["steps"], prefix)
             _delete_prefix(txn, self._dbs["paths"], prefix)
+            _delete_prefix(txn, self._dbs["bases"], prefix)
             return txn.delete(prefix, db=self._dbs["sagas"])
 
     def delete_events(self, saga_id):

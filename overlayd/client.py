@@ -303,8 +303,8 @@ class Workspace:
 
     A commit refused for conflicts raises ``ConflictError`` from the ``with`` statement and,
     by default, keeps the saga active (nothing is lost; the next ``ws.saga()`` is refused while
-    it is): ``err.saga`` is the saga, to resolve and commit (``err.saga.rollback(to=K)`` drops
-    the steps that changed the paths; redo them in new steps; ``err.saga.commit()``) or to
+    it is): ``err.saga`` is the saga, to resolve and commit (``err.saga.resolve(*paths,
+    how="merge" | "theirs" | "ours")``, then ``err.saga.commit()``) or to
     ``err.saga.abort()``. ``ws.saga(NAME, on_conflict="abort")`` aborts it instead.
     """
 
@@ -391,8 +391,8 @@ class Saga:
                 err.aborted = True
                 err.message += "; the saga was aborted (on_conflict='abort'): its changes are gone"
         else:
-            err.message += ("; resolve it (roll back the steps that changed these paths and redo them, "
-                            "then commit: err.saga.rollback(to=K), err.saga.step(...), err.saga.commit()) "
+            err.message += ("; resolve it (err.saga.resolve(*paths, how='merge' | 'theirs' | 'ours'), or "
+                            "err.saga.rollback(to=K) below the steps that changed them; then err.saga.commit()) "
                             "or drop it (err.saga.abort(), or 'saga abort'); until then no other saga can "
                             "begin in this workspace")
         err.args = (err.message,)
@@ -407,6 +407,16 @@ class Saga:
 
     def commit(self, dry_run=False):
         return self.ws.call("saga.commit", dry_run=dry_run)
+
+    def resolve(self, *paths, how="merge"):
+        """Resolve the commit conflict on *paths* (relative to the workspace) with *how*:
+        ``"theirs"`` (the base's current version), ``"ours"`` (the saga's, overwriting the base's
+        change) or ``"merge"`` (three-way merge of text files), in a new step named ``resolve``.
+        Returns the daemon's answer: ``resolved`` (per path: ``result`` theirs, ours, merged,
+        unchanged or conflict-markers) and ``unresolved`` (the paths a merge left conflict
+        markers in: still in conflict; edit them in a step, then resolve them with ``"ours"``).
+        Raises ClientError (code ``cannot-resolve``) for a path *how* cannot resolve."""
+        return self.ws.call("saga.resolve", paths=[os.fspath(p) for p in paths], how=how)
 
     def rollback(self, to=None):
         return self.ws.call("saga.rollback", to=to)

@@ -13,15 +13,15 @@ through anyio).
 - Resources: ``overlayd://workspace/status`` (the saga and its steps) and
   ``overlayd://workspace/diff`` (the open step's changes, with unified diffs of text files).
 
-No ``saga_resolve`` tool yet: conflict resolution does not exist; a conflict's message says to
-roll back the steps that changed the paths and redo them.
+A commit refused for conflicts names, per path, how to settle it (``resolve``, ``mergeable``);
+``saga_resolve`` does it (``how``: merge, theirs or ours), then ``saga_commit`` again.
 """
 
 import difflib
 import json
 import logging
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
 from mcp.server.mcpserver import MCPServer
@@ -183,6 +183,21 @@ def build(workspace: str) -> MCPServer:
                               description="Commit the paths git ignores too.")] = False) -> CallToolResult:
         return await _run(lambda: scope.call("saga.commit", dry_run=dry_run, exclude=exclude or None,
                                              include_ignored=include_ignored or None))
+
+    @server.tool(description="Resolve commit conflicts on paths, in a new step named 'resolve': how='merge' "
+                             "(three-way merge of text files; overlapping changes leave conflict markers in the file "
+                             "and the path in 'unresolved': edit it in a step, then resolve it with how='ours'), "
+                             "'theirs' (take the base's current version) or 'ours' (keep the saga's version, "
+                             "overwriting the base's change). Then call saga_commit.")
+    async def saga_resolve(paths: Annotated[list[str], Field(
+                               description="The conflicting paths (relative to the workspace, or absolute in it).")],
+                           how: Annotated[Literal["merge", "theirs", "ours"], Field(
+                               description="How to resolve every path.")] = "merge") -> CallToolResult:
+        def go():
+            rel = [scope.relative(p) for p in paths]
+            return scope.call("saga.resolve", paths=rel, how=how)
+
+        return await _run(go)
 
     @server.tool(description="The active saga, its steps and whether the workspace is writable.")
     async def saga_status() -> CallToolResult:

@@ -47,11 +47,16 @@ def test_parse_units():
     assert saga_cmd.parse_size("4096") == 4096
 
 
+#: the workspace of cli_ws: named per test process, since the mount table is the machine's (two suites
+#: at once must not find each other's workspace by its name)
+WS = f"cliws{os.getpid()}"
+
+
 #: what the saga CLI must not import: the daemon's world (every saga command pays for its imports)
 DAEMON_MODULES = ["trio", "pyfuse3", "lmdb", "overlayd.daemon", "overlayd.layers", "overlayd.engine",
                   "overlayd.runner", "overlayd.commit", "overlayd.journal",
                   # nor the modules of the commands it loads when used (cli.common.Group's lazy)
-                  "overlayd.cli.saga_run", "overlayd.cli.saga_diff"]
+                  "overlayd.cli.saga_run", "overlayd.cli.saga_diff", "overlayd.cli.saga_resolve"]
 
 
 @pytest.mark.parametrize("module", DAEMON_MODULES)
@@ -81,7 +86,7 @@ def cli_ws(mount_factory, tmp_path):
     (base / "src").mkdir(parents=True)
     (base / "src" / "app.py").write_text("print('v1')\n")
     (base / "README").write_text("readme\n")
-    return mount_factory(base, name="cliws")
+    return mount_factory(base, name=WS)
 
 
 def test_end_to_end_cli(cli_ws, tmp_path):
@@ -139,7 +144,7 @@ def test_read_only_commands_without_daemon(cli_ws):
     r = sh(m, "-w", mp, "list", cwd="/", check=0)
     assert "'offline': active" in r.stdout
     r = sh(m, "-w", mp, "step", "two", cwd="/", check=5)
-    assert r.stderr.startswith("Error: no daemon serves the workspace cliws")
+    assert r.stderr.startswith(f"Error: no daemon serves the workspace {WS}")
 
 
 def test_offline_diff_is_the_daemons(cli_ws):
@@ -224,11 +229,11 @@ def test_overlayd_list(cli_ws):
     assert r.returncode == 0, r.stderr
     # the mount table is the machine's: other suites' and people's workspaces are listed too
     rows = [w for w in json.loads(r.stdout)["workspaces"] if w["state_dir"] and w.get("mountpoint") == str(m.mp)]
-    assert [(w["name"], w["mounted"], w["saga"]["name"]) for w in rows] == [("cliws", True, "listed")]
+    assert [(w["name"], w["mounted"], w["saga"]["name"]) for w in rows] == [(WS, True, "listed")]
     assert rows[0]["disk_bytes"] > 0 and rows[0]["base"] == str(m.base)
     m.stop()
     r = subprocess.run([sys.executable, "-c", code, "list"], env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "cliws\tstopped\tlisted (active)" in r.stdout, r.stdout
+    assert r.returncode == 0 and f"{WS}\tstopped\tlisted (active)" in r.stdout, r.stdout
 
 
 def test_json_schema_of_every_command(cli_ws, tmp_path):
@@ -443,14 +448,14 @@ def test_a_dead_mount_is_called_dead_with_the_remedy(cli_ws):
     try:
         r = od(m, "unmount", str(m.mp), check=5)
         assert f"its daemon died and left a dead mount; clear it with: overlayd clear-mount {m.mp}, then mount " \
-               f"it again with: overlayd mount {m.base} {m.mp} --name cliws" in r.stderr
+               f"it again with: overlayd mount {m.base} {m.mp} --name {WS}" in r.stderr
         r = od(m, "list", check=0)
-        assert "cliws\tdead\tcrashed (active)" in r.stdout
+        assert f"{WS}\tdead\tcrashed (active)" in r.stdout
         assert f"overlayd clear-mount {m.mp}" in r.stderr
         r = sh(m, "-w", str(m.mp), "step", "x", cwd="/", check=5)
         assert f"overlayd clear-mount {m.mp}" in r.stderr
         od(m, "clear-mount", str(m.mp), check=0)
-        assert "cliws\tstopped" in od(m, "list", check=0).stdout
+        assert f"{WS}\tstopped" in od(m, "list", check=0).stdout
     finally:
         subprocess.run(["fusermount3", "-uz", str(m.mp)], stderr=subprocess.DEVNULL)
 
@@ -573,20 +578,20 @@ def test_diff_of_binary_files_and_modes(cli_ws, monkeypatch):
 def test_forget_a_workspace(cli_ws, tmp_path):
     m = cli_ws
     sh(m, "begin", "unfinished", check=0)
-    r = od(m, "forget", "cliws", check=1)
-    assert f"workspace cliws is mounted at {m.mp}: unmount it first" in r.stderr
+    r = od(m, "forget", WS, check=1)
+    assert f"workspace {WS} is mounted at {m.mp}: unmount it first" in r.stderr
     m.stop()
-    (m.run_dir / "cliws.sock.run.lock").write_text("")  # as an old saga run left it
-    r = od(m, "forget", "cliws", check=1)
-    assert "saga 1 'unfinished' is active in workspace cliws: commit or abort it first" in r.stderr
+    (m.run_dir / f"{WS}.sock.run.lock").write_text("")  # as an old saga run left it
+    r = od(m, "forget", WS, check=1)
+    assert f"saga 1 'unfinished' is active in workspace {WS}: commit or abort it first" in r.stderr
     assert (m.state / "journal").is_dir()
-    r = od(m, "forget", "cliws", "--force", check=0)
-    assert r.stdout.strip() == f"forgot workspace cliws (removed {m.state})"
-    assert not m.state.exists() and not (m.run_dir / "cliws.sock.run.lock").exists()
-    assert not (m.state_root / ".index" / "cliws.json").exists()
-    assert "cliws" not in od(m, "list", check=0).stdout
+    r = od(m, "forget", WS, "--force", check=0)
+    assert r.stdout.strip() == f"forgot workspace {WS} (removed {m.state})"
+    assert not m.state.exists() and not (m.run_dir / f"{WS}.sock.run.lock").exists()
+    assert not (m.state_root / ".index" / f"{WS}.json").exists()
+    assert WS not in od(m, "list", check=0).stdout
     assert (m.base / "README").read_text() == "readme\n"
-    od(m, "forget", "cliws", check=1)
+    od(m, "forget", WS, check=1)
 
 
 def test_a_failed_first_mount_leaves_no_state(cli_ws, tmp_path):
@@ -603,4 +608,4 @@ def test_saga_run_removes_its_lock_file(cli_ws, tmp_path):
     toml.write_text('name = "one"\n[[step]]\nname = "a"\nrun = "touch a"\n')
     r = sh(m, "run", str(toml), "-w", str(m.mp), cwd="/", check=0)
     assert "all 1 steps done; saga 1 'one' committed: 1 change(s)" in r.stdout and (m.base / "a").exists()
-    assert not (m.run_dir / "cliws.sock.run.lock").exists()
+    assert not (m.run_dir / f"{WS}.sock.run.lock").exists()

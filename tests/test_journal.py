@@ -83,15 +83,15 @@ def test_round_trip_and_key_order(tmp_path):
     # seq keeps counting across a reopen
     assert j.transact(lambda txn: txn.event("after-reopen")) == 4
     stats = j.stats()
-    assert stats["entries"] == {"meta": 2, "sagas": 2, "steps": 6, "events": 4, "paths": 0}
+    assert stats["entries"] == {"meta": 2, "sagas": 2, "steps": 6, "events": 4, "paths": 0, "bases": 0}
     assert 0 < stats["used_bytes"] <= stats["map_size"]
     j.close()
 
-    # on-disk layout: only the five named dbs in the main db, fixed-width keys
+    # on-disk layout: only the six named dbs in the main db, fixed-width keys
     env = lmdb.open(str(tmp_path / "journal"), max_dbs=8, readonly=True)
     with env.begin() as txn:
         assert {k.rstrip(b"\0") for k in txn.cursor().iternext(values=False)} == {
-            b"meta", b"sagas", b"steps", b"events", b"paths"}
+            b"meta", b"sagas", b"steps", b"events", b"paths", b"bases"}
     sagas = env.open_db(b"sagas", create=False)
     steps = env.open_db(b"steps", create=False)
     with env.begin() as txn:
@@ -504,3 +504,40 @@ def test_schema_1_is_upgraded_by_a_writer_and_refused_by_a_reader(tmp_path):
         assert j.saga(7)["name"] == "old"
     with Journal.open(tmp_path, readonly=True) as j:
         assert j.step_paths(7)[1] == big
+
+
+def test_step_bases_round_trip_delete_and_a_journal_without_them(tmp_path):
+    """The "bases" sub-database (saga resolve's base copies): keyed like paths, deleted with the
+    step and the saga; a journal made before it existed opens read-only (reads as empty) and
+    gets it on the next read-write open."""
+    j = Journal.open(tmp_path)
+
+    def write(txn):
+        for sid in (1, 2):
+            txn.put_saga(sid, {"name": f"s{sid}", "state": "active"})
+            for i in (1, 2, 300):
+                txn.put_step(sid, i, {"state": "done"})
+                txn.put_step_bases(sid, i, {f"p{i}": {"copy": "ab" * 32}} if i != 2 else {})
+        with pytest.raises(TypeError):
+            txn.put_step_bases(1, 1, ["not", "a", "dict"])
+
+    j.transact(write)
+    assert j.step_bases(1) == {1: {"p1": {"copy": "ab" * 32}}, 300: {"p300": {"copy": "ab" * 32}}}
+    j.transact(lambda txn: txn.delete_step(1, 300))
+    assert list(j.step_bases(1)) == [1]
+    j.transact(lambda txn: txn.delete_saga(2))
+    assert j.step_bases(2) == {} and list(j.step_bases(1)) == [1]
+    j.close()
+    # an older journal: no "bases" at all
+    env = lmdb.open(str(tmp_path / "journal"), subdir=True, max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"bases", txn=txn), delete=True)
+    env.close()
+    ro = Journal.open(tmp_path, readonly=True)
+    assert ro.step_bases(1) == {} and [s["index"] for s in ro.steps(1)] == [1, 2]
+    ro.close()
+    rw = Journal.open(tmp_path)
+    assert rw.step_bases(1) == {}
+    rw.transact(lambda txn: txn.put_step_bases(1, 1, {"x": {"copy": None, "why": "larger than 1 MiB"}}))
+    assert rw.step_bases(1) == {1: {"x": {"copy": None, "why": "larger than 1 MiB"}}}
+    rw.close()

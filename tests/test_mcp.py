@@ -22,7 +22,7 @@ from mcp.client.stdio import StdioServerParameters, stdio_client  # noqa: E402
 from conftest import ROOT, put, read  # noqa: E402
 
 TOOLS = {"saga_begin", "saga_step", "saga_rollback", "saga_abort", "saga_commit", "saga_status", "saga_diff",
-         "saga_log"}
+         "saga_log", "saga_resolve"}
 CODE = "import sys; from overlayd.cli.overlayd_cmd import main; sys.exit(main())"
 
 
@@ -100,6 +100,13 @@ def test_mcp_session_against_a_real_workspace(mount_factory, tmp_path):
         err = res.structured_content["error"]
         assert res.is_error and err["code"] == "conflict" and err["exit_code"] == 3, err
         assert [c["path"] for c in err["conflicts"]] == ["f.txt"]
+        assert err["conflicts"][0]["resolve"] == "saga resolve f.txt --merge"
+        # both rewrote the one line: the merge leaves conflict markers, and the path unresolved
+        merged = ok(await s.call_tool("saga_resolve", {"paths": [str(mp / "f.txt")], "how": "merge"}))
+        assert merged["unresolved"] == ["f.txt"] and merged["resolved"][0]["result"] == "conflict-markers"
+        assert read(mp / "f.txt").startswith(b"<<<<<<< saga\n")
+        res = await s.call_tool("saga_commit", {})
+        assert res.is_error and res.structured_content["error"]["code"] == "conflict"
         busy = await s.call_tool("saga_begin", {"name": "third"})
         assert busy.is_error and busy.structured_content["error"]["code"] == "saga-active"
         bad = await s.call_tool("saga_step", {"name": "x", "on_budget": "everything"})

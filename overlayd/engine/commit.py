@@ -125,6 +125,9 @@ class CommitMixin:
             self._refuse_while_cutting()
             sid = saga["id"]
             paths = self.tracker.all_paths(await trio.to_thread.run_sync(self.tracker.stored, sid))
+            # the identities 'saga resolve' re-based: those paths are compared with the base they were resolved with
+            paths = self.tracker.rebased(paths, await trio.to_thread.run_sync(self.tracker.bases, sid))
+            copies = dict(self.tracker.copies)
             rules_ = self._rules(args, saga)
             if dry_run:
                 try:
@@ -132,6 +135,7 @@ class CommitMixin:
                     conflicts = await trio.to_thread.run_sync(self.tracker.conflicts, paths)
                     conflicts = await trio.to_thread.run_sync(self._without_left_out, rules_, conflicts)
                     conflicts, settled = await trio.to_thread.run_sync(self._git_settle, conflicts, saga, False)
+                    conflicts = await trio.to_thread.run_sync(self._resolve_hints, conflicts, sid, copies)
                     conflicts += await trio.to_thread.run_sync(self._refusals, ops)
                 except rules.RulesError as exc:
                     raise EngineError("commit-failed", str(exc)) from None
@@ -159,6 +163,7 @@ class CommitMixin:
                     if settled:
                         log.info("saga %d: %d conflict(s) under .git/ settled by the git policy", sid, len(settled))
                     if conflicts:
+                        conflicts = await trio.to_thread.run_sync(self._resolve_hints, conflicts, sid, copies)
                         if was_writable:
                             self.fs.unseal_top()
 
@@ -169,7 +174,10 @@ class CommitMixin:
                         await self.ws.transact(refused)
                         raise EngineError("conflict", f"commit refused: {len(conflicts)} path(s) changed in the base "
                                                       "since this saga changed them; the saga is still active and "
-                                                      "untouched", conflicts=conflicts)
+                                                      "untouched: resolve each with the command listed for it ("
+                                                      + "; ".join(c.get("resolve") or c["path"] for c in conflicts[:3])
+                                                      + ("; ..." if len(conflicts) > 3 else "")
+                                                      + "), then commit again", conflicts=conflicts)
                     try:
                         full, left = await trio.to_thread.run_sync(self._plan, True, rules_)
                     except commit.Refused as exc:
@@ -193,6 +201,7 @@ class CommitMixin:
                     plan = {"saga": sid, "phase": "planned", "layers": layers, "ops": ops,
                             "token": commit.new_token(full)}
                     open_paths = dict(self.tracker.touched)
+                    open_copies = self.tracker.step_copies(open_paths)
 
                     def intent(txn):
                         for s in txn.steps(sid):
@@ -200,6 +209,7 @@ class CommitMixin:
                                 s.update(state="done", sealed=now())
                                 txn.put_step(sid, s["index"], s)
                                 txn.put_step_paths(sid, s["index"], open_paths)
+                                txn.put_step_bases(sid, s["index"], open_copies)
                         s = txn.saga(sid)
                         s.update(state="committing", updated=now(), commit_ops=len(full))
                         txn.put_saga(sid, s)
@@ -225,6 +235,7 @@ class CommitMixin:
             self.tracker.known = set()
             self.step_meter = self.saga_meter = None
             self.audit.writers = {}
+            await self._sweep_copies()
             return {"saga": self.ws.journal.saga(sid), "changes": changes, "count": len(changes),
                     "seconds": time.perf_counter() - t0, "left_out": self._annotate(left, sid), "settled": settled}
 
@@ -311,6 +322,7 @@ class CommitMixin:
         self.tracker.touched = {}
         self.tracker.known = set()
         self.step_meter = self.saga_meter = None
+        await self._sweep_copies()
         # the journaled plan lists a directory moved whole, not the entries below it
         ops = plan["ops"]
         changes = self._annotate(commit.summarize(ops), saga["id"])

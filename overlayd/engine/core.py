@@ -21,7 +21,7 @@ import trio
 from overlayd.journal import JournalError, JournalFull
 
 from .. import osutil
-from ..commit import changes as by_step
+from ..commit import basecopy, changes as by_step
 from ..faults import crash_point
 from . import budgets
 from .audit import AuditTrail
@@ -34,6 +34,7 @@ from .gc import GcMixin
 from .lock import StackLock
 from .queries import QueryMixin
 from .records import check_name, live_steps, now, number
+from .resolution import ResolveMixin
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ MIN_STEP_FREE = 1 << 20  # a step is refused with less room than this on the sta
 # what ext4 keeps for itself out of the free blocks: 2 % of the filesystem, at most 16 MiB)
 
 
-class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixin, ExportMixin):
+class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixin, ExportMixin, ResolveMixin):
     """The sagas of one workspace. *ws*: the open workspace (journal, stack of layers, view);
     *lock*: the stack lock the daemon's own stack operations share. Background work (the audit
     trail, time budgets, budget cuts) runs in the nursery of :meth:`run`, which the daemon
@@ -55,7 +56,7 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
         self.keep_open_step = keep_open_step
         self._nursery = None  # set by run()
         self._base_fd = os.open(self.ws.base, osutil.DIR_FLAGS)
-        self.tracker = Tracker(ws.journal, self._base_fd)
+        self.tracker = Tracker(ws.journal, self._base_fd, basecopy.copies_dir(ws.state_dir))
         self.audit = AuditTrail(ws.transact, self._audit_where, lambda: self.fs.ctx)
         self.fs.on_change = self._on_change
         self.fs.on_write = self._on_write
@@ -73,6 +74,7 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
             "saga.status": self.op_status, "saga.diff": self.op_diff, "saga.log": self.op_log,
             "saga.list": self.op_list, "saga.annotate": self.op_annotate, "saga.gc": self.op_gc,
             "saga.export": self.op_export,  # what 'saga export --git' reads
+            "saga.resolve": self.op_resolve,
         }
         self.tracker.reload(self.active_id())
 
@@ -194,62 +196,73 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
         comp_timeout = number(args, "compensate_timeout", DEFAULT_COMP_TIMEOUT, float, 0.001, 86400 * 7)
         with self._exclusive("begin a step"):
             saga = self.require_active()
-            await self._check_room()
-            sid = saga["id"]
-            steps = self.steps(sid)
-            index = (steps[-1]["index"] if steps else 0) + 1
-            prev = steps[-1] if steps and steps[-1]["state"] == "open" else None
-            self._refuse_while_cutting()
-            # Seal first: from the snapshot of touched until the new layer is pushed, a write gets
-            # EROFS instead of landing in the finished step unrecorded (invariant 20).
-            was_writable = self.fs.writable()
-            old_top = self.fs.layers[-1]
-            self.fs.seal_top()
-            paths = dict(self.tracker.touched)
-            rec = {"saga": sid, "index": index, "name": name, "state": "open", "layer": None,
-                   "compensate": compensate, "uid": peer.get("uid"), "gid": peer.get("gid"),
-                   "umask": peer_umask(peer.get("pid")) if compensate else None,
-                   "budgets": budget, "retries": retries,
-                   "compensate_timeout": comp_timeout, "created": now(), "attempts": 0}
+            return await self._new_step(saga, name, peer, compensate=compensate, budget=budget, retries=retries,
+                                        comp_timeout=comp_timeout)
 
-            def extra(txn, layer_id):
-                if prev is not None:
-                    p = txn.steps(sid)[-1]
-                    p.update(state="done", sealed=now())
-                    txn.put_step(sid, p["index"], p)
-                    txn.put_step_paths(sid, p["index"], paths)
-                    txn.event("step.done", saga=sid, step=p["index"], **self._event_details(peer))
-                rec["layer"] = layer_id
-                txn.put_step(sid, index, rec)
-                s = txn.saga(sid)
-                s.update(steps=index, updated=now())
-                txn.put_saga(sid, s)
-                txn.event("step.begin", saga=sid, step=index, name=name, layer=layer_id,
-                          compensate=compensate, **self._event_details(peer))
+    async def _new_step(self, saga, name, peer, *, compensate=None, budget=None, retries=DEFAULT_RETRIES,
+                        comp_timeout=DEFAULT_COMP_TIMEOUT):
+        """Finish the open step (if any) and open step *name* with a fresh layer; the caller
+        holds the stack lock."""
+        if budget is None:
+            budget = budgets.validate(dict(self.defaults["step"]), "step budgets")
+        await self._check_room()
+        sid = saga["id"]
+        steps = self.steps(sid)
+        index = (steps[-1]["index"] if steps else 0) + 1
+        prev = steps[-1] if steps and steps[-1]["state"] == "open" else None
+        self._refuse_while_cutting()
+        # Seal first: from the snapshot of touched until the new layer is pushed, a write gets
+        # EROFS instead of landing in the finished step unrecorded (invariant 20).
+        was_writable = self.fs.writable()
+        old_top = self.fs.layers[-1]
+        self.fs.seal_top()
+        paths = dict(self.tracker.touched)
+        copies = self.tracker.step_copies(paths)
+        rec = {"saga": sid, "index": index, "name": name, "state": "open", "layer": None,
+               "compensate": compensate, "uid": peer.get("uid"), "gid": peer.get("gid"),
+               "umask": peer_umask(peer.get("pid")) if compensate else None,
+               "budgets": budget, "retries": retries,
+               "compensate_timeout": comp_timeout, "created": now(), "attempts": 0}
 
-            self.audit.seal()
-            t0 = time.perf_counter()
-            try:
-                await self.ws.push_layer(txn_extra=extra)
-            except BaseException as exc:
-                if was_writable and self.fs.layers[-1] is old_top and self.cutting is None:
-                    self.fs.unseal_top()
-                if isinstance(exc, JournalFull) or (isinstance(exc, OSError)
-                                                    and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
-                    raise EngineError("no-space", self._no_room(exc) + "; the saga is unchanged") from None
-                raise
+        def extra(txn, layer_id):
             if prev is not None:
-                self.tracker.known.update(paths)
-            self.tracker.touched = {}
-            self.step_meter = budgets.Meter(budget)
-            if self.saga_meter is None:
-                self.saga_meter = budgets.Meter(saga.get("budgets") or {})
-            if "timeout" in budget:
-                self._arm_timer("step", sid, index, rec["created"] + budget["timeout"])
-            elapsed = time.perf_counter() - t0
-            if prev is not None:
-                await self._sync_layer(prev)
-            return {"step": rec, "seconds": elapsed}
+                p = txn.steps(sid)[-1]
+                p.update(state="done", sealed=now())
+                txn.put_step(sid, p["index"], p)
+                txn.put_step_paths(sid, p["index"], paths)
+                txn.put_step_bases(sid, p["index"], copies)
+                txn.event("step.done", saga=sid, step=p["index"], **self._event_details(peer))
+            rec["layer"] = layer_id
+            txn.put_step(sid, index, rec)
+            s = txn.saga(sid)
+            s.update(steps=index, updated=now())
+            txn.put_saga(sid, s)
+            txn.event("step.begin", saga=sid, step=index, name=name, layer=layer_id,
+                      compensate=compensate, **self._event_details(peer))
+
+        self.audit.seal()
+        t0 = time.perf_counter()
+        try:
+            await self.ws.push_layer(txn_extra=extra)
+        except BaseException as exc:
+            if was_writable and self.fs.layers[-1] is old_top and self.cutting is None:
+                self.fs.unseal_top()
+            if isinstance(exc, JournalFull) or (isinstance(exc, OSError)
+                                                and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+                raise EngineError("no-space", self._no_room(exc) + "; the saga is unchanged") from None
+            raise
+        if prev is not None:
+            self.tracker.known.update(paths)
+        self.tracker.touched = {}
+        self.step_meter = budgets.Meter(budget)
+        if self.saga_meter is None:
+            self.saga_meter = budgets.Meter(saga.get("budgets") or {})
+        if "timeout" in budget:
+            self._arm_timer("step", sid, index, rec["created"] + budget["timeout"])
+        elapsed = time.perf_counter() - t0
+        if prev is not None:
+            await self._sync_layer(prev)
+        return {"step": rec, "seconds": elapsed}
 
     def _no_room(self, why) -> str:
         return no_space_message(self.ws.state_dir, why)
@@ -415,6 +428,7 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
             # a journal scan that grows with the paths: not on the event loop (no step is open, so
             # nothing records a path meanwhile)
             self.tracker.known = await trio.to_thread.run_sync(self.tracker.known_paths, sid)
+        await self._sweep_copies()  # the base copies the dropped steps took (still under the stack lock)
         return {"saga": self.ws.journal.saga(sid), "compensated": done, "seconds": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ recovery after mount

@@ -481,6 +481,29 @@ class Coordinator(AttemptMixin):
             self.emit("compensated", step=s["name"], index=s["index"], reason=reason,
                       partial=bool(d and d.compensatable == "partial"))
 
+    def _resolve_conflicts(self, conflicts) -> str | None:
+        """on_conflict = "merge" or "theirs": resolve every conflicting path that way; None when
+        all are resolved, else why not (the saga stays as the resolution left it)."""
+        how = self.defn.on_conflict
+        paths = [c["path"] for c in conflicts]
+        if any(c.get("reason") for c in conflicts):
+            return "the commit was refused for a reason no resolution settles: " + \
+                "; ".join(c["reason"] for c in conflicts if c.get("reason"))
+        if how == "merge":
+            cannot = [c["path"] for c in conflicts if not c.get("mergeable")]
+            if cannot:
+                return (f"on_conflict = \"merge\" cannot merge {', '.join(quote_path(p) for p in cannot[:10])} "
+                        "(not text files with a kept base version): resolve with --theirs or --ours")
+        try:
+            r = self._call("saga.resolve", paths=paths, how=how)
+        except ClientError as exc:
+            return f"saga resolve --{how} failed: {exc.message}"
+        self.emit("resolved", how=how, resolved=r.get("resolved"), step=r.get("step"))
+        if r.get("unresolved"):
+            return (f"the merge left conflict markers in {', '.join(quote_path(p) for p in r['unresolved'][:10])}: "
+                    "edit them in a step, then: saga resolve PATH --ours")
+        return None
+
     def _call_compensation(self, d, s):
         attempts = d.compensate_retries or 3
         for attempt, pause in retry.schedule(attempts):
@@ -508,14 +531,24 @@ class Coordinator(AttemptMixin):
                                 f"all {n} steps done; the saga is left open for review: saga diff, then saga commit "
                                 "(or saga abort)")
         self._set_runner(phase="committing")
-        try:
-            r = self._call("saga.commit", timeout=None)
-        except ConflictError as exc:
-            self._set_runner(phase="done", message=exc.message)
-            paths = ", ".join(quote_path(c["path"]) for c in exc.conflicts[:10])
-            raise _Finish(self._result("conflict", EXIT_CONFLICT,
-                                       f"all {n} steps done, but {exc.message} ({paths}). Resolve, then: saga commit "
-                                       f"(or {self.resume_hint}); or saga abort")) from None
+        rounds = 0
+        while True:
+            try:
+                r = self._call("saga.commit", timeout=None)
+                break
+            except ConflictError as exc:
+                rounds += 1
+                why = exc.message
+                if self.defn.on_conflict != "stop" and rounds <= 3:
+                    why = self._resolve_conflicts(exc.conflicts)
+                    if why is None:
+                        continue  # resolved: commit again (a commit into the base meanwhile may conflict anew)
+                self._set_runner(phase="done", message=why)
+                paths = ", ".join(quote_path(c["path"]) for c in exc.conflicts[:10])
+                raise _Finish(self._result("conflict", EXIT_CONFLICT,
+                                           f"all {n} steps done, but {why} ({paths}). Resolve (saga resolve PATH "
+                                           f"--merge|--theirs|--ours), then: saga commit (or {self.resume_hint}); "
+                                           "or saga abort")) from None
         self.emit("committed", changes=r.get("changes"), count=r.get("count"), seconds=r.get("seconds"))
         return self._result("committed", EXIT_OK, f"all {n} steps done; saga {self.saga_id} {self.defn.name!r} "
                                                   f"committed: {r.get('count')} change(s)")

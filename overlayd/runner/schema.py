@@ -42,8 +42,10 @@ TOP_KEYS = {
     "max_bytes": "budget of bytes written by the whole saga: bytes or a size like \"1G\"",
     "max_files": "budget of paths changed by the whole saga: an integer",
     "max_spins": "budget of unchanged rewrites of one file in a row, for the whole saga: an integer",
+    "on_conflict": "what a commit refused for conflicts does: \"merge\", \"theirs\" or \"stop\" (the default)",
     "step": "the steps: [[step]] tables",
 }
+ON_CONFLICT = ("merge", "theirs", "stop")
 SAGA_BUDGETS = ("timeout", "max_bytes", "max_files", "max_spins")
 STEP_KEYS = {
     "name": "the step's name (a string, unique in the definition)",
@@ -100,6 +102,7 @@ class Definition:
     file: str | None = None
     description: str | None = None
     budgets: dict = dataclasses.field(default_factory=dict)
+    on_conflict: str = "stop"  # "merge": saga resolve --merge, then commit again; "theirs": --theirs
 
     @property
     def directory(self) -> str | None:
@@ -312,6 +315,11 @@ def _validate(raw: dict, top_lines: dict, step_lines: list, file, callables: boo
     if description is not None and not isinstance(description, str):
         problems.append(Problem(f"{description!r} is not a string", line=top_lines.get("description"),
                                 key="description"))
+    on_conflict = raw.get("on_conflict", "stop")
+    if on_conflict not in ON_CONFLICT:
+        problems.append(Problem(f"{on_conflict!r}: must be one of " + ", ".join(f'"{c}"' for c in ON_CONFLICT),
+                                line=top_lines.get("on_conflict"), key="on_conflict"))
+        on_conflict = "stop"
     tables = raw.get("step")
     steps = []
     if tables is None or tables == []:
@@ -368,14 +376,14 @@ def _validate(raw: dict, top_lines: dict, step_lines: list, file, callables: boo
     if problems:
         raise DefinitionError(sorted(problems, key=lambda p: (p.line is None, p.line or 0)), file)
     return Definition(name=name, steps=steps, text="", sha256="", file=file, description=description,
-                      budgets=budgets)
+                      budgets=budgets, on_conflict=on_conflict)
 
 
 def _callable_name(fn) -> str:
     return "python:" + getattr(fn, "__module__", "?") + "." + getattr(fn, "__qualname__", repr(fn))
 
 
-def from_steps(steps, name: str, description=None, budgets=None) -> Definition:
+def from_steps(steps, name: str, description=None, budgets=None, on_conflict="stop") -> Definition:
     """A definition from Python: *steps* are dicts with the keys of a [[step]] table, or
     StepDef objects; ``run`` and ``compensate`` may be callables ``f(ctx: StepContext)``.
 
@@ -392,8 +400,11 @@ def from_steps(steps, name: str, description=None, budgets=None) -> Definition:
         else:
             raise DefinitionError([Problem(f"{s!r} is not a step (a dict or a StepDef)")])
     defn = _validate({"name": name, "step": tables, **({"description": description} if description else {}),
-                      **(budgets or {})}, {}, [], None, callables=True)
+                      **(budgets or {}), **({"on_conflict": on_conflict} if on_conflict != "stop" else {})},
+                     {}, [], None, callables=True)
     canon = {"name": name, "description": description, "budgets": defn.budgets, "steps": []}
+    if defn.on_conflict != "stop":
+        canon["on_conflict"] = defn.on_conflict
     for s in defn.steps:
         rec = {f.name: getattr(s, f.name) for f in dataclasses.fields(StepDef) if f.name != "line"}
         for k in ("run", "compensate"):
