@@ -5,12 +5,15 @@ that overlayd keeps working without it.
   listing sends no READDIRPLUS, and every cache the kernel holds (a listing, an attribute, file
   data) shows the new view after a step, a rollback and a commit. The invalidation test runs on
   stock pyfuse3 too (nothing is cached there, and the answers must be the same).
+- Without opendir (the first opendir answers ENOSYS): whole listings, found by inode, that
+  follow the view.
 - fallocate (sizes, KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE) on a base file never copied up, on a
   metacopy, then commit, compared with the same calls on a plain directory.
 """
 
 import ctypes
 import errno
+import itertools
 import json
 import os
 import re
@@ -128,6 +131,45 @@ def test_each_kernel_cache_follows_step_rollback_and_commit(mount_factory, base)
     assert warm(m.mp) == v1
     assert listing(base / "d") == ["a", "b", "c"] and read(base / "d" / "b") == b"two\n"
     assert_same(m.mp, base, "the view after commit")
+
+
+@pytest.mark.skipif(not fusecaps.NO_OPENDIR, reason=f"{fusecaps.describe()}: no opendir-less listings "
+                    "(scripts/install.sh builds pyfuse3 with patches/pyfuse3)")
+def test_without_opendir_listings_are_whole_and_follow_the_view(mount_factory, base):
+    """The first opendir answers ENOSYS: the kernel sends no opendir or releasedir again, and
+    readdir finds each directory by its inode. Listings longer than one readdir reply (2,000
+    names: several calls, continued at their offsets), several directories listed in turn, and
+    the kernel's cached listing after a step, a rollback and a commit."""
+    for i in range(2000):
+        put(base / "d" / f"n{i:04d}-{'x' * (i % 40)}", "")
+    m = mount_factory(base, extra_args=["--debug-fuse"])
+    want_d = sorted(os.listdir(base / "d"))
+    for _ in range(3):
+        assert listing(m.mp / "d") == want_d
+        assert listing(m.mp) == sorted(os.listdir(base))
+    with os.scandir(m.mp / "d") as it1, os.scandir(m.mp) as it2:  # two listings in progress at once
+        names = [e.name for e in itertools.islice(it1, 700)] + [e.name for e in it2] + [e.name for e in it1]
+    assert sorted(names) == sorted(want_d + os.listdir(base))
+    log = m.log_path.read_text(errors="replace")
+    assert len(re.findall(r"opcode: OPENDIR\b", log)) == 1, "the kernel still opens directories"
+    assert not re.findall(r"opcode: RELEASEDIR\b", log)
+    assert "no_opendir" in m.call("status")["pyfuse3"]
+    m.call("saga.begin", name="noopendir")
+    m.call("saga.step", name="s1")
+    os.unlink(m.mp / "d" / "n0000-")
+    put(m.mp / "d" / "zz", "z\n")
+    assert listing(m.mp / "d") == sorted(set(want_d) - {"n0000-"} | {"zz"})
+    m.call("saga.rollback")  # the kernel's cached listing of d/ leaves with the step
+    assert listing(m.mp / "d") == want_d
+    m.call("saga.step", name="s2")
+    os.mkdir(m.mp / "new")
+    put(m.mp / "new" / "f", "f\n")
+    assert listing(m.mp / "new") == ["f"]
+    m.call("saga.commit")
+    assert listing(m.mp) == sorted(os.listdir(base)) and "new" in listing(m.mp)
+    assert_same(m.mp, base, "the view after commit")
+    log = m.log_path.read_text(errors="replace")
+    assert len(re.findall(r"opcode: OPENDIR\b", log)) == 1 and not re.findall(r"opcode: RELEASEDIR\b", log)
 
 
 # ------------------------------------------------------------------------------------ fallocate

@@ -347,6 +347,53 @@ def test_without_watches_the_view_revalidates(mount_factory, tmp_path, no_inotif
     assert content(m.mp / "d" / "n.txt") == b"mine\n"
 
 
+def inotify_watches_in_use() -> int:
+    """Every inotify watch of the machine's processes (all of them root's here)."""
+    n = 0
+    for fdinfo in Path("/proc").glob("[0-9]*/fdinfo/*"):
+        try:
+            n += fdinfo.read_text().count("inotify wd:")
+        except OSError:
+            pass
+    return n
+
+
+@pytest.fixture
+def watch_limit():
+    """Set fs.inotify.max_user_watches (restored after)."""
+    path = Path("/proc/sys/fs/inotify/max_user_watches")
+    old = path.read_text()
+    yield lambda n: path.write_text(f"{n}\n")
+    path.write_text(old)
+
+
+def test_watch_limit_reached_later_revalidates_cached_listings(mount_factory, tmp_path, watch_limit):
+    """The watch limit is reached after the view's first listings (another program took the
+    watches): the view revalidates from then on, and a listing the kernel keeps (with the
+    patched pyfuse3 the kernel caches every listing: no opendir) shows the base's changes too."""
+    base = make_base(tmp_path)
+    (base / "e").mkdir()
+    put(base / "e" / "x.txt", "x\n")
+    m = mount_factory(base)
+    m.push()
+    assert listing(m.mp) == ["d", "e", "top.txt"]
+    put(m.mp / "d" / "mine.txt", "mine\n")  # d/ is the saga's too now: its attributes are the layer's copy's
+    assert listing(m.mp / "d") == ["a.txt", "b.txt", "c.txt", "mine.txt"]
+    assert base_view(m) == "live (inotify)"
+    watch_limit(inotify_watches_in_use())  # no new watch from now on
+    assert listing(m.mp / "e") == ["x.txt"]  # its watch is refused: revalidating
+    eventually(lambda: base_view(m) == "revalidating", timeout=LIVE)
+    for _ in range(2):
+        assert listing(m.mp / "e") == ["x.txt"] and listing(m.mp / "d") == ["a.txt", "b.txt", "c.txt", "mine.txt"]
+    put(base / "e" / "y.txt", "y\n")
+    put(base / "d" / "n.txt", "n\n")
+    took = eventually(lambda: listing(m.mp / "e") == ["x.txt", "y.txt"])
+    assert took < LIVE + 0.5, f"took {took:.2f} s"
+    # the kernel finds e/'s cached listing stale by its mtime; d/'s mtime is the layer's: the
+    # daemon must tell the kernel
+    eventually(lambda: listing(m.mp / "d") == ["a.txt", "b.txt", "c.txt", "mine.txt", "n.txt"], timeout=LIVE + 0.5)
+
+
 def test_the_inotify_reader(tmp_path):
     """basewatch's ctypes reader against the kernel: a watch through /proc/self/fd, the events of
     a create, a write, a rename and a removal, with their names, in order."""

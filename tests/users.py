@@ -122,7 +122,8 @@ def _build_runtime() -> Runtime:
     os.chmod(tmp, 0o755)
     code, site = tmp / "code", tmp / "site"
     # laid out as installed: journal/ and cli/ are overlayd.journal and overlayd.cli (pyproject's package-dir)
-    shutil.copytree(ROOT / "overlayd", code / "overlayd", ignore=shutil.ignore_patterns("__pycache__"))
+    # (a git worktree may carry symlinks overlayd/cli and overlayd/journal to the same layout: skipped)
+    shutil.copytree(ROOT / "overlayd", code / "overlayd", ignore=shutil.ignore_patterns("__pycache__", "cli", "journal"))
     for pkg in ("cli", "journal"):
         shutil.copytree(ROOT / pkg, code / "overlayd" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     src = Path(sysconfig.get_paths()["purelib"])

@@ -43,8 +43,10 @@ import os
 import struct
 import time
 
+import pyfuse3
 import trio
 
+from .. import fusecaps
 from .model import K_DIR, ROOT
 
 log = logging.getLogger(__name__)
@@ -239,6 +241,7 @@ class BaseWatch:
             inos, entries = self.apply(batch)
             if not self.live:
                 self._forget_base()
+                inos = list(inos) + self._cached_base_listings()
                 if self.calm_at is not None and time.monotonic() >= self.calm_at:
                     self.calm_at = None
                     log.info("base view: %s again (no overflow for %.0f s)", self.mode, CALM)
@@ -338,6 +341,15 @@ class BaseWatch:
             fs.hardlinks_base = None
             fs.base_version += 1  # a scan of the base's hard links running meanwhile is stale
         return list(inos), entries
+
+    def _cached_base_listings(self) -> list:
+        """While revalidating without opendir (pyfuse3.no_opendir), the kernel keeps every
+        listing it read: the directories with a base copy that it holds, to invalidate each
+        TICK (with opendir, such directories are opened without cache_readdir instead)."""
+        if not fusecaps.NO_OPENDIR or not pyfuse3.no_opendir:
+            return []
+        return [n.ino for n in self.fs.nodes.values()
+                if n.is_dir and n.lookups > 0 and not n.dead and any(li == 0 for li, _ in n.dlayers or ())]
 
     def _dir_gone(self, d_ino: int) -> None:
         """A base directory was removed: its inode number may come back for a new directory,

@@ -81,6 +81,9 @@ def fuse_errors(fn):
     return wrapper
 
 
+DIR_LISTINGS = 256  # without opendir: the directories whose listing in progress is kept
+
+
 class OverlayFS(Entries, pyfuse3.Operations):
     """The layered copy-on-write filesystem: the handlers over the rooms below."""
 
@@ -141,6 +144,11 @@ class OverlayFS(Entries, pyfuse3.Operations):
         node = self._node(inode)
         if not node.is_dir:
             raise FUSEError(errno.ENOTDIR)
+        if fusecaps.NO_OPENDIR and pyfuse3.no_opendir_support and \
+                (self.base_watch is None or self.base_watch.permanent is None):
+            # the kernel sends no opendir or releasedir again, caches every listing until
+            # invalidate_inode (drop_layers, basewatch) and readdir gets the inode as fh
+            raise FUSEError(errno.ENOSYS)
         fh = self.next_fh
         self.next_fh += 1
         self.dirhandles[fh] = [node, None]
@@ -151,7 +159,7 @@ class OverlayFS(Entries, pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):
-        entry = self.dirhandles[fh]
+        entry = self._dirhandle(fh, start_id)
         node = entry[0]
         self._fresh(node)
         if node.dead:  # opened before a drop that took it, or before a rename replaced it
@@ -182,12 +190,26 @@ class OverlayFS(Entries, pyfuse3.Operations):
             if counted:
                 child.lookups += 1
 
+    def _dirhandle(self, fh, start_id: int) -> list:
+        """[node, names listed] of an open directory. Without opendir (pyfuse3.no_opendir) *fh*
+        is the directory's inode: the names a listing started with are kept per directory,
+        for the last DIR_LISTINGS directories listed (no releasedir says when one is done)."""
+        if not fusecaps.NO_OPENDIR or not pyfuse3.no_opendir:
+            return self.dirhandles[fh]
+        entry = self.dirhandles.pop(fh, None)
+        if entry is None or start_id == 0:
+            entry = [self._node(fh), None]
+        self.dirhandles[fh] = entry  # the newest last
+        if len(self.dirhandles) > DIR_LISTINGS:
+            del self.dirhandles[next(iter(self.dirhandles))]
+        return entry
+
     async def releasedir(self, fh):
         self.dirhandles.pop(fh, None)
 
     @fuse_errors
     async def fsyncdir(self, fh, datasync):
-        node = self.dirhandles[fh][0]
+        node = self._dirhandle(fh, 1)[0]
         self._fresh(node)
         if node.li == self.top and self.top > 0:
             fd = os.dup(self._dirfd(node, self.top))
