@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from overlayd.cli import git_cmd, saga_diff, saga_run
+from overlayd.cli import git_cmd, saga_diff, saga_fork, saga_run
 from overlayd.cli.common import Group
 from overlayd.cli.saga_common import (CONTEXT, GC_KEEP, JSON_KEYS, SCHEMA, SagaError, _cut_line, _duration,
                              _left_out_lines, _resume_hint, _saga_line, budget_args, common, complete_sagas,
@@ -299,4 +299,5 @@ def gc(ctx, older_than, keep, remove_all, workspace, as_json):
 # commands with a module of their own
 main.add_command(saga_diff.diff)
 main.add_command(saga_run.run_cmd)
+main.add_command(saga_fork.fork)
 git_cmd.register(main)  # saga export --git, and commit's --git options

@@ -259,9 +259,11 @@ class Merger:
 
     def _stage_file(self, lfd, name, st, dst_fd, dst_name) -> bool:
         """Stage a regular file; True if the layer's file itself was linked (same inode)."""
-        if st.st_dev == self.base_dev:
+        if st.st_dev == self.base_dev and st.st_nlink == 1:
             # same filesystem: the layer's file becomes the base's, no data is copied; unless
-            # the base is another mount of it (a bind mount): link() then fails with EXDEV
+            # the base is another mount of it (a bind mount): link() then fails with EXDEV.
+            # A file with other links (a fork's layer shares it: engine/fork.py) is copied, so
+            # that an edit of the base file in place never changes another workspace's layer.
             try:
                 fault("stage.link")
                 os.link(name, dst_name, src_dir_fd=lfd, dst_dir_fd=dst_fd, follow_symlinks=False)
@@ -387,6 +389,13 @@ class Merger:
             cross = osutil.mount_id(lfd, name) != osutil.mount_id(pfd)
         except FileNotFoundError:
             cross = False  # moved by the run that crashed
+        if not cross and _has_shared(lfd, name):
+            # a file in it is shared with a fork's layer (engine/fork.py): moved, the base would
+            # hold that inode, and an edit in place would change the fork's layer; built entry
+            # by entry instead, copying the shared files (_stage_file)
+            self._copy_in(op, pfd, tmp)
+            self._install(pfd, name, tmp)
+            return
         if cross:
             # the base is on another mount now (it was not when planned): a rename would fail
             # with EXDEV, so the directory is built in the base entry by entry, then renamed into
@@ -477,6 +486,26 @@ class Merger:
     def sync(self) -> None:
         fault("syncfs")
         osutil.syncfs(self.base_fd)
+
+
+def _has_shared(dirfd: int, name: bytes) -> bool:
+    """Whether the directory *name* in *dirfd* holds a non-directory with more than one link
+    (a file a fork's layer shares). False for a directory that is gone (moved by a crashed run)."""
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
+    except FileNotFoundError:
+        return False
+    try:
+        for de in os.scandir(fd):
+            st = de.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                if _has_shared(fd, os.fsencode(de.name)):
+                    return True
+            elif st.st_nlink > 1:
+                return True
+        return False
+    finally:
+        os.close(fd)
 
 
 def new_token(ops) -> str:
