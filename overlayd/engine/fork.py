@@ -2,7 +2,7 @@
 finished steps (ForkMixin, the ``saga.fork`` op), and the sync helpers that build its state
 directory (``build_fork``, ``clone_layer``).
 
-The fork's state directory is built beside this one's (``STATE/../NAME``), under a temporary
+The fork's state directory is built beside this one's (``STATE/../NAME``), under a hidden temporary
 name (``.NAME.fork-tmp``), and renamed into place only once its layers and its journal are on
 disk: a crash of the daemon meanwhile leaves a temporary directory that the next fork of the
 same name deletes, never a half-made workspace. The CLI then mounts it (``overlayd mount``): a
@@ -108,12 +108,12 @@ def clone_layer(src: str, dst: str, whiteout: str) -> dict:
 
 def build_fork(target: str, layers_dir: str, saga: dict, steps: list[dict], paths: dict, next_layer: int,
                origin: dict) -> dict:
-    """Build the fork's state directory at *target* (through ``target + TMP_SUFFIX``): the layers
+    """Build the fork's state directory at *target* (through ``.NAME.fork-tmp`` beside it): the layers
     of *steps* shared with *layers_dir*, and a journal whose saga is *saga* with *steps* and their
     recorded *paths*. Sync; the source's stack lock is held meanwhile."""
     from overlayd.journal import Journal
 
-    tmp = target + TMP_SUFFIX
+    tmp = os.path.join(os.path.dirname(target), "." + os.path.basename(target) + TMP_SUFFIX)  # hidden: not listed
     if os.path.lexists(tmp):
         log.warning("removing %s, left by a fork that did not finish", tmp)
         shutil.rmtree(tmp)
@@ -149,7 +149,7 @@ def build_fork(target: str, layers_dir: str, saga: dict, steps: list[dict], path
                 txn.set_meta("stack", {"layers": [s["layer"] for s in steps], "sealed": True})
                 txn.set_meta("next_layer", next_layer)
                 txn.set_meta("active_saga", sid)
-                txn.event("saga.forked", saga=sid, name=rec["name"], **origin)
+                txn.event("saga.forked", saga=sid, name=rec["name"], forked_from=origin)
                 return sid
             sid = journal.transact(write)
         finally:
