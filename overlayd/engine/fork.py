@@ -13,10 +13,12 @@ Layers are shared, never copied with their data: every regular file of a finishe
 is a hard link of the source's file (the same inode; the link count is the reference count, so a
 rollback or commit of the source that deletes its layer leaves the fork's names, and the inode
 goes with the last of them). Directories are made anew (with all their xattrs: opaque marks,
-base attributes), whiteouts are links of the fork's own ``work/whiteout``, and metacopies
-(sparse files whose data is the base's) are made anew as sparse files with the same metadata and
-xattrs: a commit gives a metacopy its data in place (``commit.apply.materialize``), which must not
-reach the other workspace. Files of a sealed layer are otherwise never written in place, and a
+base attributes), whiteouts are links of the fork's own ``work/whiteout``. A metacopy (a renamed
+or chmod-ed base file: a sparse file whose data is the base file's, found by its inode number)
+first gets its own data in the source's layer, as a commit's ``materialize`` gives it, and is
+then shared like any file: left a metacopy, it would read EIO in one workspace as soon as the
+other's commit replaced or renamed its base file (and a commit materializes it in place). Files
+of a sealed layer are otherwise never written in place, and a
 commit puts a layer file with more than one link into the base as a copy, never as a link or a
 move (``commit.apply``): the person's later edits of the base file cannot change the other
 workspace's layer.
@@ -50,10 +52,10 @@ def _copy_meta(src_fd: int, dst_fd: int, st) -> None:
     os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
 
 
-def clone_layer(src: str, dst: str, whiteout: str) -> dict:
+def clone_layer(src: str, dst: str, whiteout: str, base_fd: int) -> dict:
     """Make *dst* a copy of the layer *src* that shares its files' data (see the module's
-    docstring); returns counts {"dirs", "links", "metacopies", "whiteouts"}."""
-    counts = {"dirs": 0, "links": 0, "metacopies": 0, "whiteouts": 0}
+    docstring); returns counts {"dirs", "links", "materialized", "whiteouts"}."""
+    counts = {"dirs": 0, "links": 0, "materialized": 0, "whiteouts": 0}
 
     def walk(sfd: int, dfd: int) -> None:
         for de in os.scandir(sfd):
@@ -75,18 +77,17 @@ def clone_layer(src: str, dst: str, whiteout: str) -> dict:
                 os.link(whiteout, name, dst_dir_fd=dfd)
                 counts["whiteouts"] += 1
             elif stat.S_ISREG(st.st_mode) and osutil.get_origin(b"/proc/self/fd/%d/" % sfd + name) is not None:
-                # a metacopy: no data of its own; made anew (a commit materializes it in place)
-                fs = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                             dir_fd=dfd)
+                # a metacopy: its data is the base file's, found by inode number; once either
+                # workspace commits (and replaces that base file) the other's copy would read EIO.
+                # It gets its own data first, in the source's sealed layer, as a commit's
+                # materialize does (the view forgets the cached origins after), then is shared.
+                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
                 try:
-                    os.ftruncate(fd, st.st_size)
-                    _copy_meta(fs, fd, st)
-                    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    osutil.materialize(base_fd, fd)
                 finally:
-                    os.close(fs)
                     os.close(fd)
-                counts["metacopies"] += 1
+                os.link(name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                counts["materialized"] += 1
             else:
                 # files, symlinks, fifos, devices: the same inode (sealed layers are not written)
                 os.link(name, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
@@ -106,7 +107,7 @@ def clone_layer(src: str, dst: str, whiteout: str) -> dict:
     return counts
 
 
-def build_fork(target: str, layers_dir: str, saga: dict, steps: list[dict], paths: dict, next_layer: int,
+def build_fork(target: str, base: str, layers_dir: str, saga: dict, steps: list[dict], paths: dict, next_layer: int,
                origin: dict) -> dict:
     """Build the fork's state directory at *target* (through ``.NAME.fork-tmp`` beside it): the layers
     of *steps* shared with *layers_dir*, and a journal whose saga is *saga* with *steps* and their
@@ -129,11 +130,15 @@ def build_fork(target: str, layers_dir: str, saga: dict, steps: list[dict], path
         finally:
             os.close(wfd)
         counts = {}
-        for s in steps:
-            dst = os.path.join(tmp, "layers", s["layer"])
-            os.mkdir(dst, 0o700)
-            for k, v in clone_layer(os.path.join(layers_dir, s["layer"]), dst, whiteout).items():
-                counts[k] = counts.get(k, 0) + v
+        base_fd = os.open(base, DIR_FLAGS)
+        try:
+            for s in steps:
+                dst = os.path.join(tmp, "layers", s["layer"])
+                os.mkdir(dst, 0o700)
+                for k, v in clone_layer(os.path.join(layers_dir, s["layer"]), dst, whiteout, base_fd).items():
+                    counts[k] = counts.get(k, 0) + v
+        finally:
+            os.close(base_fd)
         journal = Journal.open(tmp)
         try:
             def write(txn):
@@ -206,8 +211,11 @@ class ForkMixin:
             saga_rec = {**saga, "name": name}
             next_layer = self.ws.journal.meta("next_layer", 1)
             try:
-                r = await trio.to_thread.run_sync(build_fork, target, str(self.ws.layers_dir), saga_rec, done, paths,
-                                                  next_layer, origin)
+                try:
+                    r = await trio.to_thread.run_sync(build_fork, target, str(self.ws.base), str(self.ws.layers_dir),
+                                                      saga_rec, done, paths, next_layer, origin)
+                finally:
+                    self.fs.forget_origins()  # the shared steps' metacopies may have their own data now
             except FileExistsError:
                 raise EngineError("exists", f"a workspace named {name!r} exists ({target}); nothing was changed") from None
             except OSError as exc:
