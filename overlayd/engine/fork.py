@@ -18,13 +18,15 @@ or chmod-ed base file: a sparse file whose data is the base file's, found by its
 first gets its own data in the source's layer, as a commit's ``materialize`` gives it, and is
 then shared like any file: left a metacopy, it would read EIO in one workspace as soon as the
 other's commit replaced or renamed its base file (and a commit materializes it in place). Files
-of a sealed layer are otherwise never written in place, and a
-commit puts a layer file with more than one link into the base as a copy, never as a link or a
-move (``commit.apply``): the person's later edits of the base file cannot change the other
+of a sealed layer are otherwise never written in place. Each workspace sharing a layer lists the
+others in ``STATE/shared/ID``; a commit puts the files of a layer another workspace still holds
+(``layers/ID`` exists there) into the base as copies, never as links or moves
+(``commit.apply.shared_layer``): the person's later edits of the base file cannot change the other
 workspace's layer.
 """
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -107,6 +109,37 @@ def clone_layer(src: str, dst: str, whiteout: str, base_fd: int) -> dict:
     return counts
 
 
+def _write_json(path: str, value) -> None:
+    t = path + ".tmp"
+    fd = os.open(t, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps(value).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(t, path)
+
+
+def _note_sharing(source: str, target: str, tmp: str, layers: list[str]) -> None:
+    """Record, for each shared layer, the state directories sharing its files (``STATE/shared/ID``,
+    read by commit.apply.shared_layer): the source, the workspaces it already shared the layer
+    with, and the fork (*target*, being built at *tmp*). Each member lists the others."""
+    for lid in layers:
+        path = os.path.join(source, "shared", lid)
+        try:
+            with open(path, "rb") as f:
+                known = [o for o in json.loads(f.read() or b"[]") if isinstance(o, str)]
+        except FileNotFoundError:
+            known = []
+        group = sorted({source, target, *known})
+        for member in group:
+            where = tmp if member == target else member
+            if member != target and not os.path.isdir(os.path.join(member, "layers", lid)):
+                continue  # it dropped the layer: shares nothing any more
+            os.makedirs(os.path.join(where, "shared"), mode=0o700, exist_ok=True)
+            _write_json(os.path.join(where, "shared", lid), [o for o in group if o != member])
+
+
 def build_fork(target: str, base: str, layers_dir: str, saga: dict, steps: list[dict], paths: dict, next_layer: int,
                origin: dict) -> dict:
     """Build the fork's state directory at *target* (through ``.NAME.fork-tmp`` beside it): the layers
@@ -139,6 +172,7 @@ def build_fork(target: str, base: str, layers_dir: str, saga: dict, steps: list[
                     counts[k] = counts.get(k, 0) + v
         finally:
             os.close(base_fd)
+        _note_sharing(os.path.dirname(layers_dir), target, tmp, [s["layer"] for s in steps])
         journal = Journal.open(tmp)
         try:
             def write(txn):
