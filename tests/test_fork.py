@@ -345,3 +345,27 @@ def test_a_fork_shares_the_layers_data(world):
     src_bytes, fork_bytes = int(out[0].split()[0]), int(out[1].split()[0])
     assert src_bytes >= 64 << 20 and fork_bytes < 1 << 20, out
     assert read(mp / "big" / "f05.bin") == blob[5:] + blob[:5]
+
+
+def test_a_source_killed_mid_fork_leaves_no_workspace_and_forks_again(world, monkeypatch):
+    """SIGKILL of the source daemon after the fork's layers and journal are built, before the
+    rename into place: no workspace appears; after a restart the same fork succeeds."""
+    w = world
+    src = w["src"]
+    src.stop()
+    monkeypatch.setenv("OVERLAYD_CRASH_AT", "fork.built")
+    src.start()
+    monkeypatch.delenv("OVERLAYD_CRASH_AT")
+    begin_two_steps(w)
+    p, mp = fork(w, "crashy", "--at", "one")
+    assert p.returncode != 0
+    src.proc.wait(timeout=30)
+    src.kill()
+    assert not (src.state_root / "crashy").exists() and (src.state_root / ".crashy.fork-tmp").is_dir()
+    src.start()
+    # the step open at the crash was rolled back; step one is whole
+    assert snapshot(src.mp) == snapshot(reference(w, step_one))
+    p, mp = fork(w, "crashy", "--at", "one")
+    ok(p)
+    assert not (src.state_root / ".crashy.fork-tmp").exists()
+    assert snapshot(mp) == snapshot(reference(w, step_one))

@@ -37,6 +37,7 @@ import trio
 
 from .. import osutil
 from ..commit import changes as by_step
+from ..faults import crash_point
 from ..osutil import DIR_FLAGS
 from ..paths import NAME_RE, fsync_dir
 from .errors import EngineError
@@ -194,6 +195,7 @@ def build_fork(target: str, base: str, layers_dir: str, saga: dict, steps: list[
         finally:
             journal.close()
         fsync_dir(tmp)
+        crash_point("fork.built")
         os.rename(tmp, target)
         fsync_dir(os.path.dirname(target))
     except BaseException:
