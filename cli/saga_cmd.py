@@ -25,8 +25,8 @@ __all__ = ["main", "JSON_KEYS", "SCHEMA", "parse_duration", "parse_size"]  # cli
 
 
 @click.group(cls=Group, context_settings=CONTEXT,
-             lazy={"diff": "overlayd.cli.saga_diff:diff", "resolve": "overlayd.cli.saga_resolve:resolve",
-                   "run": "overlayd.cli.saga_run:run_cmd"})
+             lazy={"diff": "overlayd.cli.saga_diff:diff", "fork": "overlayd.cli.saga_fork:fork",
+                   "resolve": "overlayd.cli.saga_resolve:resolve", "run": "overlayd.cli.saga_run:run_cmd"})
 @click.version_option(__version__, "--version", prog_name="saga")
 @click.option("-w", "--workspace", envvar="SAGA_WORKSPACE", type=str, metavar="MOUNTPOINT",
               help="The workspace's mountpoint.")
@@ -299,5 +299,5 @@ def gc(ctx, older_than, keep, remove_all, workspace, as_json):
     run(ctx, workspace, as_json, go)
 
 
-# commands with a module of their own: diff, resolve and run are imported when used (Group.lazy)
+# commands with a module of their own: diff, fork, resolve and run are imported when used (Group.lazy)
 git_cmd.register(main)  # saga export --git, and commit's --git options

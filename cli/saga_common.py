@@ -32,6 +32,7 @@ JSON_KEYS = {
     "log": ["version", "seq", "ts", "saga", "step", "kind"],
     "list": ["version", "sagas"],
     "gc": ["version", "sagas", "events", "bytes_before", "bytes_after"],
+    "fork": ["version", "name", "state_dir", "mountpoint", "saga", "steps", "shared"],
     "error": ["version", "error"],
 }
 GC_KEEP = 10  # ended sagas 'saga gc' keeps by default

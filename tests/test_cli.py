@@ -56,7 +56,8 @@ WS = f"cliws{os.getpid()}"
 DAEMON_MODULES = ["trio", "pyfuse3", "lmdb", "overlayd.daemon", "overlayd.layers", "overlayd.engine",
                   "overlayd.runner", "overlayd.commit", "overlayd.journal",
                   # nor the modules of the commands it loads when used (cli.common.Group's lazy)
-                  "overlayd.cli.saga_run", "overlayd.cli.saga_diff", "overlayd.cli.saga_resolve"]
+                  "overlayd.cli.saga_run", "overlayd.cli.saga_diff", "overlayd.cli.saga_resolve",
+                  "overlayd.cli.saga_fork"]
 
 
 @pytest.mark.parametrize("module", DAEMON_MODULES)

@@ -20,6 +20,7 @@ swapped for one) leads outside.
 """
 
 import errno
+import json
 import logging
 import os
 import secrets
@@ -102,6 +103,22 @@ class Merger:
         # (layer dev, layer ino) -> base ino of every entry staged as a new inode (directories,
         # symlinks, fifos, copies); linked files and moved directories keep their inode
         self.inomap = {}
+        self._shared = None  # ids of this commit's layers a fork shares (shared_layers)
+
+    def is_shared(self, layer: str) -> bool:
+        """Whether a fork's layer shares the files of *layer* (engine/fork.py): they are then
+        copied into the base, never linked or moved, so that an edit of the base file in place
+        cannot change the other workspace's layer."""
+        if self._shared is None:
+            self._shared = set()
+            for lid, fd in self.layer_fds.items():
+                try:
+                    if shared_layer(os.readlink(f"/proc/self/fd/{fd}")):
+                        self._shared.add(lid)
+                except OSError as exc:
+                    log.warning("layer %s: cannot tell whether a fork shares it (%s): copied", lid, exc)
+                    self._shared.add(lid)
+        return layer in self._shared
 
     def close(self) -> None:
         for fd in self._dirs.values():
@@ -251,17 +268,19 @@ class Merger:
         linked = False
         if kind == "f":
             self._refuse_private(b"/proc/self/fd/%d/" % lfd + name, op, path)
-            linked = self._stage_file(lfd, name, st, dst_fd, dst_name)
+            linked = self._stage_file(lfd, name, st, dst_fd, dst_name, op["layer"])
         if not linked:
             self.inomap[(st.st_dev, st.st_ino)] = os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False).st_ino
         if st.st_nlink > 1:
             links[key] = (dst_fd, dst_name)
 
-    def _stage_file(self, lfd, name, st, dst_fd, dst_name) -> bool:
+    def _stage_file(self, lfd, name, st, dst_fd, dst_name, layer) -> bool:
         """Stage a regular file; True if the layer's file itself was linked (same inode)."""
-        if st.st_dev == self.base_dev:
+        if st.st_dev == self.base_dev and not self.is_shared(layer):
             # same filesystem: the layer's file becomes the base's, no data is copied; unless
-            # the base is another mount of it (a bind mount): link() then fails with EXDEV
+            # the base is another mount of it (a bind mount): link() then fails with EXDEV.
+            # A file a fork's layer shares (``is_shared``) is copied, so that an edit of the
+            # base file in place never changes another workspace's layer.
             try:
                 fault("stage.link")
                 os.link(name, dst_name, src_dir_fd=lfd, dst_dir_fd=dst_fd, follow_symlinks=False)
@@ -387,6 +406,13 @@ class Merger:
             cross = osutil.mount_id(lfd, name) != osutil.mount_id(pfd)
         except FileNotFoundError:
             cross = False  # moved by the run that crashed
+        if not cross and self.is_shared(op["layer"]):
+            # a file in it is shared with a fork's layer (engine/fork.py): moved, the base would
+            # hold that inode, and an edit in place would change the fork's layer; built entry
+            # by entry instead, copying the shared files (_stage_file)
+            self._copy_in(op, pfd, tmp)
+            self._install(pfd, name, tmp)
+            return
         if cross:
             # the base is on another mount now (it was not when planned): a rename would fail
             # with EXDEV, so the directory is built in the base entry by entry, then renamed into
@@ -477,6 +503,19 @@ class Merger:
     def sync(self) -> None:
         fault("syncfs")
         osutil.syncfs(self.base_fd)
+
+
+def shared_layer(layer_dir: str) -> bool:
+    """Whether the layer at *layer_dir* (``STATE/layers/ID``) is shared with a fork: its state
+    directory's ``shared/ID`` (written by engine/fork.py, a JSON list of the other state
+    directories) names one whose ``layers/ID`` still exists (a dropped layer shares nothing)."""
+    state, lid = os.path.dirname(os.path.dirname(layer_dir)), os.path.basename(layer_dir)
+    try:
+        with open(os.path.join(state, "shared", lid), "rb") as f:
+            others = json.loads(f.read() or b"[]")
+    except FileNotFoundError:
+        return False
+    return any(os.path.isdir(os.path.join(o, "layers", lid)) for o in others if isinstance(o, str))
 
 
 def new_token(ops) -> str:

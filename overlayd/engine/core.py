@@ -30,6 +30,7 @@ from .commit import CommitMixin
 from .compensation import DEFAULT_COMP_TIMEOUT, DEFAULT_RETRIES, CompensationMixin, peer_umask
 from .errors import EngineError, no_space_message
 from .export import ExportMixin, base_head
+from .fork import ForkMixin
 from .gc import GcMixin
 from .lock import StackLock
 from .queries import QueryMixin
@@ -43,7 +44,7 @@ MIN_STEP_FREE = 1 << 20  # a step is refused with less room than this on the sta
 # what ext4 keeps for itself out of the free blocks: 2 % of the filesystem, at most 16 MiB)
 
 
-class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixin, ExportMixin, ResolveMixin):
+class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixin, ExportMixin, ResolveMixin, ForkMixin):
     """The sagas of one workspace. *ws*: the open workspace (journal, stack of layers, view);
     *lock*: the stack lock the daemon's own stack operations share. Background work (the audit
     trail, time budgets, budget cuts) runs in the nursery of :meth:`run`, which the daemon
@@ -75,6 +76,7 @@ class SagaEngine(BudgetMixin, CompensationMixin, CommitMixin, QueryMixin, GcMixi
             "saga.list": self.op_list, "saga.annotate": self.op_annotate, "saga.gc": self.op_gc,
             "saga.export": self.op_export,  # what 'saga export --git' reads
             "saga.resolve": self.op_resolve,
+            "saga.fork": self.op_fork,  # 'saga fork': the fork's state directory (the CLI mounts it)
         }
         self.tracker.reload(self.active_id())
 
