@@ -369,3 +369,31 @@ def test_a_source_killed_mid_fork_leaves_no_workspace_and_forks_again(world, mon
     ok(p)
     assert not (src.state_root / ".crashy.fork-tmp").exists()
     assert snapshot(mp) == snapshot(reference(w, step_one))
+
+
+def test_the_fork_merges_with_the_ancestor_the_shared_step_kept(world):
+    """A shared step changed a text file (its base version at first touch was kept); the source
+    commits another change of it; the fork's commit is refused, and ``saga resolve --merge`` in
+    the fork merges against that kept version: the fork carries the step's base copies."""
+    w = world
+    base, src = w["base"], w["src"]
+    lines = [f"line {i}\n" for i in range(12)]
+    put(base / "t.txt", "".join(lines))
+    ok(saga(w, "begin", "merge"))
+    ok(saga(w, "step", "one"))
+    put(src.mp / "t.txt", "".join(lines[:2] + ["line 2 by step one\n"] + lines[3:]))
+    ok(saga(w, "step", "two"))
+    p, mp = fork(w, "merger")
+    ok(p)
+    ok(saga(w, "step", "three", mp=mp))
+    with open(mp / "t.txt", "a") as f:
+        f.write("a line the fork adds\n")
+    ok(saga(w, "step", "four"))
+    put(src.mp / "t.txt", "".join(["line 0 by the source\n"] + lines[1:2] + ["line 2 by step one\n"] + lines[3:]))
+    ok(saga(w, "commit"))
+    p = saga(w, "commit", mp=mp)
+    assert p.returncode == 3 and "t.txt" in p.stderr, p.stdout + p.stderr
+    ok(saga(w, "resolve", str(mp / "t.txt"), "--merge", mp=mp))
+    ok(saga(w, "commit", mp=mp))
+    assert read(base / "t.txt") == "".join(["line 0 by the source\n"] + lines[1:2] + ["line 2 by step one\n"]
+                                           + lines[3:] + ["a line the fork adds\n"]).encode()

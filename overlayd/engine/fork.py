@@ -36,6 +36,7 @@ import time
 import trio
 
 from .. import osutil
+from ..commit import basecopy
 from ..commit import changes as by_step
 from ..faults import crash_point
 from ..osutil import DIR_FLAGS
@@ -141,11 +142,28 @@ def _note_sharing(source: str, target: str, tmp: str, layers: list[str]) -> None
             _write_json(os.path.join(where, "shared", lid), [o for o in group if o != member])
 
 
+def _share_base_copies(src_dir: str, dst_dir: str, bases: dict) -> None:
+    """Hard-link the base copies that the steps' *bases* records name (content-addressed files,
+    never changed in place) from *src_dir* into *dst_dir*: ``saga resolve --merge`` in the fork
+    finds the same ancestors."""
+    names = {rec.get("copy") for recs in bases.values() for rec in recs.values() if isinstance(rec, dict)}
+    names.discard(None)
+    if not names:
+        return
+    os.makedirs(dst_dir, 0o700, exist_ok=True)
+    for name in sorted(names):
+        try:
+            os.link(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+        except FileNotFoundError:
+            log.warning("fork: the base copy %s is gone: a merge of its path in the fork will say so", name)
+
+
 def build_fork(target: str, base: str, layers_dir: str, saga: dict, steps: list[dict], paths: dict, next_layer: int,
-               origin: dict) -> dict:
+               origin: dict, bases: dict | None = None, copies_dir: str | None = None) -> dict:
     """Build the fork's state directory at *target* (through ``.NAME.fork-tmp`` beside it): the layers
     of *steps* shared with *layers_dir*, and a journal whose saga is *saga* with *steps* and their
-    recorded *paths*. Sync; the source's stack lock is held meanwhile."""
+    recorded *paths* and kept base versions (*bases*, their files linked from *copies_dir*). Sync;
+    the source's stack lock is held meanwhile."""
     from overlayd.journal import Journal
 
     tmp = os.path.join(os.path.dirname(target), "." + os.path.basename(target) + TMP_SUFFIX)  # hidden: not listed
@@ -174,6 +192,9 @@ def build_fork(target: str, base: str, layers_dir: str, saga: dict, steps: list[
         finally:
             os.close(base_fd)
         _note_sharing(os.path.dirname(layers_dir), target, tmp, [s["layer"] for s in steps])
+        bases = {s["index"]: (bases or {}).get(s["index"]) for s in steps if (bases or {}).get(s["index"])}
+        if bases and copies_dir:
+            _share_base_copies(copies_dir, basecopy.copies_dir(tmp), bases)
         journal = Journal.open(tmp)
         try:
             def write(txn):
@@ -186,6 +207,7 @@ def build_fork(target: str, base: str, layers_dir: str, saga: dict, steps: list[
                 for s in steps:
                     txn.put_step(sid, s["index"], {**s, "saga": sid})
                     txn.put_step_paths(sid, s["index"], paths.get(s["index"], {}))
+                    txn.put_step_bases(sid, s["index"], bases.get(s["index"], {}))
                 txn.set_meta("stack", {"layers": [s["layer"] for s in steps], "sealed": True})
                 txn.set_meta("next_layer", next_layer)
                 txn.set_meta("active_saga", sid)
@@ -242,6 +264,7 @@ class ForkMixin:
             if any(s.get("layer") is None for s in done):
                 raise EngineError("bad-request", "a finished step has no layer; nothing was changed")
             paths = await trio.to_thread.run_sync(self.ws.journal.step_paths, sid)
+            bases = await trio.to_thread.run_sync(self.ws.journal.step_bases, sid)
             origin = {"workspace": self.ws.name, "state_dir": str(self.ws.state_dir), "saga": sid,
                       "saga_name": saga["name"], "step": done[-1]["index"] if done else 0, "at": now()}
             saga_rec = {**saga, "name": name}
@@ -249,7 +272,8 @@ class ForkMixin:
             try:
                 try:
                     r = await trio.to_thread.run_sync(build_fork, target, str(self.ws.base), str(self.ws.layers_dir),
-                                                      saga_rec, done, paths, next_layer, origin)
+                                                      saga_rec, done, paths, next_layer, origin, bases,
+                                                      basecopy.copies_dir(self.ws.state_dir))
                 finally:
                     self.fs.forget_origins()  # the shared steps' metacopies may have their own data now
             except FileExistsError:
