@@ -7,6 +7,7 @@ directory, committed; `git status` once after the commit so that the index has f
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import tree
@@ -58,15 +59,20 @@ def build(base: Path, files: int, log=print) -> dict:
     return manifest
 
 
-def peak_rss(target, run_child, workload, timeout: float, walks: int = 2) -> dict:
+def peak_rss(target, run_child, workload, timeout: float, walks: int = 2, drop_caches=None) -> dict:
     """Mount *target*, walk the tree *walks* times (stat every file), and read the daemon's
-    VmHWM (peak RSS) and VmRSS before unmounting."""
+    VmHWM (peak RSS) and VmRSS before unmounting; then, with *drop_caches*, make the kernel
+    forget (FORGET of every node it drops) and read VmRSS again (``rss_after_forget``)."""
     out = {"target": target.name}
     try:
         root = target.mount()
         for _ in range(walks):
             run_child(workload, root, timeout)
         out.update(tree_proc_status(target.pid))
+        if drop_caches is not None:
+            drop_caches()
+            time.sleep(3)
+            out["rss_after_forget"] = tree_proc_status(target.pid).get("VmRSS")
     except Exception as exc:  # noqa: BLE001 - recorded; the benchmark goes on
         out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     finally:

@@ -422,9 +422,10 @@ def main_large(a) -> int:
         rss = []
         for t in targets:
             if t.name.startswith("overlayd"):
-                rec = large.peak_rss(t, run_child, walk, timeout)
+                rec = large.peak_rss(t, run_child, walk, timeout, drop_caches=drop_caches)
                 log(f"  {t.name}: peak RSS after two walks {rec.get('VmHWM', 0) / 1e6:.0f} MB"
-                    f" (now {rec.get('VmRSS', 0) / 1e6:.0f} MB) {rec.get('error', '')}")
+                    f" (now {rec.get('VmRSS', 0) / 1e6:.0f} MB, after the kernel forgot"
+                    f" {(rec.get('rss_after_forget') or 0) / 1e6:.0f} MB) {rec.get('error', '')}")
                 rss.append(rec)
         res = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": runs, "code": code_desc,
                         "machine": f"{platform.node()} {os.cpu_count()} CPUs, Linux {platform.release()}",
