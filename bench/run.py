@@ -5,7 +5,12 @@ step layer, and 10 stacked layers), then the saga operations. Run as root.
     .venv/bin/python bench/run.py [--quick] [--runs 5] [--out bench/results] [--work DIR]
         [--targets native,kernel-overlayfs,fuse-overlayfs,overlayd,overlayd-10]
         [--workloads stat_warm,read_cold,...] [--no-saga] [--no-soak] [--code worktree|HEAD|DIR]
-        [--timeout SECONDS]
+        [--timeout SECONDS] [--large [DIR]] [--large-files N]
+
+--large: a generated 100,000-file git repository (cached in DIR, default
+/var/tmp/overlayd-bench-large): `git status` cold and warm and a warm `find`, native vs
+fuse-overlayfs vs overlayd (interleaved), then each overlayd daemon's peak RSS (VmHWM) after
+walking the tree twice (bench/large.py).
 
 Writes OUT/results.json (raw timings), OUT/RESULTS.md (medians, ratios, the issue's targets)
 and OUT/chart.png. See docs/PERFORMANCE.md for the method and bench/profile.py for profiling.
@@ -256,7 +261,12 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, help="per-measurement time limit, seconds")
     ap.add_argument("--python", action="append", default=[], metavar="NAME=PYTHON",
                     help="another target: overlayd run by PYTHON (another venv: stock or patched pyfuse3)")
+    ap.add_argument("--large", nargs="?", const=Path("/var/tmp/overlayd-bench-large"), type=Path,
+                    metavar="DIR", help="the 100,000-file git repository (cached in DIR)")
+    ap.add_argument("--large-files", type=int, default=100_000)
     a = ap.parse_args()
+    if a.large is not None:
+        return main_large(a)
     if os.geteuid() != 0:
         print("run as root (mounts, drop_caches)", file=sys.stderr)
         return 2
@@ -355,6 +365,96 @@ def main() -> int:
         return 130
     finally:
         cleanup_all()
+
+
+def main_large(a) -> int:
+    """--large: three workloads on a 100,000-file git repository, then peak RSS."""
+    import large
+
+    if os.geteuid() != 0:
+        print("run as root (mounts, drop_caches)", file=sys.stderr)
+        return 2
+    runs = a.runs or 3
+    timeout = a.timeout or 900
+    work = a.large
+    work.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    def log(msg):
+        print(msg, flush=True)
+
+    started = time.time()
+    try:
+        manifest = large.build(work / "base", a.large_files, log=log)
+        base = work / "base"
+        code, code_desc = snapshot_code(a.code, work)
+        W = Workload
+        workloads = [W("git_status_cold", "`git status`, cold", "git_status", {"prewarm_tools": True}, cold=True),
+                     W("git_status_warm", "`git status`, warm", "git_status", warm=True),
+                     W("find_warm", "`find -type f`, warm", "find", warm=True)]
+        if a.workloads:
+            workloads = [w for w in workloads if w.name in set(a.workloads.split(","))]
+        all_targets = {"native": lambda: Native(base, work),
+                       "fuse-overlayfs": lambda: FuseOverlayfs(base, work),
+                       "overlayd": lambda: Overlayd(base, work, 1, code=code)}
+        for spec in a.python:
+            tname, _, python = spec.partition("=")
+            all_targets[tname] = lambda tname=tname, python=python: Overlayd(base, work, 1, code=code,
+                                                                             python=python, name=tname)
+        names = a.targets if a.targets != ap_default_targets() else "native,fuse-overlayfs,overlayd"
+        targets = []
+        for name in names.split(","):
+            t = all_targets[name]()
+            why = t.available()
+            if why:
+                log(f"{name} skipped: {why}")
+                continue
+            t.prepare()
+            targets.append(t)
+        fs = []
+        for run in range(runs):
+            order = targets[run % len(targets):] + targets[:run % len(targets)]
+            log(f"run {run + 1}/{runs} ({time.time() - started:.0f} s elapsed)")
+            for w in workloads:
+                for t in order:
+                    fs.append(measure(t, w, run, timeout, log))
+        walk = Workload("stat_warm", "stat every file", "stat", warm=True)
+        rss = []
+        for t in targets:
+            if t.name.startswith("overlayd"):
+                rec = large.peak_rss(t, run_child, walk, timeout, drop_caches=drop_caches)
+                log(f"  {t.name}: peak RSS after two walks {rec.get('VmHWM', 0) / 1e6:.0f} MB"
+                    f" (now {rec.get('VmRSS', 0) / 1e6:.0f} MB, after the kernel forgot"
+                    f" {(rec.get('rss_after_forget') or 0) / 1e6:.0f} MB) {rec.get('error', '')}")
+                rss.append(rec)
+        res = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "runs": runs, "code": code_desc,
+                        "machine": f"{platform.node()} {os.cpu_count()} CPUs, Linux {platform.release()}",
+                        "argv": sys.argv[1:], "elapsed_s": round(time.time() - started)},
+               "scale": manifest, "fs": fs, "peak_rss": rss}
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "large.json").write_text(json.dumps(res, indent=1))
+        log("medians (s) and ratios to fuse-overlayfs:")
+        for w in workloads:
+            med = {}
+            for t in targets:
+                ts = sorted(r["t"] for r in fs if r["workload"] == w.name and r["target"] == t.name
+                            and r.get("t") is not None)
+                if ts:
+                    med[t.name] = ts[len(ts) // 2]
+            ref = med.get("fuse-overlayfs")
+            log(f"  {w.name:16s} " + "  ".join(
+                f"{k} {v:.3f}" + (f" ({v / ref:.2f}x)" if ref else "") for k, v in med.items()))
+        log(f"done in {time.time() - started:.0f} s: {a.out / 'large.json'}")
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        cleanup_all()
+
+
+def ap_default_targets() -> str:
+    return "native,kernel-overlayfs,fuse-overlayfs,overlayd,overlayd-10"
 
 
 if __name__ == "__main__":

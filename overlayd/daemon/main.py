@@ -69,6 +69,7 @@ class Daemon:
             "quarantined": self.ws.quarantined(),
             "pyfuse3": fusecaps.describe(),
             "base_view": fs.base_watch.mode if fs.base_watch is not None else None,
+            "memory": fs.memory_stats(),
         }
 
     async def op_push(self, args, peer):

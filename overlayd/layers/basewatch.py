@@ -365,6 +365,7 @@ class BaseWatch:
             if node is not None and node.is_dir:
                 fs._unregister(node, ident)
                 node.merged = None
+            fs._drop_evicted(ident)
         fs.epoch += 1  # merged listings built from it are recomputed
 
     def _from_base(self, dnode, name) -> bool:

@@ -119,10 +119,7 @@ class OverlayFS(Entries, pyfuse3.Operations):
             node.lookups -= count
             if node.lookups <= 0 and ino != ROOT:
                 node.lookups = 0
-                if node.dead and not node.opens:
-                    del self.nodes[ino]
-                    for ident in list(node.idents):
-                        self._unregister(node, ident)
+                self._evict(node)  # bounded memory: the kernel forgot it (resolve._evict)
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
@@ -535,10 +532,8 @@ class OverlayFS(Entries, pyfuse3.Operations):
                 log.exception("release hook failed")
         os.close(h.fd)
         node = h.node
-        if node.dead and not node.opens and node.lookups <= 0 and node.ino in self.nodes:
-            del self.nodes[node.ino]
-            for ident in list(node.idents):
-                self._unregister(node, ident)
+        if not node.opens and node.lookups <= 0:
+            self._evict(node)
 
     @fuse_errors
     async def fsync(self, fh, datasync):

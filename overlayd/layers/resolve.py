@@ -42,6 +42,11 @@ class Resolver:
         self.nodes = {}
         self.by_ident = {}
         self.next_ino = SYNTHETIC_INO  # inode numbers of entries that do not come from the base
+        # nodes forgotten by the kernel whose inode number is not their base entry's own (a
+        # synthetic number, or a copied-up or renamed base entry): identity -> inode number, and
+        # inode number -> its identities, so that the node comes back as it was (see _evict)
+        self.ino_of = {}
+        self.evicted = {}
         self.pending_purge = []  # dropped layers whose identities are still in by_ident (see purge_dropped)
         self.garbage = []  # large objects of dropped layers, released by purge_dropped
         self.listings = {}  # (layer index, d_ino) -> Listing
@@ -308,6 +313,10 @@ class Resolver:
                     node.loc += 1
             node.st = (self.epoch, st) if node.li == 0 else None
             return node, st
+        if ident in self.ino_of:
+            node = self._revive(ident, stat.S_ISDIR(st.st_mode))
+            if node is not None:
+                return self._lookup_node(parent, name)  # found by its identity now
         node = Node(self._pick_ino(ident), stat.S_ISDIR(st.st_mode))
         self.nodes[node.ino] = node
         # a directory is known by its bottom-most copy: registered with that copy's layer, so
@@ -341,6 +350,78 @@ class Resolver:
             return None
         node.links.add((parent, name))
         return node, node.st[1]
+
+    # ------------------------------------------------------------------ bounded memory
+
+    def _evict(self, node: Node) -> bool:
+        """Forget a node the kernel no longer knows (lookup count 0, no open handle, no copy in
+        flight), as s3ql does: memory then follows what the kernel holds, not what was ever
+        looked at. A node whose inode number its base entry does not give again (a synthetic
+        number, a copied-up or renamed base entry) leaves its identities and number in
+        ``ino_of``/``evicted``, so that it comes back with the same st_ino (git compares it
+        with its index). A directory takes its base listing with it (read again when needed)."""
+        if node is self.root or node.lookups > 0 or node.opens or self.nodes.get(node.ino) is not node:
+            return False
+        if node.ino in getattr(self, "in_flight", ()):
+            return False
+        del self.nodes[node.ino]
+        if node.dead:
+            for ident in list(node.idents):
+                self._unregister(node, ident)
+            return True
+        keep = set()
+        for ident in node.idents:
+            if self.by_ident.get(ident) is node:
+                del self.by_ident[ident]
+            keep.add(ident)
+        base_dev = self.layers[0].dev
+        if keep and keep != {(base_dev, node.ino, 0)}:
+            for ident in keep:
+                self.ino_of[ident] = node.ino
+            self.evicted[node.ino] = (node.is_dir, keep)
+        if node.is_dir and node.dlayers:
+            for li, d_ino in node.dlayers:
+                if li == 0:
+                    self.listings.pop((0, d_ino), None)
+        return True
+
+    def _revive(self, ident, is_dir: bool):
+        """The node of an evicted identity, with its inode number and all its identities again."""
+        ino = self.ino_of.get(ident)
+        ent = self.evicted.get(ino)
+        if ent is None or ent[0] != is_dir:
+            self._drop_evicted(ident)
+            return None
+        node = self.nodes.get(ino)
+        if node is not None:  # its number is in use (a base entry's own): start afresh
+            for i in ent[1]:
+                self.ino_of.pop(i, None)
+            del self.evicted[ino]
+            return None
+        del self.evicted[ino]
+        node = Node(ino, is_dir)
+        self.nodes[ino] = node
+        for i in ent[1]:
+            self.ino_of.pop(i, None)
+            node.idents.add(i)
+            self.by_ident[i] = node
+        return node
+
+    def _drop_evicted(self, ident) -> None:
+        """An identity is gone (its inode freed, its layer dropped): no evicted node keeps it."""
+        ino = self.ino_of.pop(ident, None)
+        if ino is None:
+            return
+        ent = self.evicted.get(ino)
+        if ent is not None:
+            ent[1].discard(ident)
+            if not ent[1]:
+                del self.evicted[ino]
+
+    def memory_stats(self) -> dict:
+        """How much the view holds (for `status`)."""
+        return {"nodes": len(self.nodes), "identities": len(self.by_ident), "evicted": len(self.evicted),
+                "listings": len(self.listings), "dir_fds": len(self.fds)}
 
     def _pick_ino(self, ident) -> int:
         """A base entry keeps its own inode number (tools such as git compare st_ino with what
@@ -377,6 +458,7 @@ class Resolver:
         node.idents.discard(ident)
         if self.by_ident.get(ident) is node:
             del self.by_ident[ident]
+        self._drop_evicted(ident)
         if ident[2]:  # and from its layer
             for layer in self.layers[1:] + self.pending_purge:
                 if layer.serial == ident[2]:

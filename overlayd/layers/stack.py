@@ -144,6 +144,7 @@ class Stack(Resolver):
                 if budget is not None and n >= budget:
                     return sum(len(x.idents) for x in self.pending_purge)
                 ident = idents.pop()
+                self._drop_evicted(ident)
                 node = self.by_ident.pop(ident, None)
                 if node is not None:
                     node.idents.discard(ident)
@@ -201,6 +202,7 @@ class Stack(Resolver):
         """The base was changed by a commit: forget what was cached about it."""
         for dev, ino in stale_idents:
             ident = (dev, ino, 0)
+            self._drop_evicted(ident)
             node = self.by_ident.pop(ident, None)
             if node is not None:
                 node.idents.discard(ident)
