@@ -194,7 +194,7 @@ class OverlayFS(Entries, pyfuse3.Operations):
         if not fusecaps.NO_OPENDIR or not pyfuse3.no_opendir:
             return self.dirhandles[fh]
         entry = self.dirhandles.pop(fh, None)
-        if entry is None or start_id == 0:
+        if entry is None or start_id == 0 or entry[0] is not self.nodes.get(fh):  # (a node dropped: _evict)
             entry = [self._node(fh), None]
         self.dirhandles[fh] = entry  # the newest last
         if len(self.dirhandles) > DIR_LISTINGS:
