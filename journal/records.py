@@ -68,31 +68,28 @@ def _read_steps(txn, dbs, saga_id):
     return out
 
 
-def _read_step_paths(txn, dbs, saga_id):
+def _read_per_step(txn, db, saga_id):
+    """{step index: record} of a sub-database keyed by (saga id, step index)."""
     prefix = _U64.pack(saga_id)
     out = {}
-    cur = txn.cursor(db=dbs["paths"])
+    cur = txn.cursor(db=db)
     if cur.set_range(prefix):
         for key, raw in cur:
             if key[:8] != prefix:
                 break
             out[_STEP.unpack(key)[1]] = _load(raw)
     return out
+
+
+def _read_step_paths(txn, dbs, saga_id):
+    return _read_per_step(txn, dbs["paths"], saga_id)
 
 
 def _read_step_bases(txn, dbs, saga_id):
     """{step index: {path: base record}} (the "bases" sub-database: see Journal.step_bases)."""
     if "bases" not in dbs:
         return {}
-    prefix = _U64.pack(saga_id)
-    out = {}
-    cur = txn.cursor(db=dbs["bases"])
-    if cur.set_range(prefix):
-        for key, raw in cur:
-            if key[:8] != prefix:
-                break
-            out[_STEP.unpack(key)[1]] = _load(raw)
-    return out
+    return _read_per_step(txn, dbs["bases"], saga_id)
 
 
 def _delete_prefix(txn, db, prefix):
