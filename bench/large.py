@@ -18,16 +18,9 @@ DIRS_PER_PKG = 20
 
 def build(base: Path, files: int, log=print) -> dict:
     want = {"version": 1, "large": True, "max_files": files}
-    mf = base / tree.MANIFEST
-    if mf.exists():
-        try:
-            have = json.loads(mf.read_text())
-            if all(have.get(k) == v for k, v in want.items()):
-                return have
-        except ValueError:
-            pass
-    if base.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=True)
+    have = tree.reuse(base, want)
+    if have is not None:
+        return have
     log(f"building the large tree at {base} ({files:,} files)")
     nbytes = 0
     ndirs = 1
@@ -53,7 +46,7 @@ def build(base: Path, files: int, log=print) -> dict:
     subprocess.run(["git", "status", "--porcelain"], cwd=base, check=True, stdout=subprocess.DEVNULL)
     (base / ".bench").mkdir(exist_ok=True)
     manifest = {**want, "files": files, "bytes": nbytes, "dirs": ndirs, "libraries": []}
-    mf.write_text(json.dumps(manifest, indent=1))
+    (base / tree.MANIFEST).write_text(json.dumps(manifest, indent=1))
     subprocess.run(["sync"])
     log(f"large tree: {files:,} files, {ndirs} directories, {nbytes / 1e6:.0f} MB")
     return manifest

@@ -78,9 +78,9 @@ def _git(base: Path, *args):
                    check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def build(base: Path, max_files: int, max_bytes: int, seq_mib: int, log=print) -> dict:
-    """Build (or reuse) the base tree at *base*; returns its manifest."""
-    want = {"version": 3, "max_files": max_files, "max_bytes": max_bytes, "seq_mib": seq_mib}
+def reuse(base: Path, want: dict) -> dict | None:
+    """The manifest of the tree at *base* if it was built as *want* says; else None, and a
+    tree built otherwise is removed (to be built again)."""
     mf = base / MANIFEST
     if mf.exists():
         try:
@@ -90,7 +90,16 @@ def build(base: Path, max_files: int, max_bytes: int, seq_mib: int, log=print) -
         except ValueError:
             pass
     if base.exists():
-        shutil.rmtree(base)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=True)
+    return None
+
+
+def build(base: Path, max_files: int, max_bytes: int, seq_mib: int, log=print) -> dict:
+    """Build (or reuse) the base tree at *base*; returns its manifest."""
+    want = {"version": 3, "max_files": max_files, "max_bytes": max_bytes, "seq_mib": seq_mib}
+    have = reuse(base, want)
+    if have is not None:
+        return have
     log(f"building the base tree at {base} (up to {max_files} files / {max_bytes >> 20} MiB)")
     pairs, nfiles, nbytes = _select(max_files, max_bytes)
     dirs = set()
@@ -119,7 +128,7 @@ def build(base: Path, max_files: int, max_bytes: int, seq_mib: int, log=print) -
     ndirs = sum(1 for _ in (base / "lib").rglob("*") if _.is_dir()) + 1
     manifest = {**want, "files": nfiles, "bytes": nbytes, "dirs": ndirs,
                 "libraries": sorted({str(rel.parts[1]) for _, rel in pairs})}
-    mf.write_text(json.dumps(manifest, indent=1))
+    (base / MANIFEST).write_text(json.dumps(manifest, indent=1))
     subprocess.run(["sync"])
     log(f"base tree: {nfiles} files, {ndirs} directories, {nbytes / 1e6:.0f} MB")
     return manifest
